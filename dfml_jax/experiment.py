@@ -1,0 +1,177 @@
+"""Shared experiment plumbing: configs with overrides, results tables, plots, run directories.
+
+Experiment configs are frozen dataclasses registered by name (``smoke`` for CI, ``default`` for the
+README's job, ``paper_*`` for the papers' settings); :func:`apply_overrides` applies
+``--set key=value`` strings with type checking. A run directory holds ``config.json``,
+``results.json``, ``results.md``, PNG plots, checkpoints, and a ``DONE`` marker so a finished run is
+not redone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+__all__ = ["apply_overrides", "select_config", "RunDir", "write_results", "markdown_table",
+           "plot_curves"]
+
+
+def _parse_value(raw: str, current: Any, key: str):
+    if isinstance(current, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--set {key}={raw}: expected a boolean (true/false)")
+    if current is None or isinstance(current, (list, tuple, dict)):
+        try:
+            v = json.loads(raw)
+        except json.JSONDecodeError:
+            v = raw
+        return tuple(v) if isinstance(current, tuple) and isinstance(v, list) else v
+    try:
+        return type(current)(raw)
+    except ValueError as e:
+        raise ValueError(f"--set {key}={raw}: expected {type(current).__name__}") from e
+
+
+def apply_overrides(cfg, overrides: Iterable[str]):
+    """Returns ``cfg`` (a dataclass) with ``key=value`` overrides applied.
+
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class C:
+    ...     steps: int = 3
+    ...     lr: float = 0.1
+    >>> apply_overrides(C(), ["steps=5", "lr=1e-2"])
+    C(steps=5, lr=0.01)
+    """
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in overrides or ():
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        if key not in fields:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(fields)}")
+        changes[key] = _parse_value(raw, getattr(cfg, key), key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def select_config(configs: Mapping[str, Any], name: str):
+    """Looks up a named config, with an error listing the valid names."""
+    if name not in configs:
+        raise ValueError(f"unknown config {name!r}; available: {sorted(configs)}")
+    return configs[name]
+
+
+class RunDir:
+    """A run's working directory.
+
+    Args:
+      path: the directory (created if missing).
+      config: the run's config (a dataclass); saved as ``config.json``. If the directory already
+        holds a different config, an error says so instead of mixing two runs.
+    """
+
+    def __init__(self, path: str, config=None):
+        self.path = os.path.abspath(path)
+        os.makedirs(self.path, exist_ok=True)
+        if config is not None:
+            cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+            cfg = json.loads(json.dumps(cfg, default=str))
+            p = self.file("config.json")
+            if os.path.exists(p):
+                with open(p) as f:
+                    old = json.load(f)
+                if old != cfg:
+                    diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+                    raise ValueError(
+                        f"{self.path} holds a run with a different config (keys {diff} differ); "
+                        "use a new --workdir or delete the old one.")
+            else:
+                with open(p, "w") as f:
+                    json.dump(cfg, f, indent=2)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def done(self) -> bool:
+        return os.path.exists(self.file("DONE"))
+
+    def mark_done(self) -> None:
+        with open(self.file("DONE"), "w") as f:
+            f.write("finished\n")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.file("checkpoints")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(a, float) for a in v):
+        return f"{v[0]:.2f} ± {v[1]:.2f}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None) -> str:
+    """A markdown table of ``rows`` (dicts); ``(mean, ci)`` pairs print as ``mean ± ci``."""
+    if not rows:
+        return "(no results)\n"
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(run: RunDir, rows: List[Dict[str, Any]], *, title: str,
+                  columns: Optional[Sequence[str]] = None, notes: Sequence[str] = (),
+                  extra: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
+    """Writes ``results.json`` (rows + extra) and ``results.md`` (title, table, notes).
+
+    Returns:
+      The two paths.
+    """
+    jp, mp = run.file("results.json"), run.file("results.md")
+    with open(jp, "w") as f:
+        json.dump({"title": title, "rows": rows, **(extra or {})}, f, indent=2, default=float)
+    with open(mp, "w") as f:
+        f.write(f"# {title}\n\n" + markdown_table(rows, columns))
+        for n in notes:
+            f.write(f"\n- {n}")
+        f.write("\n")
+    return jp, mp
+
+
+def plot_curves(path: str, curves: Mapping[str, Tuple[Sequence[float], Sequence[float]]], *,
+                xlabel: str, ylabel: str, title: str, logx: bool = False,
+                bands: Optional[Mapping[str, Sequence[float]]] = None) -> str:
+    """Saves a PNG line plot, one line per named curve (optional +- bands, e.g. 95% CIs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, (x, y) in curves.items():
+        line, = ax.plot(x, y, marker="o", ms=3, label=name)
+        if bands and name in bands:
+            import numpy as np
+
+            b = np.asarray(bands[name])
+            ax.fill_between(x, np.asarray(y) - b, np.asarray(y) + b, alpha=0.2, color=line.get_color())
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
