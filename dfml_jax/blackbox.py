@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "APIGroup",
     "BlackBoxAPI",
     "BlackBoxError",
     "BlackBoxGradientError",
@@ -271,7 +272,7 @@ class BlackBoxAPI:
     def __init__(self, *, name: str, input_shape: Sequence[int], num_classes: int, output: str,
                  k: Optional[int], decimals: Optional[int], budget: Optional[int],
                  host_fn: Optional[Callable] = None, scores_kind: str = "logits",
-                 jax_fn: Optional[Callable] = None):
+                 jax_fn: Optional[Callable] = None, params=None):
         if output not in OUTPUT_MODES:
             raise ValueError(f"unknown output mode {output!r}; valid: {OUTPUT_MODES}")
         if output == "topk":
@@ -290,7 +291,9 @@ class BlackBoxAPI:
         self.ledger = QueryLedger(name, budget)
         self._host_fn = host_fn
         self._scores_kind = scores_kind
-        self._jax_fn = jax_fn
+        self._params = params  # private: only read by the in-graph forward and by APIGroup
+        self._jax_fn = jax_fn if params is None else (lambda x: jax_fn(params, x))
+        self._shared_fn = jax_fn if params is not None else None
         self._call = self._build_call()
 
     # ----------------------------------------------------------------- constructors
@@ -323,7 +326,8 @@ class BlackBoxAPI:
     def from_jax(cls, apply_fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int],
                  num_classes: int, *, output: str = "logits", k: Optional[int] = None,
                  scores: str = "logits", decimals: Optional[int] = None,
-                 budget: Optional[int] = None, name: Optional[str] = None) -> "BlackBoxAPI":
+                 budget: Optional[int] = None, name: Optional[str] = None,
+                 params=None) -> "BlackBoxAPI":
         """Wrap a jittable teacher forward pass (a closure over parameters) as a black-box API.
 
         The forward pass is compiled into the caller's graph (fast path for simulated teachers);
@@ -331,16 +335,20 @@ class BlackBoxAPI:
         output modes and gradient refusal as :meth:`from_host`.
 
         Args:
-          apply_fn: maps ``(n, *input_shape)`` float32 to scores ``(n, num_classes)``.
+          apply_fn: maps ``(n, *input_shape)`` float32 to scores ``(n, num_classes)``; or, with
+            ``params``, ``apply_fn(params, x)``. Teachers that share one ``apply_fn`` and hold
+            their own ``params`` can be answered by one compiled graph through :class:`APIGroup`.
           input_shape, num_classes, output, k, scores, decimals, budget, name: as in
             :meth:`from_host`.
+          params: the teacher's parameters, held privately by the API (never returned).
 
         Returns:
           A :class:`BlackBoxAPI`.
         """
         name = name or getattr(apply_fn, "__name__", "jax_api")
         return cls(name=name, input_shape=input_shape, num_classes=num_classes, output=output, k=k,
-                   decimals=decimals, budget=budget, jax_fn=apply_fn, scores_kind=scores)
+                   decimals=decimals, budget=budget, jax_fn=apply_fn, scores_kind=scores,
+                   params=params)
 
     # ----------------------------------------------------------------- ledger shortcuts
     @property
@@ -511,3 +519,150 @@ class BlackBoxAPI:
             _record_error(e)
             raise
         return out
+
+
+def _refusal(name: str) -> BlackBoxGradientError:
+    return BlackBoxGradientError(
+        f"tried to differentiate through black-box API '{name}'. A black box gives no gradients: "
+        "wrap the objective with a zero-order estimator (dfml_jax.estimators.zo_objective / "
+        "zo_api_outputs), or jax.lax.stop_gradient the API's input if no gradient through it is "
+        "needed.")
+
+
+class APIGroup:
+    """Several APIs of one signature, answered by ONE compiled graph selected by a traced index.
+
+    A jitted algorithm written against a single :class:`BlackBoxAPI` is compiled once per API
+    (each API is a different closure). For a pool of many APIs, write the step against a group
+    instead: ``group(index, x, operand)`` with ``index`` a traced int32 and ``operand`` the
+    group's opaque :attr:`operand`, passed through unchanged. Every answered sample is charged to
+    the selected member's own ledger, and gradients are refused exactly as for a single API.
+
+    * Host APIs (:meth:`BlackBoxAPI.from_host`): one ``pure_callback`` dispatches to the member.
+    * In-graph APIs built with ``from_jax(apply_fn, ..., params=p)`` sharing one ``apply_fn``:
+      the members' parameters are stacked into :attr:`operand` (an opaque pytree the algorithm
+      passes along without reading) and the forward pass gathers the selected member's slice.
+
+    Args:
+      apis: members; same ``input_shape``, ``num_classes``, ``output``, ``k``, ``decimals``.
+
+    Example:
+      >>> import numpy as np, jax, jax.numpy as jnp
+      >>> f = lambda p, x: x.reshape(len(x), -1) @ p
+      >>> apis = [BlackBoxAPI.from_jax(f, (2,), 3, params=jnp.eye(2, 3) * i) for i in range(3)]
+      >>> g = APIGroup(apis)
+      >>> step = jax.jit(lambda i, x, op: g(i, x, op))
+      >>> step(2, jnp.ones((4, 2)), g.operand).tolist()[0], [a.queries for a in apis]
+      ([2.0, 2.0, 0.0], [0, 0, 4])
+    """
+
+    def __init__(self, apis: Sequence[BlackBoxAPI]):
+        apis = list(apis)
+        if not apis:
+            raise ValueError("APIGroup needs at least one API")
+        sig = lambda a: (a.input_shape, a.num_classes, a.output, a.k, a.decimals)
+        for a in apis[1:]:
+            if sig(a) != sig(apis[0]):
+                raise ValueError(
+                    f"APIGroup members must share input shape, classes and output mode: "
+                    f"'{a.name}' has {sig(a)}, '{apis[0].name}' has {sig(apis[0])}. Group APIs "
+                    "by signature (e.g. one group per architecture/dataset).")
+        self.apis = apis
+        first = apis[0]
+        self.input_shape, self.num_classes, self.output = first.input_shape, first.num_classes, first.output
+        self.k = first.k
+        if len(apis) == 1 and apis[0]._shared_fn is None:
+            self.kind = "single"  # any API: answered by its own call, the index is ignored
+            self.operand = None
+        elif all(a._host_fn is not None for a in apis):
+            self.kind = "host"
+            self.operand = None
+        elif all(a._shared_fn is not None and a._shared_fn is first._shared_fn for a in apis):
+            self.kind = "jax"
+            self.operand = jax.tree.map(lambda *xs: jnp.stack(xs), *[a._params for a in apis])
+        else:
+            raise ValueError(
+                "APIGroup members must all be host APIs, or in-graph APIs built with "
+                "from_jax(apply_fn, ..., params=...) sharing the same apply_fn.")
+        self._call = self._build()
+
+    def __len__(self):
+        return len(self.apis)
+
+    def __getitem__(self, i) -> BlackBoxAPI:
+        return self.apis[i]
+
+    @property
+    def output_shape(self):
+        return self.apis[0].output_shape
+
+    @property
+    def output_dtype(self):
+        return self.apis[0].output_dtype
+
+    @property
+    def queries(self) -> int:
+        return int(sum(a.queries for a in self.apis))
+
+    def require_output(self, allowed: Sequence[str], algorithm: str) -> None:
+        self.apis[0].require_output(allowed, algorithm)
+
+    def __call__(self, index, x, operand=None):
+        """Query member ``index`` (traced int) on ``x`` ``(..., *input_shape)``."""
+        x = self.apis[0]._check_input(x)
+        index = jnp.asarray(index, jnp.int32)
+        if index.ndim != 0:
+            raise ValueError("APIGroup index must be a scalar (vmap over it if needed)")
+        return self._call(index, x, operand)
+
+    def _member(self, idx: np.ndarray) -> BlackBoxAPI:
+        i = np.unique(np.asarray(idx))
+        if len(i) != 1:
+            raise BlackBoxError(f"one APIGroup call must address one member, got indices {i.tolist()}")
+        if not 0 <= int(i[0]) < len(self.apis):
+            raise BlackBoxError(f"APIGroup index {int(i[0])} out of range [0, {len(self.apis)})")
+        return self.apis[int(i[0])]
+
+    def _host_dispatch(self, idx, x):
+        return self._member(idx)._host_answer(x)
+
+    def _charge_dispatch(self, idx, out):
+        return self._member(idx)._charge_outputs(out)
+
+    def _build(self):
+        group = self
+        shape_of = lambda x: x.shape[: x.ndim - len(group.input_shape)] + group.output_shape
+
+        def host_path(index, x, operand):
+            shape = jax.ShapeDtypeStruct(shape_of(x), group.output_dtype)
+            return jax.pure_callback(group._host_dispatch, shape, index, x.astype(jnp.float32),
+                                     vmap_method="expand_dims")
+
+        def jax_path(index, x, operand):
+            if operand is None:
+                raise ValueError("this APIGroup answers in-graph: pass group.operand as operand")
+            first = group.apis[0]
+            lead = x.shape[: x.ndim - len(group.input_shape)]
+            params = jax.tree.map(lambda a: a[index], operand)
+            flat = x.astype(jnp.float32).reshape((-1,) + group.input_shape)
+            scores = first._shared_fn(params, flat)
+            out = _to_outputs(scores, first._scores_kind, group.output, group.k, first.decimals, jnp)
+            out = out.reshape(lead + group.output_shape)
+            shape = jax.ShapeDtypeStruct(out.shape, out.dtype)
+            return jax.pure_callback(group._charge_dispatch, shape, index, out,
+                                     vmap_method="expand_dims")
+
+        def single_path(index, x, operand):
+            return group.apis[0]._call(x)
+
+        fn = {"host": host_path, "jax": jax_path, "single": single_path}[self.kind]
+
+        @jax.custom_jvp
+        def call(index, x, operand):
+            return fn(index, x, operand)
+
+        @call.defjvp
+        def _refuse(primals, tangents):
+            raise _refusal(group.apis[0].name)
+
+        return call

@@ -58,7 +58,13 @@ class RunCheckpointer:
         )
 
     def save(self, step: int, arrays: Any, meta: Optional[dict] = None) -> None:
-        """Saves ``arrays`` and ``meta`` as ``step`` and waits until it is on disk."""
+        """Saves ``arrays`` and ``meta`` as ``step`` and waits until it is on disk.
+
+        Saving a step that already exists replaces it (the older checkpoints kept by
+        ``max_to_keep`` remain as a fallback while it is rewritten).
+        """
+        if int(step) in self._mngr.all_steps():
+            self._mngr.delete(int(step))
         self._mngr.save(int(step), args=ocp.args.Composite(
             arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta or {})), force=True)
         self._mngr.wait_until_finished()

@@ -32,7 +32,7 @@ def make_teacher(kind: str, shape, num_classes: int, key):
     if kind == "conv4":
         from dfml_jax.models import create_model, functional
 
-        model = create_model("conv4", num_classes=num_classes, input_shape=shape, key=key)
+        model = create_model("conv4", num_classes=num_classes, input_shape=shape, rngs_or_key=key)
         fm = functional(model)
         return lambda x: fm.apply(fm.params, fm.state, x, train=False)[0]
     d = int(np.prod(shape))

@@ -260,3 +260,56 @@ def test_ledger_state_roundtrip():
     other = make("host", budget=100)
     other.ledger.load_state_dict(api.ledger.state_dict())
     assert other.queries == 7 and other.remaining == 93
+
+
+# ----------------------------------------------------------------------------- API groups
+from dfml_jax.blackbox import APIGroup  # noqa: E402
+
+
+def group_of(kind, n=3):
+    ws = [W * (i + 1) for i in range(n)]
+    if kind == "host":
+        apis = [BlackBoxAPI.from_host((lambda w: lambda x: x.reshape(len(x), -1) @ w)(w), SHAPE, K,
+                                      name=f"h{i}") for i, w in enumerate(ws)]
+    else:
+        shared = lambda p, x: x.reshape(x.shape[0], -1) @ p  # one architecture, many teachers
+        apis = [BlackBoxAPI.from_jax(shared, SHAPE, K, params=jnp.asarray(w), name=f"j{i}")
+                for i, w in enumerate(ws)]
+    return APIGroup(apis), ws
+
+
+@pytest.mark.parametrize("kind", ["host", "jax"])
+def test_group_one_compile_serves_all_members_and_charges_each(kind):
+    chex.clear_trace_counter()
+    g, ws = group_of(kind)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(i, x, op):
+        return jax.vmap(lambda xi: g(i, xi, op))(x)  # vmapped: still one host call per step
+
+    x = batch(2, 4)
+    for i in (2, 0, 2):
+        out = step(i, x, g.operand)
+        np.testing.assert_allclose(out, np.asarray(x).reshape(8, -1).dot(ws[i]).reshape(2, 4, K),
+                                   rtol=1e-4, atol=1e-4)
+    assert [a.queries for a in g.apis] == [8, 0, 16] and g.queries == 24
+    with pytest.raises(BlackBoxGradientError):
+        jax.grad(lambda x: g(1, x, g.operand).sum())(x)
+
+
+def test_group_budget_and_bad_members():
+    g, _ = group_of("host")
+    g.apis[1].ledger.budget = 3
+    with pytest.raises(QueryBudgetExceeded):
+        with surface_api_errors():
+            jax.jit(lambda i, x: g(i, x))(1, batch(4))
+    assert g.queries == 0
+    a = BlackBoxAPI.from_host(host_logits, SHAPE, K)
+    b = BlackBoxAPI.from_host(host_logits, SHAPE, K, output="label")
+    with pytest.raises(ValueError, match="share input shape, classes and output mode"):
+        APIGroup([a, b])
+    with pytest.raises(ValueError, match="from_jax"):
+        APIGroup([a, make("jax")])
+    single = APIGroup([make("jax")])
+    assert single.kind == "single" and single(0, batch(3)).shape == (3, K)

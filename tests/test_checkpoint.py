@@ -23,6 +23,7 @@ def test_roundtrip_and_keep_latest(tmp_path):
         assert ck.restore_latest(s) is None
         for step in (1, 2, 3):
             ck.save(step, s, {"queries": 100 * step, "history": [1, 2]})
+        ck.save(3, s, {"queries": 300, "history": [1, 2]})  # re-saving a step replaces it
         step, arrays, meta = ck.restore_latest(jax.tree.map(jnp.zeros_like, s))
     assert step == 3 and meta == {"queries": 300, "history": [1, 2]}
     np.testing.assert_array_equal(arrays["params"]["w"], s["params"]["w"])
