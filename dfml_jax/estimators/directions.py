@@ -1,0 +1,138 @@
+"""Direction samplers for zero-order estimators, regenerated from a key chunk by chunk.
+
+Every family draws directions ``u`` with ``E[u u^T] = I / d`` (unit length on average), so one
+estimator formula serves all of them::
+
+    g_hat = (d / q) * sum_j  Delta_j * u_j,   Delta_j = (f(x + mu u_j) - f(x)) / mu     (forward)
+                                              Delta_j = (f(x + mu u_j) - f(x - mu u_j)) / (2 mu)  (central)
+
+and ``smoothing`` (``mu``) is the step length in input units whatever the family (for
+``"gaussian"`` it is the RMS step length: ``u = z / sqrt(d)``, ``z ~ N(0, I)``, i.e. Gaussian
+smoothing with ``sigma = mu / sqrt(d)``).
+
+Families (``DIRECTION_FAMILIES``):
+
+* ``"sphere"``: uniform on the unit sphere (normalised Gaussians), the DFME / MAZE / BiDf-MKD choice.
+* ``"gaussian"``: ``N(0, I / d)``, Nesterov-Spokoiny Gaussian smoothing.
+* ``"rademacher"``: ``{+-1}^d / sqrt(d)``, SPSA.
+* ``"orthogonal"``: blockwise-orthonormal unit directions (Choromanski et al. 2018): the directions
+  of one chunk are exactly orthonormal (in blocks of at most ``d``); different chunks independent.
+* ``"coordinate"``: random standard basis vectors, distinct within a chunk (blocks of at most ``d``).
+
+i.i.d. families draw direction ``j`` for all samples from ``fold_in(key, j)``, so their directions
+do not depend on the chunking. Blockwise families (orthogonal, coordinate) draw a chunk's block from
+``fold_in(key, chunk_index)``: with ``chunk_size=None`` and ``q <= d`` all ``q`` directions of a
+sample are orthonormal / distinct; with chunking, only within a chunk. Every sample of the batch gets
+its own independent directions. Nothing is stored: the directions of a chunk are recomputed from the
+key whenever they are needed (the "seed trick" of MeZO).
+
+References:
+  Nesterov & Spokoiny, "Random gradient-free minimization of convex functions", FoCM 2017.
+  Choromanski et al., "Structured evolution with compact architectures for scalable policy
+  optimization", ICML 2018 (arXiv 1804.02395).
+  Malladi et al., "Fine-Tuning Language Models with Just Forward Passes" (MeZO), arXiv 2305.17333.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["DirectionFamily", "DIRECTION_FAMILIES", "sample_directions"]
+
+
+class DirectionFamily(NamedTuple):
+    """A direction distribution with ``E[u u^T] = I / d``.
+
+    Attributes:
+      name: registry name.
+      sample: ``sample(key, count, batch, dim) -> (count, batch, dim)`` float32 directions.
+        For i.i.d. families ``key`` is the key of ONE direction (shared by the batch; ``count`` is
+        1); for blockwise families it is the key of a whole chunk.
+      blockwise: whether directions are coupled within a chunk (then they depend on the chunking).
+    """
+
+    name: str
+    sample: Callable[..., jax.Array]
+    blockwise: bool
+
+
+def _sphere(key, count, batch, dim):
+    z = jax.random.normal(key, (count, batch, dim), jnp.float32)
+    return z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True))
+
+
+def _gaussian(key, count, batch, dim):
+    return jax.random.normal(key, (count, batch, dim), jnp.float32) * (1.0 / math.sqrt(dim))
+
+
+def _rademacher(key, count, batch, dim):
+    return jax.random.rademacher(key, (count, batch, dim), jnp.float32) * (1.0 / math.sqrt(dim))
+
+
+def _blocks(count, dim):
+    """Split ``count`` directions into blocks of at most ``dim`` (static sizes)."""
+    sizes = [dim] * (count // dim)
+    if count % dim:
+        sizes.append(count % dim)
+    return sizes
+
+
+def _orthogonal(key, count, batch, dim):
+    out = []
+    for i, m in enumerate(_blocks(count, dim)):
+        g = jax.random.normal(jax.random.fold_in(key, i), (batch, dim, m), jnp.float32)
+        qm, r = jnp.linalg.qr(g, mode="reduced")                  # (batch, dim, m)
+        # Sign fix (Mezzadri 2007): makes the frame Haar-distributed, not only orthonormal.
+        sign = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
+        qm = qm * jnp.where(sign == 0, 1.0, sign)[:, None, :]
+        out.append(jnp.transpose(qm, (2, 0, 1)))                  # (m, batch, dim)
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)
+
+
+def _coordinate(key, count, batch, dim):
+    out = []
+    for i, m in enumerate(_blocks(count, dim)):
+        scores = jax.random.uniform(jax.random.fold_in(key, i), (batch, dim))
+        _, idx = jax.lax.top_k(scores, m)                         # m distinct coordinates per sample
+        out.append(jax.nn.one_hot(idx.T, dim, dtype=jnp.float32))  # (m, batch, dim)
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)
+
+
+DIRECTION_FAMILIES = {
+    "sphere": DirectionFamily("sphere", _sphere, blockwise=False),
+    "gaussian": DirectionFamily("gaussian", _gaussian, blockwise=False),
+    "rademacher": DirectionFamily("rademacher", _rademacher, blockwise=False),
+    "orthogonal": DirectionFamily("orthogonal", _orthogonal, blockwise=True),
+    "coordinate": DirectionFamily("coordinate", _coordinate, blockwise=True),
+}
+
+
+def sample_directions(family: str | DirectionFamily, key: jax.Array, chunk_index, start, count: int,
+                      batch: int, dim: int) -> jax.Array:
+    """Directions ``start .. start+count-1`` of every sample, for one chunk.
+
+    Args:
+      family: a name in :data:`DIRECTION_FAMILIES` or a :class:`DirectionFamily`.
+      key: the estimate's PRNG key.
+      chunk_index: index of the chunk (may be traced); used by blockwise families.
+      start: index of the chunk's first direction (may be traced); used by i.i.d. families.
+      count: number of directions in the chunk (static).
+      batch: number of samples B (static).
+      dim: flattened sample dimension d (static).
+
+    Returns:
+      ``(count, batch, dim)`` float32 directions with ``E[u u^T] = I / d``.
+
+    Example:
+      >>> u = sample_directions("sphere", jax.random.key(0), 0, 0, 3, 2, 5)
+      >>> u.shape, bool(jnp.allclose(jnp.linalg.norm(u, axis=-1), 1.0))
+      ((3, 2, 5), True)
+    """
+    fam = DIRECTION_FAMILIES[family] if isinstance(family, str) else family
+    if fam.blockwise:
+        return fam.sample(jax.random.fold_in(key, chunk_index), count, batch, dim)
+    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(start + jnp.arange(count))
+    return jax.vmap(lambda k: fam.sample(k, 1, batch, dim)[0])(keys)
