@@ -1,0 +1,433 @@
+"""Shared layers for every model in :mod:`dfml_jax.models`.
+
+One convolution implementation (:func:`conv2d`) is used by all architectures. It has two
+back-ends with identical semantics (NHWC inputs, HWIO kernels, symmetric zero padding):
+
+* ``"im2col"`` (the default): the ``kh*kw`` shifted (strided) slices of the padded input are
+  concatenated along the channel axis and multiplied with the reshaped kernel in one matmul.
+* ``"lax"``: :func:`jax.lax.conv_general_dilated`.
+
+On CPU, second-order MAML through ``lax.conv_general_dilated`` is several times slower than
+through the im2col form (its transpose/grad-of-grad rules lower to poorly optimised convolution
+kernels, and under ``vmap`` with batched kernels it becomes a grouped convolution), and plain
+forward passes are faster too; ``experiments/bench_conv.py`` measures both and prints the numbers.
+The default can be changed per model (``conv_impl=...``) or globally with
+:func:`set_default_conv_impl`.
+
+The other layers (BatchNorm, pooling, upsampling, Linear) are written as pure functions plus thin
+Flax NNX modules that hold the variables, so the NNX models and their functional views (see
+:mod:`dfml_jax.models`) execute exactly the same arithmetic.
+
+BatchNorm follows PyTorch semantics: normalisation uses the biased batch variance, the running
+variance is updated with the unbiased one, ``running = (1 - momentum) * running + momentum * batch``
+with ``momentum=0.1``, ``eps=1e-5``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = [
+    "CONV_IMPLS", "get_default_conv_impl", "set_default_conv_impl", "conv2d", "conv2d_im2col",
+    "conv2d_lax", "batch_norm", "max_pool2", "global_max_pool", "global_avg_pool",
+    "upsample_nearest2", "Init", "torch_uniform_init", "conv_normal_init", "normal_init",
+    "zeros_init", "ones_init", "materialize", "leaky_relu", "count_params", "Conv2d", "BatchNorm",
+    "Linear",
+]
+
+ConvImpl = Literal["im2col", "lax"]
+CONV_IMPLS: tuple[str, ...] = ("im2col", "lax")
+_DEFAULT_CONV_IMPL: list[str] = ["im2col"]
+
+
+def get_default_conv_impl() -> str:
+    """Returns the convolution back-end used when a model is built without ``conv_impl``."""
+    return _DEFAULT_CONV_IMPL[0]
+
+
+def set_default_conv_impl(impl: str) -> None:
+    """Sets the process-wide default convolution back-end for models built afterwards.
+
+    Args:
+      impl: ``"im2col"`` or ``"lax"``.
+
+    Raises:
+      ValueError: for any other name.
+    """
+    _check_impl(impl)
+    _DEFAULT_CONV_IMPL[0] = impl
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"Unknown conv_impl {impl!r}; valid: {', '.join(CONV_IMPLS)}.")
+    return impl
+
+
+def _out_size(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def conv2d_im2col(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0) -> jax.Array:
+    """Convolution as im2col: shifted slices concatenated on channels, then one matmul.
+
+    Args:
+      x: ``(N, H, W, C_in)`` input.
+      kernel: ``(kh, kw, C_in, C_out)`` kernel (HWIO).
+      stride: spatial stride (both axes).
+      padding: symmetric zero padding (both axes).
+
+    Returns:
+      ``(N, H_out, W_out, C_out)`` with ``H_out = (H + 2*padding - kh) // stride + 1``.
+    """
+    kh, kw, cin, cout = kernel.shape
+    if x.shape[-1] != cin:
+        raise ValueError(f"conv2d: input has {x.shape[-1]} channels, kernel expects {cin}.")
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    h, w = x.shape[1], x.shape[2]
+    ho, wo = _out_size(h, kh, stride, 0), _out_size(w, kw, stride, 0)
+    if kh == 1 and kw == 1:
+        patches = x[:, : (ho - 1) * stride + 1 : stride, : (wo - 1) * stride + 1 : stride, :]
+    else:
+        cols = [
+            x[:, i : i + (ho - 1) * stride + 1 : stride, j : j + (wo - 1) * stride + 1 : stride, :]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        patches = jnp.concatenate(cols, axis=-1)
+    return patches @ kernel.reshape(kh * kw * cin, cout)
+
+
+def conv2d_lax(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0) -> jax.Array:
+    """Same contract as :func:`conv2d_im2col`, computed with ``lax.conv_general_dilated``."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, stride: int = 1,
+           padding: int = 0, impl: str | None = None) -> jax.Array:
+    """2-D convolution (NHWC/HWIO), the single implementation every model uses.
+
+    Args:
+      x: ``(N, H, W, C_in)`` input.
+      kernel: ``(kh, kw, C_in, C_out)``.
+      bias: optional ``(C_out,)``.
+      stride: spatial stride.
+      padding: symmetric zero padding.
+      impl: ``"im2col"`` or ``"lax"``; ``None`` uses :func:`get_default_conv_impl`.
+
+    Returns:
+      ``(N, H_out, W_out, C_out)``.
+    """
+    impl = _check_impl(impl or get_default_conv_impl())
+    fn = conv2d_im2col if impl == "im2col" else conv2d_lax
+    y = fn(x, kernel, stride=stride, padding=padding)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
+               mean: jax.Array | None, var: jax.Array | None, *, use_batch_stats: bool,
+               momentum: float = 0.1, eps: float = 1e-5
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """PyTorch-style BatchNorm over all axes but the last.
+
+    Args:
+      x: ``(..., C)`` input.
+      scale, bias: affine parameters ``(C,)`` or ``None`` (no affine transform).
+      mean, var: running statistics ``(C,)`` or ``None`` (not tracked).
+      use_batch_stats: normalise with the statistics of ``x`` (training / transductive mode);
+        otherwise with the running statistics (which must then be given).
+      momentum: running-statistics momentum (PyTorch convention).
+      eps: variance epsilon.
+
+    Returns:
+      ``(y, new_stats)`` where ``new_stats`` is ``(new_mean, new_var)`` when batch statistics were
+      used and running statistics are tracked, else ``None``.
+    """
+    axes = tuple(range(x.ndim - 1))
+    new_stats = None
+    if use_batch_stats:
+        mu = jnp.mean(x, axis=axes)
+        v = jnp.mean(jnp.square(x - mu), axis=axes)
+        if mean is not None and var is not None:
+            n = math.prod(x.shape[:-1])
+            unbiased = v * (n / max(n - 1, 1))
+            new_stats = (
+                (1.0 - momentum) * mean + momentum * jax.lax.stop_gradient(mu),
+                (1.0 - momentum) * var + momentum * jax.lax.stop_gradient(unbiased),
+            )
+    else:
+        if mean is None or var is None:
+            raise ValueError("batch_norm: running statistics are not tracked by this layer; "
+                             "use batch statistics (train=True / apply_batchstats).")
+        mu, v = mean, var
+    y = (x - mu) * jax.lax.rsqrt(v + eps)
+    if scale is not None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return y, new_stats
+
+
+def max_pool2(x: jax.Array) -> jax.Array:
+    """2x2 max pool, stride 2, floor mode (odd trailing rows/columns are dropped, as in PyTorch).
+
+    Written as reshape + max, which differentiates (also to second order) much faster on CPU than
+    ``lax.reduce_window``.
+    """
+    n, h, w, c = x.shape
+    h2, w2 = h // 2, w // 2
+    x = x[:, : 2 * h2, : 2 * w2, :]
+    return jnp.max(x.reshape(n, h2, 2, w2, 2, c), axis=(2, 4))
+
+
+def global_max_pool(x: jax.Array) -> jax.Array:
+    """Adaptive max pool to 1x1, flattened: ``(N, H, W, C) -> (N, C)``."""
+    return jnp.max(x, axis=(1, 2))
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Global average pool: ``(N, H, W, C) -> (N, C)``."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+def upsample_nearest2(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour upsampling by 2 on both spatial axes."""
+    n, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c))
+    return x.reshape(n, 2 * h, 2 * w, c)
+
+
+# ----------------------------------------------------------------------------- initialisers
+
+class Init(NamedTuple):
+    """A parameter initialiser that also describes itself (stored as ``init_spec`` metadata).
+
+    ``kind`` is ``"normal"`` (``a`` = mean, ``b`` = std), ``"uniform"`` (``a`` = low, ``b`` = high)
+    or ``"const"`` (``a`` = value). Calling it draws one array; :func:`materialize` instead fills
+    all parameters of a model from two flat draws (one normal, one uniform), which compiles in a
+    second instead of ~1 s per parameter tensor for per-tensor threefry draws on CPU.
+    """
+    kind: str
+    a: float
+    b: float = 0.0
+
+    def __call__(self, key, shape, dtype=jnp.float32):
+        if self.kind == "normal":
+            return self.a + self.b * jax.random.normal(key, shape, dtype)
+        if self.kind == "uniform":
+            return jax.random.uniform(key, shape, dtype, self.a, self.b)
+        if self.kind == "const":
+            return jnp.full(shape, self.a, dtype)
+        raise ValueError(f"Unknown init kind {self.kind!r}; valid: normal, uniform, const.")
+
+
+def torch_uniform_init(fan_in: int) -> Init:
+    """PyTorch's default ``Linear``/``Conv`` init: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    return Init("uniform", -bound, bound)
+
+
+def conv_normal_init(k: int, c_out: int) -> Init:
+    """``N(0, 2 / (k*k*C_out))`` (He/fan-out init used by Conv4 and the ResNets of the spec)."""
+    return Init("normal", 0.0, math.sqrt(2.0 / (k * k * c_out)))
+
+
+def normal_init(std: float, mean: float = 0.0) -> Init:
+    """``N(mean, std^2)``."""
+    return Init("normal", float(mean), float(std))
+
+
+zeros_init = Init("const", 0.0)
+ones_init = Init("const", 1.0)
+
+
+def _param(init: Init, rngs: nnx.Rngs | None, shape, cls=nnx.Param):
+    if not isinstance(init, Init):
+        raise TypeError(f"initialisers must be dfml_jax.models.layers.Init, got {init!r}.")
+    if init.kind == "const" or rngs is None:
+        value = init(None, shape)
+    else:
+        value = init(rngs.params(), shape)
+    return cls(value, init_spec=init)
+
+
+def materialize(state: Any, key: jax.Array) -> Any:
+    """Fills every variable of an (abstract) NNX state from its ``init_spec`` metadata.
+
+    All ``normal`` variables are slices of ONE ``jax.random.normal`` draw and all ``uniform`` ones
+    of ONE ``jax.random.uniform`` draw (in the state's flattening order), so the result is a
+    deterministic function of ``key`` that is also identical under ``jax.vmap`` over keys.
+
+    Args:
+      state: ``nnx.State`` whose leaves are variables carrying ``init_spec`` (values may be
+        ``ShapeDtypeStruct``).
+      key: PRNG key.
+
+    Returns:
+      The state with concrete values.
+
+    Raises:
+      ValueError: a variable has no ``init_spec``.
+    """
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    leaves, treedef = jax.tree.flatten(state, is_leaf=is_var)
+    specs = []
+    for v in leaves:
+        spec = v.get_metadata().get("init_spec") if is_var(v) else None
+        if spec is None:
+            raise ValueError(f"materialize: variable {v!r} has no init_spec metadata; build "
+                             f"parameters with dfml_jax.models.layers.Init initialisers.")
+        specs.append(Init(*spec))
+    sizes = [math.prod(v.shape) for v in leaves]
+    kn, ku = jax.random.split(key)
+    draws = {}
+    for kind, k in (("normal", kn), ("uniform", ku)):
+        total = sum(n for n, sp in zip(sizes, specs) if sp.kind == kind)
+        if total:
+            draws[kind] = (jax.random.normal(k, (total,)) if kind == "normal"
+                           else jax.random.uniform(k, (total,)))
+    offsets = {"normal": 0, "uniform": 0}
+    out = []
+    for v, n, sp in zip(leaves, sizes, specs):
+        if sp.kind == "const":
+            val = jnp.full(v.shape, sp.a, jnp.float32)
+        else:
+            o = offsets[sp.kind]
+            raw = draws[sp.kind][o:o + n].reshape(v.shape)
+            offsets[sp.kind] = o + n
+            val = sp.a + sp.b * raw if sp.kind == "normal" else sp.a + (sp.b - sp.a) * raw
+        out.append(v.replace(value=val))
+    return jax.tree.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- NNX modules
+
+class Conv2d(nnx.Module):
+    """Square convolution (HWIO kernel) computed by :func:`conv2d`.
+
+    Args:
+      in_ch, out_ch: channels.
+      kernel_size: ``k`` for a ``k x k`` kernel.
+      stride, padding: as in :func:`conv2d`.
+      use_bias: add a learnable bias.
+      kernel_init, bias_init: :class:`Init` initialisers; defaults are PyTorch's uniform.
+      impl: convolution back-end (``None``: process default at construction time).
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, *, stride: int = 1,
+                 padding: int = 1, use_bias: bool = True, kernel_init=None, bias_init=None,
+                 impl: str | None = None, rngs: nnx.Rngs):
+        fan_in = in_ch * kernel_size * kernel_size
+        kernel_init = kernel_init or torch_uniform_init(fan_in)
+        bias_init = bias_init or torch_uniform_init(fan_in)
+        self.kernel = _param(kernel_init, rngs, (kernel_size, kernel_size, in_ch, out_ch))
+        self.bias = _param(bias_init, rngs, (out_ch,)) if use_bias else None
+        self.stride = stride
+        self.padding = padding
+        self.impl = _check_impl(impl or get_default_conv_impl())
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias[...]
+        return conv2d(x, self.kernel[...], bias, stride=self.stride, padding=self.padding,
+                      impl=self.impl)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm with an explicit mode flag (no hidden train/eval attribute).
+
+    Args:
+      num_features: channels.
+      affine: learnable ``scale``/``bias`` parameters.
+      track_running_stats: keep ``mean``/``var`` as ``nnx.BatchStat`` (teachers). Without them the
+        layer always normalises with batch statistics (meta-model, generator).
+      momentum, eps: PyTorch conventions.
+      scale_init: initialiser of ``scale`` (default ones).
+      rngs: ``nnx.Rngs`` (used only by a random ``scale_init``).
+    """
+
+    def __init__(self, num_features: int, *, affine: bool = True, track_running_stats: bool = True,
+                 momentum: float = 0.1, eps: float = 1e-5, scale_init=None, rngs: nnx.Rngs):
+        scale_init = scale_init or ones_init
+        if affine:
+            self.scale = _param(scale_init, rngs, (num_features,))
+            self.bias = _param(zeros_init, rngs, (num_features,))
+        else:
+            self.scale = None
+            self.bias = None
+        if track_running_stats:
+            self.mean = _param(zeros_init, None, (num_features,), nnx.BatchStat)
+            self.var = _param(ones_init, None, (num_features,), nnx.BatchStat)
+        else:
+            self.mean = None
+            self.var = None
+        self.momentum = momentum
+        self.eps = eps
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Normalises ``x``.
+
+        Args:
+          x: ``(..., C)``.
+          train: ``True`` uses batch statistics and updates the running statistics (if tracked);
+            ``False`` uses the running statistics, or batch statistics if none are tracked.
+
+        Returns:
+          The normalised ``x``.
+        """
+        tracked = self.mean is not None
+        use_batch = train or not tracked
+        y, new = batch_norm(
+            x, None if self.scale is None else self.scale[...],
+            None if self.bias is None else self.bias[...],
+            self.mean[...] if tracked else None, self.var[...] if tracked else None,
+            use_batch_stats=use_batch, momentum=self.momentum, eps=self.eps)
+        if new is not None:
+            self.mean[...] = new[0]
+            self.var[...] = new[1]
+        return y
+
+
+class Linear(nnx.Module):
+    """Dense layer ``x @ kernel + bias`` with ``kernel`` of shape ``(in, out)``.
+
+    Args:
+      in_features, out_features: sizes.
+      use_bias: add a bias.
+      kernel_init, bias_init: initialisers; defaults are PyTorch's uniform.
+      rngs: ``nnx.Rngs``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 kernel_init=None, bias_init=None, rngs: nnx.Rngs):
+        kernel_init = kernel_init or torch_uniform_init(in_features)
+        bias_init = bias_init or torch_uniform_init(in_features)
+        self.kernel = _param(kernel_init, rngs, (in_features, out_features))
+        self.bias = _param(bias_init, rngs, (out_features,)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+def leaky_relu(x: jax.Array, slope: float = 0.2) -> jax.Array:
+    """LeakyReLU with a fixed negative slope."""
+    return jnp.where(x >= 0, x, slope * x)
+
+
+def count_params(tree) -> int:
+    """Number of scalar entries in a pytree (e.g. an ``nnx.State`` of parameters)."""
+    return int(sum(math.prod(l.shape) for l in jax.tree.leaves(tree)))
+
+
