@@ -42,6 +42,7 @@ import numpy as np
 
 __all__ = [
     "APIGroup",
+    "group_apis",
     "BlackBoxAPI",
     "BlackBoxError",
     "BlackBoxGradientError",
@@ -194,7 +195,9 @@ class QueryLedger:
         """Reserve ``n`` samples for the next step; raises before any work if they do not fit.
 
         Returns a handle that is also a context manager: on exit, whatever the step did not use is
-        released (so a failed step costs nothing).
+        released (so a failed step costs nothing). JAX dispatches asynchronously and callbacks
+        charge when they run: block on the step's outputs (``jax.block_until_ready``) inside the
+        ``with`` block so that the ledger is complete when the reservation is settled.
         """
         n = int(n)
         if n < 0:
@@ -353,7 +356,7 @@ class BlackBoxAPI:
     # ----------------------------------------------------------------- ledger shortcuts
     @property
     def queries(self) -> int:
-        """Samples answered so far."""
+        """Samples answered so far (complete once the outputs of earlier calls are ready)."""
         return self.ledger.answered
 
     @property
@@ -666,3 +669,22 @@ class APIGroup:
             raise _refusal(group.apis[0].name)
 
         return call
+
+
+def group_apis(apis: Sequence[BlackBoxAPI]):
+    """Partition APIs into the fewest :class:`APIGroup` s (by signature and kind).
+
+    Returns:
+      ``(groups, locate)`` with ``locate[i] = (group index, member index)`` for API ``i``.
+    """
+    buckets: dict = {}
+    for i, a in enumerate(apis):
+        kind = "host" if a._host_fn is not None else ("jax", id(a._shared_fn)) if a._shared_fn else ("own", i)
+        sig = (a.input_shape, a.num_classes, a.output, a.k, a.decimals, kind)
+        buckets.setdefault(sig, []).append(i)
+    groups, locate = [], [None] * len(apis)
+    for members in buckets.values():
+        for m, i in enumerate(members):
+            locate[i] = (len(groups), m)
+        groups.append(APIGroup([apis[i] for i in members]))
+    return groups, locate

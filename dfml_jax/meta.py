@@ -108,10 +108,11 @@ def evaluate_tasks(apply_fn: ApplyFn, params, support_x, support_y, query_x, que
     with ``vmap`` inside ``lax.map``, so any T works with bounded memory.
     """
     t = support_x.shape[0]
-    pad = (-t) % batch_size
+    batch_size = min(batch_size, t)
+    idx = np.arange(t + (-t) % batch_size) % t  # pad cyclically to a multiple of batch_size
 
     def padded(a):
-        return jnp.concatenate([a, a[:pad]], 0) if pad else a
+        return a[idx] if len(idx) != t else a
 
     arrays = [padded(jnp.asarray(a)) for a in (support_x, support_y, query_x, query_y)]
     arrays = [a.reshape((-1, batch_size) + a.shape[1:]) for a in arrays]

@@ -62,15 +62,15 @@ def test_counting_exact_under_jit_vmap_scan_and_repeats(kind):
     x = batch(3, 4)
     api(x)
     assert api.queries == 12
-    jax.jit(api)(x)
+    jax.jit(api)(x).block_until_ready()
     assert api.queries == 24
-    jax.jit(jax.vmap(jax.vmap(api)))(x)  # nested vmap
+    jax.jit(jax.vmap(jax.vmap(api)))(x).block_until_ready()  # nested vmap
     assert api.queries == 36
 
     def body(c, xi):
         return c + api(xi).sum(), None
 
-    jax.jit(lambda xs: jax.lax.scan(body, 0.0, xs)[0])(x)  # 3 steps of 4 samples
+    jax.jit(lambda xs: jax.lax.scan(body, 0.0, xs)[0])(x).block_until_ready()  # 3 steps of 4 samples
     assert api.queries == 48
     f = jax.jit(lambda x: api(x).sum())
     for _ in range(3):
@@ -96,7 +96,7 @@ def test_host_fn_receives_flattened_batch():
         return host_logits(x)
 
     api = BlackBoxAPI.from_host(fn, SHAPE, K)
-    jax.jit(jax.vmap(api))(batch(3, 2, 5))
+    jax.jit(jax.vmap(api))(batch(3, 2, 5)).block_until_ready()
     assert seen == [(30,) + SHAPE]
 
 
@@ -128,7 +128,7 @@ def test_reservation_checks_at_step_boundary_and_releases_unused():
     step = jax.jit(lambda x: api(x).sum())
     with api.reserve(12):
         assert api.remaining == 8
-        step(batch(12))
+        step(batch(12)).block_until_ready()
     assert api.queries == 12 and api.remaining == 8
     with api.reserve(8):  # step that fails before querying: reservation is released
         pass
@@ -250,7 +250,7 @@ def test_no_retracing_across_calls(kind):
         return api(x).sum()
 
     for s in range(3):
-        step(batch(5, seed=s))
+        step(batch(5, seed=s)).block_until_ready()
     assert api.queries == 15
 
 

@@ -1,0 +1,372 @@
+"""The BiDf-MKD training loop: API visits, bi-level KD, memory replay, plateau rule, evaluation.
+
+Host-side orchestration of jitted pure steps (:mod:`.inversion`, :mod:`.metastep`) over explicit
+state (:class:`LoopState`), checkpointed with orbax so a killed run resumes without losing work or
+re-buying queries. The loop follows the official code (spec ``bidf_mkd.md`` section 6):
+
+* the first task is a KD task; later a new API is visited when the batch-mean replay training
+  accuracy has not reached a new maximum for ``plateau_patience`` meta-iterations;
+* a meta-batch with a KD task is 1 KD task + ``meta_batch - 1`` replay tasks, losses summed;
+* every ``eval_every`` meta-iterations the meta-model is evaluated on meta-validation tasks (model
+  selection) and, if ``paper_eval_tasks > 0``, on meta-test tasks to report the paper's
+  "best over test evaluations" number, labelled as such.
+
+``replay_source="real"`` replaces the memory by real meta-train tasks and skips the APIs: the
+"MAML on real data" upper bound. ``white_box=True`` uses true gradients through the teachers in the
+inversion: the white-box upper bound.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from dfml_jax.augment import batch_shared_augment, normalize
+from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, group_apis, surface_api_errors
+from dfml_jax.checkpoint import RunCheckpointer
+from dfml_jax.losses import teacher_probs
+from dfml_jax.memory import (MemoryState, PlateauTrigger, init_memory, num_filled, row_of_classes,
+                             sample_tasks, write)
+from dfml_jax.meta import evaluate_tasks
+
+from .inversion import InversionConfig, inversion_queries, make_inverter
+from .metastep import KDTask, ReplayTasks, cached_meta_steps
+
+__all__ = ["BiDfMKDConfig", "TeacherPool", "LoopState", "train_bidf_mkd", "TrainResult"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BiDfMKDConfig:
+    """Everything the loop needs; paper values in comments (spec section 8)."""
+    ways: int = 5
+    shots: int = 1                  # num_sup_train (= test shot)
+    query: int = 15
+    meta_iterations: int = 60000    # episode_train / meta_batch
+    meta_batch: int = 4
+    outer_lr: float = 1e-3
+    inner_lr: float = 0.01
+    replay_inner_steps: int = 5
+    kd_inner_steps: int = 10
+    first_order: bool = False
+    kd_loss: str = "kl"             # "paper": the official softmax quirk
+    # inversion
+    inv_iterations: int = 200
+    inv_per_class: int = 30
+    inv_lr: float = 1e-3
+    estimator: str = "sphere-forward"
+    q: int = 100
+    mu: float = 0.005
+    chunk_size: Optional[int] = None
+    boundary_weight: float = 1.0
+    boundary_start: int = 4000      # meta-iteration after which the boundary term is on
+    inv_select: str = "clean_ce"    # "surrogate": the official code's choice
+    inv_pad: int = 4
+    nz: int = 256
+    ngf: int = 64
+    white_box: bool = False
+    # memory and schedule
+    memory_slots: int = 20
+    plateau_patience: int = 200
+    replay_source: str = "memory"   # or "real": MAML on the real meta-train split
+    # evaluation
+    eval_every: int = 500
+    val_tasks: int = 100
+    paper_eval_tasks: int = 0       # >0: also track max-over-test evaluations (paper protocol)
+    finetune_steps: int = 10
+    query_budget: Optional[int] = None
+    checkpoint_every: int = 50
+    seed: int = 2022
+
+    def inversion(self) -> InversionConfig:
+        return InversionConfig(iterations=self.inv_iterations, per_class=self.inv_per_class,
+                               lr=self.inv_lr, estimator=self.estimator, num_directions=self.q,
+                               smoothing=self.mu, chunk_size=self.chunk_size,
+                               boundary_weight=self.boundary_weight, pad=self.inv_pad,
+                               select=self.inv_select)
+
+
+class TeacherPool(NamedTuple):
+    """What the loop knows of a pool: black-box APIs and their public metadata.
+
+    Attributes:
+      apis: the black-box APIs.
+      classes: per API, the absolute meta-train class of each output index.
+      mean, std: the APIs' input normalisation (shared by the meta-model).
+      image_size: input side of the APIs.
+      white_box_teachers: optional per-API ``(apply(params, x) -> logits, params)`` pairs
+        (white-box baselines only).
+    """
+    apis: Sequence[BlackBoxAPI]
+    classes: Sequence[Sequence[int]]
+    mean: Sequence[float]
+    std: Sequence[float]
+    image_size: int
+    white_box_teachers: Optional[Sequence[Callable]] = None
+
+
+class LoopState(NamedTuple):
+    """Array part of the loop state (checkpointed with orbax)."""
+    params: Any
+    opt_state: Any
+    memory: MemoryState
+    key: jax.Array
+    best_params: Any
+
+
+class TrainResult(NamedTuple):
+    best_params: Any       # selected on meta-validation
+    final_params: Any
+    history: List[Dict[str, Any]]
+    api_queries: int
+    visits: int
+    wall_s: float
+    paper_best_test: Optional[float]  # max over test evaluations (paper protocol), if tracked
+    stopped_by_budget: bool
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _augment(x, k, pad, size, mean, std):
+    return batch_shared_augment(x, k, pad=pad, flip=True, out_size=size, mean=mean, std=std)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _sample_memory(m, k, n, ways, shots, query):
+    return sample_tasks(m, k, n, ways=ways, shots=shots, query=query)
+
+
+def _validate(cfg: BiDfMKDConfig, pool: Optional[TeacherPool]):
+    if cfg.replay_source not in ("memory", "real"):
+        raise ValueError(f"replay_source must be 'memory' or 'real', got {cfg.replay_source!r}")
+    if cfg.replay_source == "memory":
+        if pool is None or not pool.apis:
+            raise ValueError("BiDf-MKD needs a non-empty pool of APIs (replay_source='memory')")
+        if cfg.inv_per_class < cfg.shots + cfg.query:
+            raise ValueError(
+                f"inv_per_class={cfg.inv_per_class} recovered images per class cannot fill replay "
+                f"tasks of shots+query={cfg.shots + cfg.query} distinct images; raise inv_per_class "
+                "or lower shots/query.")
+        if cfg.white_box and pool.white_box_teachers is None:
+            raise ValueError("white_box=True needs pool.white_box_teachers (white-box access)")
+        for i, (api, cls) in enumerate(zip(pool.apis, pool.classes)):
+            if api.num_classes < cfg.ways:
+                raise ValueError(f"API {i} has {api.num_classes} classes < ways={cfg.ways}")
+            if len(cls) != api.num_classes:
+                raise ValueError(f"API {i}: {len(cls)} class ids for {api.num_classes} outputs")
+
+
+def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params,
+                   gen_init: Callable, gen_apply: Callable, pool: Optional[TeacherPool],
+                   val_tasks, test_tasks=None, real_tasks: Optional[Callable] = None,
+                   checkpoint_dir: Optional[str] = None, progress: bool = True,
+                   stop_after: Optional[int] = None) -> TrainResult:
+    """Runs (or resumes) BiDf-MKD meta-training.
+
+    Args:
+      cfg: :class:`BiDfMKDConfig`.
+      meta_apply: the meta-model's ``(params, x) -> logits`` (batch-statistics BN).
+      meta_init_params: initial meta-model parameters.
+      gen_init, gen_apply: the generator's re-initialisation and ``(params, z) -> [0,1] images``.
+      pool: the :class:`TeacherPool` (None with ``replay_source="real"``).
+      val_tasks: fixed meta-validation tasks ``(sx, sy, qx, qy)`` in [0, 1] (model selection).
+      test_tasks: fixed meta-test tasks, used only if ``cfg.paper_eval_tasks > 0``.
+      real_tasks: ``key -> ReplayTasks`` in [0, 1] of real meta-train data (``replay_source="real"``).
+      checkpoint_dir: orbax directory; the run resumes from its latest checkpoint.
+      progress: show a tqdm bar.
+      stop_after: stop (after checkpointing) once this meta-iteration is reached: for tests that
+        simulate a kill.
+
+    Returns:
+      :class:`TrainResult`.
+    """
+    _validate(cfg, pool)
+    t_start = time.time()
+    mean, std = (pool.mean, pool.std) if pool is not None else ((0.0,), (1.0,))
+    norm = lambda x: normalize(x, mean, std)
+    optimizer = optax.adam(cfg.outer_lr)
+    steps = cached_meta_steps(meta_apply, cfg.outer_lr, replay_steps=cfg.replay_inner_steps,
+                              kd_steps=cfg.kd_inner_steps, inner_lr=cfg.inner_lr,
+                              kd_loss=cfg.kd_loss, first_order=cfg.first_order)
+    inv_cfg = cfg.inversion()
+    image_shape = tuple(val_tasks[0].shape[2:])
+    real = cfg.replay_source == "real"
+
+    memory_classes = np.unique(np.concatenate([np.asarray(c) for c in pool.classes])) if not real \
+        else np.arange(1)
+    rows = len(memory_classes)
+    state = LoopState(meta_init_params, optimizer.init(meta_init_params),
+                      init_memory(rows if not real else 1, cfg.memory_slots if not real else 1,
+                                  cfg.inv_per_class if not real else 1, image_shape),
+                      jax.random.key(cfg.seed), meta_init_params)
+    host = {"iteration": 0, "need_api": not real, "visits": 0, "history": [],
+            "best_val": -1.0, "paper_best_test": None, "plateau": None, "ledgers": None,
+            "train_accs": [], "stopped_by_budget": False}
+    plateau = PlateauTrigger(cfg.plateau_patience)
+
+    ckpt = RunCheckpointer(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None:
+        restored = ckpt.restore_latest(state)
+        if restored is not None:
+            _, arrays, meta = restored
+            state = LoopState(*arrays) if not isinstance(arrays, LoopState) else arrays
+            host.update(meta)
+            plateau.load_state_dict(host["plateau"])
+            if pool is not None and host["ledgers"]:
+                for api, led in zip(pool.apis, host["ledgers"]):
+                    api.ledger.load_state_dict(led)
+
+    def total_queries():
+        return 0 if pool is None else int(sum(a.queries for a in pool.apis))
+
+    def save():
+        if ckpt is None:
+            return
+        host["plateau"] = plateau.state_dict()
+        host["ledgers"] = None if pool is None else [a.ledger.state_dict() for a in pool.apis]
+        ckpt.save(host["iteration"], state, host)
+
+    groups, locate = group_apis(pool.apis) if pool is not None else ([], [])
+    inverters: Dict[tuple, Callable] = {}
+
+    def inverter(i: int):
+        """The compiled inversion serving API ``i`` (shared by its whole group), and its args."""
+        g, m = locate[i]
+        wb_fn, wb_params = pool.white_box_teachers[i] if cfg.white_box else (None, None)
+        key = (g, id(wb_fn))
+        if key not in inverters:
+            inverters[key] = make_inverter(groups[g], gen_apply, nz=cfg.nz, cfg=inv_cfg, mean=mean,
+                                           std=std, image_size=pool.image_size,
+                                           student_apply=meta_apply, teacher_fn=wb_fn)
+        inv = inverters[key]
+        return lambda k, student: inv(k, m, gen_init(jax.random.fold_in(k, 7)), groups[g].operand,
+                                      student, wb_params)
+
+    def aug(x, k):
+        return _augment(x, k, cfg.inv_pad, pool.image_size, tuple(mean), tuple(std))
+
+    def kd_visit(params, key) -> tuple:
+        """Visits one API: support inversion, adaptation, boundary query inversion, memory write."""
+        k_pick, k_s, k_sa, k_q, k_qa = jax.random.split(key, 5)
+        i = int(jax.random.randint(k_pick, (), 0, len(pool.apis)))
+        api = pool.apis[i]
+        b = api.num_classes * cfg.inv_per_class
+        cost = 2 * (inversion_queries(inv_cfg, api.num_classes, cfg.white_box) + b)
+        inv = inverter(i)
+        with api.reserve(cost), surface_api_errors():
+            s = inv(k_s, None)
+            s_aug = aug(s.images, k_sa)
+            s_p = teacher_probs(api(s_aug), api.output, api.num_classes)
+            boundary = host["iteration"] >= cfg.boundary_start
+            fast = steps.adapt_support(params, s_aug, s_p) if boundary else None
+            qr = inv(k_q, fast)
+            q_aug = aug(qr.images, k_qa)
+            q_p = teacher_probs(api(q_aug), api.output, api.num_classes)
+            jax.block_until_ready((s, qr, s_p, q_p))  # the ledger is exact once results exist
+        mem_rows = jnp.asarray(row_of_classes(memory_classes, pool.classes[i]))
+        new_mem = state.memory
+        for res in (s, qr):  # both recovered sets go to the memory, grouped by class
+            per_class = res.images.reshape((cfg.inv_per_class, api.num_classes) + res.images.shape[1:])
+            new_mem = write(new_mem, mem_rows, jnp.swapaxes(per_class, 0, 1))
+        info = {"api": i, "support_ce": float(s.clean_ce[-1]), "support_api_acc": float(s.api_acc[-1]),
+                "query_api_acc": float(qr.api_acc[-1]), "boundary": bool(boundary),
+                "zero_diff_frac": float(s.zero_fraction.mean())}
+        return KDTask(s_aug, s_p, q_aug, q_p, qr.targets), new_mem, info
+
+    def sample_memory(m, k, n):
+        return _sample_memory(m, k, n, cfg.ways, cfg.shots, cfg.query)
+
+    def replay_batch(key, n) -> ReplayTasks:
+        if real:
+            t = real_tasks(key)
+            t = ReplayTasks(*(a[:n] for a in t))
+        else:
+            sx, sy, qx, qy, _ = sample_memory(state.memory, key, n)
+            t = ReplayTasks(sx, sy, qx, qy)
+        return ReplayTasks(norm(t.support_x), t.support_y, norm(t.query_x), t.query_y)
+
+    val = tuple(jnp.asarray(a) for a in val_tasks)
+
+    def evaluate(params, tasks):
+        sx, sy, qx, qy = tasks
+        return evaluate_tasks(meta_apply, params, norm(sx), sy, norm(qx), qy,
+                              steps=cfg.finetune_steps, lr=cfg.inner_lr, batch_size=25)
+
+    bar = tqdm(total=cfg.meta_iterations, initial=host["iteration"], disable=not progress,
+               desc="BiDf-MKD" if not real else "MAML (real data)", dynamic_ncols=True)
+    try:
+        while host["iteration"] < cfg.meta_iterations:
+            it = host["iteration"]
+            key, k_visit, k_rep = jax.random.split(state.key, 3)
+            kd = None
+            if host["need_api"]:
+                try:
+                    kd, new_mem, info = kd_visit(state.params, k_visit)
+                except QueryBudgetExceeded as e:
+                    host["stopped_by_budget"] = True
+                    tqdm.write(f"query budget exhausted at meta-iteration {it}: {e}")
+                    break
+                state = state._replace(memory=new_mem)
+                host["visits"] += 1
+                host["need_api"] = False
+                info.update(iteration=it, queries=total_queries())
+                host["history"].append({"event": "visit", **info})
+            if cfg.query_budget is not None and total_queries() > cfg.query_budget:
+                host["stopped_by_budget"] = True
+                break
+            if kd is not None:
+                tasks = replay_batch(k_rep, cfg.meta_batch - 1)
+                params, opt, loss, accs = steps.kd_replay(state.params, state.opt_state, kd, tasks)
+            else:
+                tasks = replay_batch(k_rep, cfg.meta_batch)
+                params, opt, loss, accs = steps.replay(state.params, state.opt_state, tasks)
+            state = state._replace(params=params, opt_state=opt, key=key)
+            train_acc = float(jnp.mean(accs))
+            host["iteration"] = it = it + 1
+            if not real and plateau.update(train_acc):
+                host["need_api"] = True
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{train_acc:.2f}", visits=host["visits"],
+                            queries=total_queries())
+            if it % cfg.eval_every == 0 or it == cfg.meta_iterations:
+                r = evaluate(state.params, val)
+                rec = {"event": "eval", "iteration": it, "val_acc": r.mean, "val_ci": r.ci95,
+                       "queries": total_queries(), "visits": host["visits"],
+                       "train_acc": train_acc, "wall_s": time.time() - t_start}
+                if r.mean > host["best_val"]:
+                    host["best_val"] = r.mean
+                    state = state._replace(best_params=state.params)
+                if cfg.paper_eval_tasks and test_tasks is not None:
+                    tr = evaluate(state.params, tuple(jnp.asarray(a)[:cfg.paper_eval_tasks] for a in test_tasks))
+                    rec["test_acc_paper_protocol"] = tr.mean
+                    prev = host["paper_best_test"]
+                    host["paper_best_test"] = tr.mean if prev is None else max(prev, tr.mean)
+                host["history"].append(rec)
+            if it % cfg.checkpoint_every == 0:
+                save()
+            if stop_after is not None and it >= stop_after:
+                save()
+                break
+    finally:
+        bar.close()
+    evaluated_now = any(h.get("event") == "eval" and h["iteration"] == host["iteration"]
+                        for h in host["history"][-1:])
+    if host["stopped_by_budget"] and not evaluated_now:  # stop cleanly: evaluate what we have
+        r = evaluate(state.params, val)
+        host["history"].append({"event": "eval", "iteration": host["iteration"], "val_acc": r.mean,
+                                "val_ci": r.ci95, "queries": total_queries(),
+                                "visits": host["visits"], "wall_s": time.time() - t_start})
+        if r.mean > host["best_val"]:
+            host["best_val"] = r.mean
+            state = state._replace(best_params=state.params)
+    save()
+    if ckpt is not None:
+        ckpt.close()
+    return TrainResult(state.best_params, state.params, host["history"], total_queries(),
+                       host["visits"], time.time() - t_start, host["paper_best_test"],
+                       host["stopped_by_budget"])

@@ -1,0 +1,104 @@
+"""The BiDf-MKD loop on a tiny synthetic pool: query accounting, memory, budgets, resume."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfml_jax.bidf_mkd.inversion import inversion_queries
+from dfml_jax.bidf_mkd.train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
+from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.models import create_model, functional
+
+S, K, NCLS = 8, 5, 8
+
+
+def linear(w, x):  # the architecture shared by the pool's teachers
+    return x.reshape(x.shape[0], -1) @ w
+
+
+def make_pool(budget=None):
+    apis, classes, wb = [], [], []
+    for i in range(2):
+        w = jax.random.normal(jax.random.key(10 + i), (S * S, K)) * 0.5
+        apis.append(BlackBoxAPI.from_jax(linear, (S, S, 1), K, name=f"api{i}", budget=budget, params=w))
+        classes.append(list(np.random.RandomState(i).choice(NCLS, K, replace=False)))
+        wb.append((linear, w))
+    return TeacherPool(apis, classes, (0.5,), (0.5,), S, wb)
+
+
+META = functional(create_model("mlp", num_classes=K, input_shape=(S, S, 1), rngs_or_key=0, hidden=(32,)))
+GEN = functional(create_model("dcgan", nz=8, ngf=4, img_size=S, nc=1, rngs_or_key=0))
+
+
+def parts():
+    return dict(meta_apply=META.apply_batchstats, meta_init_params=META.params,
+                gen_init=lambda k: GEN.init(k)[0], gen_apply=GEN.apply_batchstats)
+
+
+def tasks(key, n=10, shots=1, query=3):
+    x = jax.random.uniform(key, (n, K * (shots + query), S, S, 1))
+    y = jnp.tile(jnp.repeat(jnp.arange(K), shots + query)[None], (n, 1))
+    return x[:, :K * shots], y[:, :K * shots], x[:, K * shots:], y[:, K * shots:]
+
+
+CFG = BiDfMKDConfig(shots=1, query=3, meta_iterations=8, meta_batch=2, inv_iterations=3,
+                    inv_per_class=4, q=4, mu=0.01, nz=8, ngf=4, memory_slots=3, plateau_patience=2,
+                    boundary_start=2, eval_every=4, val_tasks=10, replay_inner_steps=2,
+                    kd_inner_steps=2, checkpoint_every=2, inv_pad=1)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    pool = make_pool()
+    res = train_bidf_mkd(CFG, pool=pool, val_tasks=tasks(jax.random.key(0)), progress=False,
+                         checkpoint_dir=str(tmp_path_factory.mktemp("full")), **parts())
+    return pool, res
+
+
+def test_loop_counts_queries_per_visit_and_fills_memory(full_run):
+    pool, res = full_run
+    visits = [h for h in res.history if h["event"] == "visit"]
+    assert res.visits == len(visits) >= 2  # the plateau rule triggered further visits
+    per_visit = 2 * (inversion_queries(CFG.inversion(), K) + K * CFG.inv_per_class)
+    assert res.api_queries == per_visit * res.visits == sum(a.queries for a in pool.apis)
+    assert any(v["boundary"] for v in visits) and not visits[0]["boundary"]
+    evals = [h for h in res.history if h["event"] == "eval"]
+    assert [e["iteration"] for e in evals] == [4, 8]
+
+
+def test_resume_equals_uninterrupted(tmp_path, full_run):
+    full = full_run[1]
+    part = train_bidf_mkd(CFG, pool=make_pool(), val_tasks=tasks(jax.random.key(0)), progress=False,
+                          checkpoint_dir=str(tmp_path / "b"), stop_after=5, **parts())
+    assert part.visits < full.visits  # the kill happened before the last visit
+    resumed = train_bidf_mkd(CFG, pool=make_pool(), val_tasks=tasks(jax.random.key(0)), progress=False,
+                             checkpoint_dir=str(tmp_path / "b"), **parts())
+    assert resumed.api_queries == full.api_queries and resumed.visits == full.visits
+    for a, b in zip(jax.tree.leaves(full.final_params), jax.tree.leaves(resumed.final_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert [h["event"] for h in resumed.history] == [h["event"] for h in full.history]
+
+
+def test_budget_stops_cleanly_and_evaluates():
+    per_visit = 2 * (inversion_queries(CFG.inversion(), K) + K * CFG.inv_per_class)
+    pool = make_pool(budget=per_visit + 10)  # one visit per API affordable
+    res = train_bidf_mkd(CFG, pool=pool, val_tasks=tasks(jax.random.key(0)), progress=False, **parts())
+    assert all(a.queries <= per_visit + 10 for a in pool.apis)
+    assert res.history[-1]["event"] == "eval"
+
+
+def test_white_box_and_real_data_variants():
+    pool = make_pool()
+    cfg = CFG.__class__(**{**CFG.__dict__, "white_box": True, "meta_iterations": 4})
+    res = train_bidf_mkd(cfg, pool=pool, val_tasks=tasks(jax.random.key(0)), progress=False, **parts())
+    assert res.api_queries == res.visits * 2 * (inversion_queries(cfg.inversion(), K, True) + K * 4)
+    real = CFG.__class__(**{**CFG.__dict__, "replay_source": "real", "meta_iterations": 4})
+    r = train_bidf_mkd(real, pool=None, val_tasks=tasks(jax.random.key(0)), progress=False,
+                       real_tasks=lambda k: tasks(k, n=2), **parts())
+    assert r.api_queries == 0 and r.visits == 0 and len(r.history) == 1
+
+
+def test_bad_config_is_refused():
+    cfg = CFG.__class__(**{**CFG.__dict__, "inv_per_class": 2})
+    with pytest.raises(ValueError, match="inv_per_class=2.*shots\\+query=4"):
+        train_bidf_mkd(cfg, pool=make_pool(), val_tasks=tasks(jax.random.key(0)), progress=False, **parts())
