@@ -11,34 +11,39 @@ Two kinds of rows, one JSON object per line on stdout (fields ``estimator, d, q,
 cosine_mean, cosine_std, cosine_theory, rel_error, ms_per_estimate, queries_per_s, compile_s,
 peak_mem_mb, overhead_vs_api_forward`` and a few more):
 
-* grid rows (``kind="grid"``): every estimator x d x q at a small batch (``--grid-batch``
-  samples = independent estimates for the cosine statistics);
-* protocol rows (``kind="protocol"``): the issue's targets at B = 150: d = 3072, q = 100 for every
-  estimator (overhead ratio), and d = 21168 (MiniImageNet size), q = 100 (peak memory with
-  chunking).
+* grid rows (``kind="grid"``): every estimator x d x q at a small batch (``--grid-batch`` = 16
+  samples, 8 at d = 21168; each sample is an independent estimate for the cosine statistics), all
+  directions in one chunk;
+* protocol rows (``kind="protocol"``): the issue's targets at B = 150, q = 100: d = 3072 for every
+  estimator (overhead ratio; ``--chunk-3072`` = 10 directions per API call, i.e. 1,500 images) and
+  d = 21168, the MiniImageNet size (peak memory with ``--chunk-21168`` = 5: 750 images per call),
+  for ``--big-estimators`` (sphere-forward, the BiDf-MKD estimator, by default).
 
-Measurement:
+Measurement (all in one process, jitted, AOT-compiled first):
 
-* ``ms_per_estimate``: median over ``--repeats`` runs of the jitted estimate (all chunks),
-  after a warm-up run; ``queries_per_s = num_queries / time``.
+* ``ms_per_estimate``: median over ``--repeats`` (protocol) / ``--grid-repeats`` (grid) runs of
+  the compiled estimate (all chunks), after one untimed execution; ``queries_per_s =
+  num_queries / time``.
 * ``overhead_vs_api_forward``: that time over the median time of a jitted baseline that makes the
   SAME API forward passes in the same batches (the clean batch, then one call per chunk of
   ``B * chunk`` (forward) or ``2 * B * chunk`` (central) points of ``x`` shifted by the chunk
-  index) through the same API, timed interleaved with the estimate in the same process. 1.0 is the
-  physical limit.
+  index) through the same API, runs interleaved with the estimate's. 1.0 is the physical limit.
 * ``compile_s``: ``jax.jit(...).lower(...).compile()`` wall time.
-* ``peak_mem_mb``: peak memory of one execution of the compiled estimate (first execution). On
-  CPU: the resident-set high-water mark, reset before the run, minus the resident set before it
+* ``peak_mem_mb``: peak memory of one execution of the compiled estimate (the first). On CPU: the
+  resident-set high-water mark, reset before the run, minus the resident set before it
   (``peak_mem_method="rss_hwm_delta"``; XLA's CPU ``memory_analysis()`` reports no temporaries);
   on GPU the allocator's ``peak_bytes_in_use``. ``peak_mem_api_forward_mb`` is the same for the
   baseline (the API forward passes alone).
+* ``cosine_*`` / ``rel_error``: per-sample cosine and ``||g_hat - g|| / ||g||`` to the true
+  gradient (mean, std over the batch); ``cosine_theory`` is the exact E[cos] for exact
+  directional derivatives (Beta distributions of zo_estimators.md section 3.1).
 
 Outputs under ``--out DIR``: ``bench_estimators.jsonl``, ``bench_estimators.md`` (markdown table),
 ``cosine_vs_q.png`` (cosine vs q per d, with the exact theory curves).
 
 Command lines::
 
-    python experiments/bench_estimators.py --quick --out runs/bench_estimators_quick   # ~1 min
+    python experiments/bench_estimators.py --quick --out runs/bench_estimators_quick   # < 1 min
     python experiments/bench_estimators.py --out runs/bench_estimators                  # full grid
 """
 from __future__ import annotations
@@ -158,10 +163,14 @@ def peak_memory_mb(run) -> tuple:
         return _block(run()), float("nan"), "unavailable"
 
 
-def interleaved_medians(fns, repeats: int):
-    """Median wall time (ms) of each zero-argument function, runs interleaved to share load drift."""
-    for fn in fns:          # warm-up
-        _block(fn())
+def interleaved_medians(fns, repeats: int, warm=None):
+    """Median wall time (ms) of each zero-argument function, runs interleaved to share load drift.
+
+    ``warm[i]`` False skips the warm-up run of function ``i`` (it already ran once compiled).
+    """
+    for i, fn in enumerate(fns):
+        if warm is None or warm[i]:
+            _block(fn())
     ts = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
@@ -232,8 +241,9 @@ def bench_row(*, name, d, q, batch, smoothing, chunk_size, repeats, conv_impl, s
                num_queries=nq, compile_s=compile_s, peak_mem_mb=peak, peak_mem_method=peak_how)
     if time_it:
         base = jax.jit(baseline_forward(api, name, q, chunk_size))
-        _, row["peak_mem_api_forward_mb"], _ = peak_memory_mb(lambda: base(x))
-        t_est, t_base = interleaved_medians([lambda: est_c(x, y, k_est), lambda: base(x)], repeats)
+        _, row["peak_mem_api_forward_mb"], _ = peak_memory_mb(lambda: base(x))   # also warms up
+        t_est, t_base = interleaved_medians([lambda: est_c(x, y, k_est), lambda: base(x)], repeats,
+                                            warm=[False, False])
         row.update(ms_per_estimate=t_est, ms_api_forward=t_base,
                    queries_per_s=nq / (t_est / 1e3), overhead_vs_api_forward=t_est / t_base)
     else:
@@ -311,17 +321,19 @@ def main(argv=None):
     p.add_argument("--estimators", nargs="+", default=list(REQUIRED))
     p.add_argument("--ds", type=int, nargs="+", default=None, help="grid dimensions")
     p.add_argument("--qs", type=int, nargs="+", default=None, help="grid direction counts")
-    p.add_argument("--grid-batch", type=int, default=None, help="samples per grid row")
-    p.add_argument("--grid-repeats", type=int, default=3)
+    p.add_argument("--grid-batch", type=int, default=None, help="samples per grid row (16)")
+    p.add_argument("--grid-batch-big", type=int, default=8, help="samples per grid row, d=21168")
+    p.add_argument("--grid-repeats", type=int, default=1, help="timed runs per grid row (0: none)")
     p.add_argument("--protocol-batch", type=int, default=150)
     p.add_argument("--protocol-q", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per protocol row")
-    p.add_argument("--chunk-3072", type=int, default=None,
-                   help="chunk_size of the d=3072 protocol rows (None: all q at once)")
-    p.add_argument("--chunk-21168", type=int, default=2,
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per d=3072 protocol row")
+    p.add_argument("--repeats-big", type=int, default=1, help="timed runs per d=21168 protocol row")
+    p.add_argument("--chunk-3072", type=int, default=10,
+                   help="chunk_size of the d=3072 protocol rows (0: all q at once)")
+    p.add_argument("--chunk-21168", type=int, default=5,
                    help="chunk_size of the d=21168 protocol rows (memory bound)")
     p.add_argument("--big-estimators", nargs="*", default=None,
-                   help="estimators timed at d=21168, B=150 (others: compile + memory only)")
+                   help="estimators run at d=21168, B=150 (default: sphere-forward)")
     p.add_argument("--no-protocol", action="store_true")
     p.add_argument("--no-grid", action="store_true")
     p.add_argument("--smoothing", type=float, default=1e-2)
@@ -329,21 +341,20 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
-    # protocol entries: (d, batch, q, chunk_size, estimators, estimators that are also timed)
+    # protocol entries: (d, batch, q, chunk_size, estimators, timed repeats)
+    big = a.big_estimators if a.big_estimators is not None else ["sphere-forward"]
     if a.quick:
         ds = a.ds or [64, 784]
         qs = a.qs or [1, 10]
-        gb = a.grid_batch or 8
-        prot = [(3072, 16, 10, 4, a.estimators[:2], a.estimators[:2])]
-        reps = min(a.repeats, 2)
+        prot = [(784, 8, 4, 2, a.estimators[:2], 1)]
     else:
         ds = a.ds or [64, 784, 3072, 21168]
         qs = a.qs or [1, 10, 20, 100]
-        gb = a.grid_batch or 16
-        big = a.big_estimators if a.big_estimators is not None else ["sphere-forward"]
-        prot = [(3072, a.protocol_batch, a.protocol_q, a.chunk_3072, a.estimators, a.estimators),
-                (21168, a.protocol_batch, a.protocol_q, a.chunk_21168, a.estimators, big)]
-        reps = a.repeats
+        prot = [(3072, a.protocol_batch, a.protocol_q, a.chunk_3072 or None, a.estimators,
+                 a.repeats),
+                (21168, a.protocol_batch, a.protocol_q, a.chunk_21168 or None, big, a.repeats_big)]
+    gb = a.grid_batch or (8 if a.quick else 16)
+    gb_big = a.grid_batch_big or gb
     if a.no_protocol:
         prot = []
     if a.no_grid:
@@ -368,14 +379,15 @@ def main(argv=None):
     for d in ds:
         for q in qs:
             for name in a.estimators:
-                emit(bench_row(name=name, d=d, q=q, batch=gb, smoothing=a.smoothing, chunk_size=None,
-                               repeats=a.grid_repeats, conv_impl=a.conv_impl, seed=a.seed,
-                               kind="grid"))
-    for d, b, q, chunk, names, timed in prot:
+                emit(bench_row(name=name, d=d, q=q, batch=gb_big if d >= 10000 else gb,
+                               smoothing=a.smoothing, chunk_size=None, repeats=a.grid_repeats,
+                               conv_impl=a.conv_impl, seed=a.seed, kind="grid",
+                               time_it=a.grid_repeats > 0))
+    for d, b, q, chunk, names, reps in prot:
         for name in names:
             emit(bench_row(name=name, d=d, q=q, batch=b, smoothing=a.smoothing, chunk_size=chunk,
                            repeats=reps, conv_impl=a.conv_impl, seed=a.seed, kind="protocol",
-                           time_it=name in timed))
+                           time_it=reps > 0))
     jsonl.close()
     meta["note"] += f"; total {time.perf_counter() - t_start:.0f} s"
     write_markdown(os.path.join(a.out, "bench_estimators.md"), rows, meta)

@@ -151,9 +151,9 @@ def test_chunking_does_not_change_iid_estimates(name):
     logits = _jax_logits()
     x = jax.random.normal(jax.random.key(0), (3,) + SHAPE)
     f = lambda p: logits(p)[:, 1]                          # noqa: E731
-    outs = [jax.jit(lambda x, k: ESTIMATORS[name](f, x, k, num_directions=7, smoothing=0.05,
-                                                  chunk_size=c)[0])(x, jax.random.key(1))
-            for c in (None, 3, 1)]
+    outs = jax.jit(lambda x, k: [ESTIMATORS[name](f, x, k, num_directions=7, smoothing=0.05,
+                                                  chunk_size=c)[0] for c in (None, 3, 1)])(
+        x, jax.random.key(1))
     for o in outs[1:]:
         _close(o, outs[0])
 

@@ -18,6 +18,22 @@ for any ``mu >= 1e-4`` (``1e-5`` and below collapse); probabilities rounded to 4
 ``mu ~ 0.3 .. 1`` (``mu = 1e-3`` gives exactly 0); 2 decimals need ``mu ~ 10``; bf16 outputs need
 ``mu >= 1``. Larger steps smooth the objective (bias of order ``mu * curvature``), so take the smallest
 step whose zero-difference fraction is ~0 and whose differences span many quanta.
+
+Re-measured with this module (random-init Conv4 API, 32x32x3, CE of the revealed probabilities,
+sphere-forward, q = 100, 16 samples; mean cosine to the true gradient / zero-difference fraction;
+the ideal is 0.177):
+
+==============  ============  ============  ============  ============  ============
+smoothing       1e-3          1e-2          0.1           0.3           1
+==============  ============  ============  ============  ============  ============
+fp32 probs      0.172 / 0.01  0.171 / 0.00  0.169 / 0.00  0.164 / 0.00  0.146 / 0.00
+4 decimals      0.004 / 1.00  0.024 / 0.94  0.139 / 0.57  0.160 / 0.22  0.146 / 0.07
+2 decimals      0.000 / 1.00  0.000 / 1.00  0.000 / 1.00  0.000 / 1.00  0.001 / 1.00
+==============  ============  ============  ============  ============  ============
+
+(2 decimals reach only 0.025 at ``mu = 3 .. 10`` with this network, whose curvature already costs
+a third of the cosine at ``mu = 3`` in fp32.) The default warning threshold (half of the
+differences exactly zero) fires at ``mu <= 0.1`` for 4 decimals and everywhere for 2 decimals.
 """
 from __future__ import annotations
 
