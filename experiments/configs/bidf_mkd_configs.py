@@ -1,0 +1,70 @@
+"""Configurations of ``experiments/bidf_mkd.py`` (BiDf-MKD and its baselines in one run).
+
+Every config is a flat frozen dataclass (:class:`dfml_jax.bidf_mkd.experiment.BiDfExperimentConfig`),
+so any field can be overridden with ``--set key=value``. Names:
+
+* ``smoke``: tiny everything on Glyphs (3 Conv4 teachers of width 8, a few meta-iterations); the
+  whole pipeline, every method, in well under 3 minutes on 2 CPU cores (tests and CI).
+* ``default``: the README's main job. Glyphs 28x28, an SS pool of 20 Conv4 teachers (built
+  automatically into ``<workdir>/pool`` if missing), BiDf-MKD with every mechanism of the paper at
+  CPU scale (ZO inversion with q=20 sphere directions, boundary query sets, second-order bi-level
+  KD, memory replay, plateau-triggered API visits), and the four baselines; about 20 minutes on
+  2 CPU cores::
+
+      python experiments/bidf_mkd.py --config default --workdir runs/bidf_default
+
+* ``paper_cifar_fs_ss``, ``paper_mini_imagenet_ss``, ``paper_cub_ss``, ``paper_cifar_fs_sh``,
+  ``paper_cifar_fs_mh``: the spec's hyper-parameters (``shared/specs/bidf_mkd.md`` section 8) on the
+  TFDS / local-folder benchmarks, for GPU/TPU users with the data prepared (nothing is downloaded)::
+
+      python experiments/bidf_mkd.py --config paper_cifar_fs_ss --workdir runs/cifar_fs_ss --set data_dir=~/tensorflow_datasets
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from dfml_jax.bidf_mkd.experiment import BiDfExperimentConfig
+from dfml_jax.experiment import select_config
+
+__all__ = ["CONFIGS", "get_config"]
+
+_SMOKE = BiDfExperimentConfig(
+    name="smoke", num_apis=3, pool_epochs=15, pool_width=8, meta_width=8,
+    shots=1, query=3, meta_iterations=6, meta_batch=2, replay_inner_steps=2, kd_inner_steps=2,
+    inv_iterations=3, inv_per_class=4, q=4, mu=0.01, chunk_size=None, nz=16, ngf=8,
+    boundary_start=3, plateau_patience=2, memory_slots=3, eval_every=3, val_tasks=10,
+    test_tasks=20, finetune_steps=3, checkpoint_every=3, inv_lr=0.01, seed=0)
+
+_DEFAULT = BiDfExperimentConfig(
+    name="default", num_apis=20, pool_epochs=60, pool_width=32, meta_width=32,
+    shots=1, query=15, meta_iterations=300, meta_batch=4, replay_inner_steps=5, kd_inner_steps=10,
+    inv_iterations=30, inv_per_class=16, q=20, mu=0.005, chunk_size=10, nz=64, ngf=16, inv_lr=0.01,
+    boundary_start=100, plateau_patience=20, memory_slots=10, eval_every=50, val_tasks=100,
+    test_tasks=600, finetune_steps=10, checkpoint_every=25, seed=0)
+
+_PAPER = BiDfExperimentConfig(
+    name="paper_cifar_fs_ss", dataset="cifar_fs", image_size=32, channels=3, num_apis=100,
+    pool_epochs=60, pool_width=32, meta_width=32, shots=1, query=15, meta_iterations=60000,
+    meta_batch=4, inv_iterations=200, inv_per_class=30, q=100, mu=0.005, chunk_size=20, nz=256,
+    ngf=64, inv_lr=1e-3, boundary_start=4000, plateau_patience=200, memory_slots=20,
+    eval_every=500, val_tasks=600, paper_eval_tasks=600, test_tasks=600, seed=2022)
+
+CONFIGS = {
+    "smoke": _SMOKE,
+    "default": _DEFAULT,
+    "paper_cifar_fs_ss": _PAPER,
+    "paper_mini_imagenet_ss": dataclasses.replace(_PAPER, name="paper_mini_imagenet_ss",
+                                                  dataset="mini_imagenet", image_size=84),
+    "paper_cub_ss": dataclasses.replace(_PAPER, name="paper_cub_ss", dataset="cub", image_size=84,
+                                        pool_epochs=100),
+    "paper_cifar_fs_sh": dataclasses.replace(_PAPER, name="paper_cifar_fs_sh", scenario="SH",
+                                             pool_archs=("conv4", "resnet10", "resnet18"),
+                                             pool_width=64),
+    "paper_cifar_fs_mh": dataclasses.replace(_PAPER, name="paper_cifar_fs_mh", scenario="MH",
+                                             pool_archs=("conv4", "resnet10", "resnet18")),
+}
+
+
+def get_config(name: str) -> BiDfExperimentConfig:
+    """The named config (see the module docstring for the command lines)."""
+    return select_config(CONFIGS, name)
