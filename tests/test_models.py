@@ -140,6 +140,9 @@ def test_create_model_errors_and_config_roundtrip():
     cfg = model_config(m)
     assert cfg == {"name": "conv4", "num_classes": 5, "input_shape": [28, 28, 1], "width": 8}
     fm = functional(m)
+    # one configuration -> one hashable graph and ONE shared apply function (shared jit caches)
+    other = functional(create_model(rngs_or_key=5, **cfg))
+    assert other.graphdef == fm.graphdef and other.apply is fm.apply
     p2, s2 = fm.init(jax.random.key(0))
     chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), fm.params, p2)
     assert all(jax.tree.leaves(chex_equal))  # same seed -> same init

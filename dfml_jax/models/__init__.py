@@ -57,6 +57,7 @@ runtime and the trace/compile overhead of both).
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -74,6 +75,7 @@ __all__ = [
     "model_config", "count_params", "Conv4", "ResNet", "BasicBlock", "LeNet5", "MLP",
     "DCGANGenerator", "GENERATOR_HEADS", "normalize", "NORM_STATS", "DATASET_STATS", "layers",
     "preprocess", "get_default_conv_impl", "set_default_conv_impl", "as_rngs",
+    "apply_from_graphdef", "stack_trees", "unstack_tree",
 ]
 
 
@@ -135,8 +137,9 @@ def create_model(name: str, *, num_classes: int | None = None,
       **kw: architecture options (see the module docstring), e.g. ``width=8``.
 
     Returns:
-      The NNX module. Its construction arguments are recorded in ``module.config`` (a dict,
-      JSON-serialisable) so that :func:`model_config`/``create_model(**config)`` can rebuild it.
+      The NNX module. Its construction arguments are recorded (as a JSON string attribute
+      ``config_json``, so that graph definitions stay hashable); :func:`model_config` returns them
+      as a dict and ``create_model(**model_config(m))`` rebuilds the architecture.
 
     Raises:
       ValueError: unknown name (the message lists the valid ones), missing/invalid shapes.
@@ -167,7 +170,7 @@ def create_model(name: str, *, num_classes: int | None = None,
     frozen = tuple(sorted((k, _hashable(v)) for k, v in kw.items()))
     graphdef, init = _constructor(key, args, frozen, get_default_conv_impl())
     model = nnx.merge(graphdef, init(param_key))
-    model.config = config
+    model.config_json = json.dumps(config, sort_keys=True)
     return model
 
 
@@ -211,10 +214,10 @@ def _jsonable(kw: dict) -> dict:
 
 def model_config(model: nnx.Module) -> dict:
     """Returns the ``create_model`` arguments (without the key) that rebuild ``model``."""
-    cfg = getattr(model, "config", None)
-    if not isinstance(cfg, dict):
+    cfg = getattr(model, "config_json", None)
+    if not isinstance(cfg, str):
         raise ValueError("model_config: this module was not built with create_model().")
-    return dict(cfg)
+    return json.loads(cfg)
 
 
 def _rebuild(config: dict, key) -> nnx.Module:
@@ -266,15 +269,32 @@ def functional(model: nnx.Module) -> FunctionalModel:
     except ValueError as e:  # leftover variable types
         raise ValueError(f"functional(): model has variables other than nnx.Param/nnx.BatchStat "
                          f"({e}).") from e
-    config = getattr(model, "config", None)
+    cfg = getattr(model, "config_json", None)
+    config = json.loads(cfg) if isinstance(cfg, str) else None
     return _functional_from(graphdef, params, state, config)
 
 
-def _functional_from(graphdef, params, state, config) -> FunctionalModel:
+@functools.lru_cache(maxsize=512)
+def apply_from_graphdef(graphdef) -> Callable[..., tuple[jax.Array, Any]]:
+    """The pure ``apply(params, state, x, *, train, **kw) -> (out, new_state)`` of a graph.
+
+    Cached per (hashable) graph definition: models of one configuration share ONE function
+    object, so caches keyed on it (compiled training epochs, API groups) are shared too.
+    """
+
     def apply(params, state, x, *, train: bool, **kw):
         module = nnx.merge(graphdef, params, state, copy=True)
         out = module(x, train=train, **kw)
         return out, nnx.state(module, nnx.BatchStat)
+
+    return apply
+
+
+def _functional_from(graphdef, params, state, config) -> FunctionalModel:
+    try:
+        apply = apply_from_graphdef(graphdef)
+    except TypeError:  # unhashable graph (module not built by create_model)
+        apply = apply_from_graphdef.__wrapped__(graphdef)
 
     empty_state = jax.tree.map(lambda a: a, state)
 
