@@ -4,12 +4,15 @@ A :class:`BlackBoxAPI` answers batches of images with scores (logits, probabilit
 probabilities or hard labels). It exposes no parameters and no gradients; every answered sample is
 counted on the host by a thread-safe :class:`QueryLedger`, optionally against a budget.
 
-Two constructors:
+Constructors:
 
 * :meth:`BlackBoxAPI.from_host` wraps any host callable (NumPy, PyTorch, an HTTP client) mapping a
   ``(n, *input_shape)`` float32 batch to ``(n, num_classes)`` scores. Inside ``jax.jit`` it is a
   ``jax.pure_callback(..., vmap_method="expand_dims")``, so a vmapped (even nested) batch of queries
   is ONE host call.
+* :meth:`BlackBoxAPI.from_http` reaches a teacher served over HTTP (``python -m dfml_jax.serve``)
+  through the same host path, with batching, bounded retries and pending-answer caching
+  (:mod:`dfml_jax.remote`).
 * :meth:`BlackBoxAPI.from_jax` is the in-graph fast path for simulated teachers: the teacher's
   forward pass is compiled into the caller's graph and only the final ``(n, K)`` outputs pass through
   a tiny host callback that charges the ledger (so counting is identical to the host path).
@@ -326,6 +329,65 @@ class BlackBoxAPI:
                    decimals=decimals, budget=budget, host_fn=fn, scores_kind=scores)
 
     @classmethod
+    def from_http(cls, url: str, input_shape: Optional[Sequence[int]],
+                  num_classes: Optional[int], *, output: Optional[str] = None,
+                  k: Optional[int] = None, decimals: Optional[int] = None,
+                  budget: Optional[int] = None, name: Optional[str] = None,
+                  api_key: Optional[str] = None, timeout: float = 10.0, max_retries: int = 4,
+                  backoff: float = 0.05, max_backoff: float = 2.0, concurrency: int = 4,
+                  max_batch: Optional[int] = None,
+                  cache_dir: Optional[str] = None) -> "BlackBoxAPI":
+        """A remote teacher served over HTTP (``python -m dfml_jax.serve``) as a black-box API.
+
+        The client (:class:`dfml_jax.remote.HTTPTeacherClient`, kept as ``api.remote``) splits a
+        query into requests of at most the server's batch limit, sends them concurrently, retries
+        timeouts and 5xx with capped exponential backoff, and never returns a partial batch; the
+        ledger charges a query once all of it is answered. Chunks the server answered for a query
+        that failed are cached and delivered without re-buying when the query is retried (see
+        :mod:`dfml_jax.remote`). Under ``jit``/``vmap`` it is the host-callback path of
+        :meth:`from_host`. Errors are :class:`dfml_jax.remote.RemoteAPIError` subclasses
+        (``BlackBoxError`` s): wrong key, oversize request, malformed answer, unavailable.
+
+        Args:
+          url: the server's base URL, e.g. ``"http://127.0.0.1:8500"``.
+          input_shape: shape of one sample; None: the server's. Checked against ``/v1/info``.
+          num_classes: number of classes; None: the server's. Checked against ``/v1/info``.
+          output: what the API reveals (None: what the server answers). A ``"label"`` server
+            can only back ``"label"``; a scores server any mode.
+          k, decimals, budget, name: as in :meth:`from_host` (``name`` defaults to the
+            server's teacher name).
+          api_key: the server's key (``--api-key``), if it requires one.
+          timeout: seconds for connecting and for each read of a request.
+          max_retries: retries per request (timeouts, connection errors, 429/5xx).
+          backoff, max_backoff: first retry delay and cap, in seconds (doubling, jittered).
+          concurrency: most requests in flight for one query.
+          max_batch: samples per request (None: the server's limit).
+          cache_dir: keep the pending cache of answered-but-undelivered chunks on disk, so a
+            resumed process re-buys nothing (None: in memory).
+
+        Returns:
+          A :class:`BlackBoxAPI` with the client as ``api.remote`` (``.stats()`` reads the
+          server's counters, ``.close()`` closes its connections).
+
+        Raises:
+          ValueError: the server's teacher does not match ``input_shape``/``num_classes`` or
+            cannot reveal ``output``.
+          dfml_jax.remote.RemoteAPIError: the server cannot be reached or rejects the key.
+        """
+        from dfml_jax.remote import HTTPTeacherClient, http_api_kwargs
+
+        client = HTTPTeacherClient(url, api_key=api_key, timeout=timeout,
+                                   max_retries=max_retries, backoff=backoff,
+                                   max_backoff=max_backoff, concurrency=concurrency,
+                                   max_batch=max_batch, cache_dir=cache_dir, name=name)
+        kw = http_api_kwargs(client, input_shape, num_classes, output)
+        api = cls.from_host(client, kw["input_shape"], kw["num_classes"], output=kw["output"],
+                            k=k, scores=kw["scores"], decimals=decimals, budget=budget,
+                            name=name or kw["name"])
+        api.remote = client
+        return api
+
+    @classmethod
     def from_jax(cls, apply_fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int],
                  num_classes: int, *, output: str = "logits", k: Optional[int] = None,
                  scores: str = "logits", decimals: Optional[int] = None,
@@ -454,6 +516,8 @@ class BlackBoxAPI:
             flat = np.ascontiguousarray(np.asarray(x, np.float32).reshape((n,) + self.input_shape))
             try:
                 raw = self._host_fn(flat)
+            except BlackBoxError:  # already names the API (e.g. remote errors): keep its type
+                raise
             except Exception as e:  # surfaces with the API's name; not charged
                 raise BlackBoxError(f"API '{self.name}' failed: {type(e).__name__}: {e}") from e
             scores = self._validate(raw, n)
