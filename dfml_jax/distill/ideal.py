@@ -1,0 +1,474 @@
+"""IDEAL: query-efficient data-free distillation from a hard-label black box (Zhang et al., ICLR 2023).
+
+Every round (``shared/specs/ideal_dfme.md`` sections 3.2-3.4):
+
+1. **Generate, no queries.** Re-initialise the generator, train it for ``g_steps`` Adam steps
+   against the *student* (frozen, BatchNorm in eval mode) on
+   ``CE(S(aug(G(z))), y) + info_weight * L_info`` with fixed class-balanced targets
+   ``y_i = i mod K`` and one fixed latent batch; keep the lowest-loss batch (loss measured before
+   the step, image kept un-augmented). One round's generation is ONE jitted ``lax.scan``
+   (:func:`make_generation_phase`); it never sees the teacher.
+2. **Query once.** The teacher's top-1 labels of the ``B`` new images are bought through the
+   black-box API (``api.reserve(B)`` first: the budget is checked before any work) and stored in
+   the label cache (:class:`~dfml_jax.distill.common.PoolStore`). The paper's accounting,
+   ``Q = B * E``; a sample is never queried again (the released code re-queries the augmented pool
+   every epoch, ``B * E(E+1)/2`` queries: not reproduced).
+3. **Distil.** One shuffled pass of SGD (0.01, momentum 0.9, wd 5e-4, constant) with cross-entropy
+   on the cached labels over the whole pool.
+
+``L_info`` (``info_loss``): ``"per_sample"`` is the released code's ``mean_{i,k} p_ik log p_ik``
+(raises every sample's entropy); ``"class_balance"`` is the DAFL-style batch-mean form
+``sum_k pbar_k log pbar_k`` that later papers attribute to IDEAL; ``"none"`` drops it.
+
+The same runner with ``synth="noise"`` is the NaiveKD baseline (uniform-noise images labelled by
+the teacher; :mod:`dfml_jax.distill.naive`).
+
+Example (tiny, CPU):
+  >>> from dfml_jax.distill import IDEALConfig, run_pool_distillation   # doctest: +SKIP
+  >>> res = run_pool_distillation(api, student_fm, IDEALConfig(batch_size=20, g_steps=3),
+  ...                             seed=0, evaluator=ev)                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
+from dfml_jax.checkpoint import RunCheckpointer
+from dfml_jax.distill.common import (AUGMENTATIONS, Evaluator, PoolStore, StudentState,
+                                     atomic_write_json, augment_images, config_dict, dequantize,
+                                     init_student, make_pool_pass, memoize_builder, torch_sgd,
+                                     uncommitted)
+from dfml_jax.losses import cross_entropy, teacher_probs
+
+__all__ = ["IDEALConfig", "INFO_LOSSES", "info_loss", "make_generator", "make_generation_phase",
+           "run_pool_distillation", "PoolRunResult", "GEN_HEADS"]
+
+INFO_LOSSES = ("per_sample", "class_balance", "none")
+# The IDEALConfig fields the generation phase depends on (its compiled form is shared otherwise).
+_GENERATION_FIELDS = ("batch_size", "g_steps", "lr_g", "betas_g", "nz", "ngf", "gen_head",
+                      "info_loss", "info_weight", "targets", "gen_augment", "aug_pad")
+GEN_HEADS = ("sigmoid", "bn_sigmoid")
+
+
+@dataclasses.dataclass(frozen=True)
+class IDEALConfig:
+    """Hyper-parameters of IDEAL (defaults: the released code, ``ideal_dfme.md`` section 3.7).
+
+    Attributes:
+      batch_size: B, new synthetic samples per round (queries per round) and the distillation
+        minibatch. Must be a multiple of K with balanced targets.
+      rounds: E, number of rounds; None: until the API's budget cannot buy another round.
+      stop_gen: rounds after which no new samples are generated (400 in the code); later rounds
+        only re-train on the pool. None: never stop.
+      g_steps: generator Adam steps per round (30; the code's CIFAR-10 example uses 5).
+      lr_g, betas_g: generator Adam (1e-3, (0.5, 0.999)).
+      nz, ngf: generator latent size and width (256, 64).
+      gen_head: ``"sigmoid"`` (IDEAL's ``Generator_2``) or ``"bn_sigmoid"`` (a final
+        BN(affine=False) before the sigmoid, as in DFME's generator; spec section 10).
+      info_loss: one of :data:`INFO_LOSSES`.
+      info_weight: weight of ``L_info`` (5 in the code, DAFL's beta).
+      targets: ``"balanced"`` (``i mod K``, the code) or ``"random"`` (uniform class draws).
+      gen_augment: augmentation of the generated batch before the student (kornia crop(pad 4) +
+        flip in the code: ``"crop_flip"``).
+      synth: ``"generator"`` (IDEAL) or ``"noise"`` (NaiveKD: uniform noise in [0, 1]).
+      lr_s, momentum_s, weight_decay_s: student SGD (0.01, 0.9, 5e-4; constant).
+      student_batch: distillation minibatch (None: ``batch_size``).
+      distill_augment: augmentation of pool minibatches (the code: ``"flip"`` for MNIST/SVHN,
+        ``"crop_flip"`` for CIFAR); pad of the crop is ``aug_pad``.
+      aug_pad: crop padding (4).
+      max_student_batches: cap on the minibatches of one pool pass (None: the whole pool, the
+        paper; a CPU-scaling knob otherwise).
+      soft_labels: cache the teacher's probabilities and distil with KL (needs a score API); the
+        default (False) caches top-1 labels and uses cross-entropy (hard-label IDEAL).
+      quantize: store the pool as uint8 levels (the code's PNG round-trip); the teacher is queried
+        on the quantised images.
+      eval_every: evaluate (validation + test) every this many rounds; budget crossings and the
+        last round are always evaluated.
+      checkpoint_every: checkpoint the student every this many rounds (the pool and its labels are
+        logged every round regardless, so a resume never re-buys a query).
+    """
+
+    batch_size: int = 250
+    rounds: Optional[int] = None
+    stop_gen: Optional[int] = None
+    g_steps: int = 30
+    lr_g: float = 1e-3
+    betas_g: tuple = (0.5, 0.999)
+    nz: int = 256
+    ngf: int = 64
+    gen_head: str = "sigmoid"
+    info_loss: str = "per_sample"
+    info_weight: float = 5.0
+    targets: str = "balanced"
+    gen_augment: str = "crop_flip"
+    synth: str = "generator"
+    lr_s: float = 0.01
+    momentum_s: float = 0.9
+    weight_decay_s: float = 5e-4
+    student_batch: Optional[int] = None
+    distill_augment: str = "flip"
+    aug_pad: int = 4
+    max_student_batches: Optional[int] = None
+    soft_labels: bool = False
+    quantize: bool = True
+    eval_every: int = 1
+    checkpoint_every: int = 1
+
+    def validate(self, num_classes: int) -> None:
+        if self.info_loss not in INFO_LOSSES:
+            raise ValueError(f"info_loss must be one of {INFO_LOSSES}, got {self.info_loss!r}")
+        if self.gen_head not in GEN_HEADS:
+            raise ValueError(f"gen_head must be one of {GEN_HEADS}, got {self.gen_head!r}")
+        if self.synth not in ("generator", "noise"):
+            raise ValueError(f"synth must be 'generator' or 'noise', got {self.synth!r}")
+        if self.targets not in ("balanced", "random"):
+            raise ValueError(f"targets must be 'balanced' or 'random', got {self.targets!r}")
+        for a in (self.gen_augment, self.distill_augment):
+            if a not in AUGMENTATIONS:
+                raise ValueError(f"unknown augmentation {a!r}; valid: {sorted(AUGMENTATIONS)}")
+        if self.synth == "generator" and self.targets == "balanced" and self.batch_size % num_classes:
+            raise ValueError(
+                f"IDEAL's class-balanced targets need batch_size to be a multiple of the number of "
+                f"classes ({num_classes}); got batch_size={self.batch_size} (the released code "
+                "crashes here too). Use e.g. batch_size="
+                f"{max(num_classes, self.batch_size // num_classes * num_classes)} or targets='random'.")
+        sb = self.student_batch or self.batch_size
+        if sb > self.batch_size:
+            raise ValueError(f"student_batch ({sb}) must not exceed batch_size ({self.batch_size})")
+        if self.stop_gen is not None and self.rounds is None:
+            raise ValueError("stop_gen needs a finite number of rounds")
+
+
+def info_loss(probs: jax.Array, kind: str) -> jax.Array:
+    """IDEAL's information term on student probabilities ``(B, K)`` (to be *minimised*).
+
+    ``"per_sample"``: ``mean_{i,k} p_ik log p_ik`` (released code). ``"class_balance"``:
+    ``sum_k pbar_k log pbar_k`` with ``pbar`` the batch-mean prediction (DAFL). ``"none"``: 0.
+    """
+    if kind == "per_sample":
+        return jnp.mean(jax.scipy.special.xlogy(probs, probs))
+    if kind == "class_balance":
+        pbar = jnp.mean(probs, axis=0)
+        return jnp.sum(jax.scipy.special.xlogy(pbar, pbar))
+    if kind == "none":
+        return jnp.zeros((), probs.dtype)
+    raise ValueError(f"info_loss must be one of {INFO_LOSSES}, got {kind!r}")
+
+
+def make_generator(cfg, image_shape: Sequence[int], *, key: Any = 0, head: Optional[str] = None,
+                   conv_impl: Optional[str] = None):
+    """The DCGAN generator for ``image_shape`` (square, side a multiple of 4) and its functional view.
+
+    Its initialisation is redone from a key whenever it is used (``functional.init``), so the
+    module is shared between calls with the same settings (and an int ``key``).
+
+    Returns:
+      ``(module, functional_model)``. IDEAL's ``gen_head="bn_sigmoid"`` builds the ``tanh_bn``
+      module and applies the sigmoid to its pre-activation output.
+    """
+    from dfml_jax.models import create_model, functional, get_default_conv_impl
+
+    conv_impl = conv_impl or get_default_conv_impl()
+    h, w, c = image_shape
+    if h != w or h % 4:
+        raise ValueError(f"the DCGAN generator makes square images with a side that is a multiple of "
+                         f"4; the API expects {tuple(image_shape)}")
+    head = head or ("tanh_bn" if getattr(cfg, "gen_head", "sigmoid") == "bn_sigmoid" else "sigmoid")
+
+    def build():
+        gen = create_model("dcgan", nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c, head=head,
+                           conv_impl=conv_impl, rngs_or_key=key)
+        return gen, functional(gen)
+
+    if isinstance(key, int):
+        return memoize_builder("generator", (), (cfg.nz, cfg.ngf, h, c, head, key, conv_impl),
+                               build)
+    return build()
+
+
+def _gen_images(gen_fm, cfg, params, z):
+    if cfg.gen_head == "bn_sigmoid":
+        return jax.nn.sigmoid(gen_fm.apply_batchstats(params, z, pre_activation=True))
+    return gen_fm.apply_batchstats(params, z)
+
+
+def make_generation_phase(student_fm, gen_fm, cfg: IDEALConfig, num_classes: int,
+                          image_shape: Sequence[int]) -> Callable:
+    """Jitted ``phase(student_params, student_bn, key) -> (best_x, best_loss, losses)``.
+
+    One IDEAL data-generation stage as a single ``lax.scan`` over ``g_steps``: generator
+    re-initialised from ``key``, fresh Adam, fixed latents and targets, the student frozen in eval
+    mode; the carry holds ``(generator params, Adam state, best images, best loss)``. Makes no
+    teacher query (it has no access to the API at all).
+    """
+    image_shape = tuple(image_shape)
+    relevant = tuple(getattr(cfg, f) for f in _GENERATION_FIELDS)
+    return memoize_builder("ideal_generation", (student_fm.apply, gen_fm.apply),
+                           (relevant, num_classes, image_shape),
+                           lambda: _build_generation_phase(student_fm, gen_fm, cfg, num_classes,
+                                                           image_shape))
+
+
+def _build_generation_phase(student_fm, gen_fm, cfg, num_classes, image_shape):
+    b, k = cfg.batch_size, num_classes
+    tx = optax.adam(cfg.lr_g, b1=cfg.betas_g[0], b2=cfg.betas_g[1])
+
+    @jax.jit
+    def phase(student_params, student_bn, key):
+        kinit, kz, ky, ksteps = jax.random.split(key, 4)
+        gparams, _ = gen_fm.init(kinit)
+        opt_state = tx.init(gparams)
+        z = jax.random.normal(kz, (b, cfg.nz), jnp.float32)
+        if cfg.targets == "balanced":
+            y = jnp.arange(b, dtype=jnp.int32) % k
+        else:
+            y = jax.random.randint(ky, (b,), 0, k, jnp.int32)
+
+        def loss_fn(gp, key):
+            x = _gen_images(gen_fm, cfg, gp, z)
+            xa = augment_images(x, key, cfg.gen_augment, cfg.aug_pad)
+            logits, _ = student_fm.apply(student_params, student_bn, xa, train=False)
+            loss = cross_entropy(logits, y) + cfg.info_weight * info_loss(
+                jax.nn.softmax(logits, axis=-1), cfg.info_loss)
+            return loss, x
+
+        def step(carry, key):
+            gp, os_, best_x, best_l = carry
+            (loss, x), grads = jax.value_and_grad(loss_fn, has_aux=True)(gp, key)
+            better = loss < best_l
+            best_x = jnp.where(better, x, best_x)
+            best_l = jnp.where(better, loss, best_l)
+            updates, os_ = tx.update(grads, os_, gp)
+            return (optax.apply_updates(gp, updates), os_, best_x, best_l), loss
+
+        carry = (gparams, opt_state, jnp.zeros((b,) + image_shape, jnp.float32),
+                 jnp.asarray(jnp.inf, jnp.float32))
+        (_, _, best_x, best_l), losses = jax.lax.scan(step, carry,
+                                                      jax.random.split(ksteps, cfg.g_steps))
+        return best_x, best_l, losses
+
+    return phase
+
+
+@dataclasses.dataclass
+class PoolRunResult:
+    """Outcome of :func:`run_pool_distillation`.
+
+    Attributes:
+      curve: evaluated points: dicts with round, queries, pool_size, val_acc, test_acc, loss, ...
+      queries: samples charged by the API's ledger over the whole run (resumes included).
+      rounds: rounds completed.
+      stopped: why the run ended: ``"budget"``, ``"rounds"`` or ``"interrupted"`` (``max_rounds``).
+      finished: False only when interrupted by ``max_rounds``.
+      params, bn: the final student.
+      class_histogram: counts of the teacher's labels in the pool.
+      seconds: wall time of this call.
+    """
+
+    curve: List[Dict[str, Any]]
+    queries: int
+    rounds: int
+    stopped: str
+    finished: bool
+    params: Any
+    bn: Any
+    class_histogram: List[int]
+    seconds: float
+
+    def summary(self) -> Dict[str, Any]:
+        return {"curve": self.curve, "queries": self.queries, "rounds": self.rounds,
+                "stopped": self.stopped, "finished": self.finished,
+                "class_histogram": self.class_histogram, "seconds": self.seconds}
+
+
+def _round_key(seed: int, r: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), r)
+
+
+def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, seed: int,
+                          evaluator: Optional[Evaluator] = None, workdir: Optional[str] = None,
+                          max_rounds: Optional[int] = None, eval_budgets: Sequence[int] = (),
+                          progress: bool = False, name: str = "IDEAL",
+                          generator: Any = None) -> PoolRunResult:
+    """Runs IDEAL (``cfg.synth="generator"``) or NaiveKD (``"noise"``) against one black-box API.
+
+    Args:
+      api: the teacher. Hard labels (``output="label"``) are enough; with ``cfg.soft_labels`` it
+        must return scores. Its budget (if any) bounds the run: a round is bought only if the
+        budget covers all of its ``B`` queries, otherwise the run stops cleanly.
+      student_fm: the student's :class:`~dfml_jax.models.FunctionalModel` (initialised from
+        ``seed``).
+      cfg: :class:`IDEALConfig`.
+      seed: PRNG seed (the whole run is a deterministic function of it).
+      evaluator: validation/test accuracy (BatchNorm eval mode); None: no curve.
+      workdir: directory for checkpoints and the on-disk label cache; rerunning with the same
+        directory resumes (and re-buys nothing). None: in memory only.
+      max_rounds: stop (unfinished) after this many rounds in total, e.g. to simulate a kill.
+      eval_budgets: query counts at which the student must be evaluated (the last round within
+        each budget is always evaluated, for per-budget model selection).
+      progress: show a tqdm bar.
+      name: label for the progress bar and errors.
+      generator: optional ``(module, functional)`` generator (default: :func:`make_generator`).
+
+    Returns:
+      :class:`PoolRunResult`.
+    """
+    t0 = time.perf_counter()
+    k = api.num_classes
+    cfg.validate(k)
+    if cfg.soft_labels:
+        api.require_output(("probs", "logits"), f"{name} with soft labels")
+    else:
+        api.require_output(("label", "probs", "logits", "topk"), name)
+    image_shape = api.input_shape
+    b = cfg.batch_size
+    sb = cfg.student_batch or b
+    tx = torch_sgd(cfg.lr_s, cfg.momentum_s, cfg.weight_decay_s)
+    targets_kind = "soft" if cfg.soft_labels else "hard"
+    pool_pass = make_pool_pass(student_fm, tx, batch_size=sb, augment=cfg.distill_augment,
+                               pad=cfg.aug_pad, targets_kind=targets_kind,
+                               max_batches=cfg.max_student_batches)
+    phase = None
+    if cfg.synth == "generator":
+        gen_fm = (generator or make_generator(cfg, image_shape))[1]
+        phase = make_generation_phase(student_fm, gen_fm, cfg, k, image_shape)
+
+    base = jax.random.key(seed)
+    state = init_student(student_fm, tx, jax.random.fold_in(base, 0))
+    max_samples = None
+    if api.remaining is not None:
+        max_samples = (api.queries + api.remaining) // b * b
+    if cfg.rounds is not None:
+        n_gen = cfg.rounds if cfg.stop_gen is None else min(cfg.rounds, cfg.stop_gen)
+        max_samples = n_gen * b if max_samples is None else min(max_samples, n_gen * b)
+    init_cap = max(b, min(max_samples or 16 * b, 64 * b))
+    init_cap = 1 << (init_cap - 1).bit_length()     # powers of two: compiled shapes recur
+    pool = PoolStore(image_shape, (k,) if cfg.soft_labels else (), quantize=cfg.quantize,
+                     directory=os.path.join(workdir, "pool") if workdir else None,
+                     initial_capacity=init_cap)
+
+    curve: List[Dict[str, Any]] = []
+    start = 0
+    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints")) if workdir else None
+    if ckpt is not None:
+        restored = ckpt.restore_latest({"student": state})
+        if restored is not None:
+            step, arrays, meta = restored
+            state = StudentState(*uncommitted(arrays["student"]))
+            curve = meta["curve"]
+            pool.reload(meta["pool_rounds"])
+            api.ledger.load_state_dict(meta["ledger"])
+            start = step + 1
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = cfg.rounds if cfg.rounds is not None else (
+            (max_samples // b) if max_samples is not None else None)
+        bar = tqdm(total=total, initial=start, desc=name, unit="round", leave=True)
+
+    budgets = sorted(int(x) for x in eval_budgets)
+    stopped, r = "rounds", start
+    last_eval_round = curve[-1]["round"] - 1 if curve else -1
+    try:
+        while True:
+            if cfg.rounds is not None and r >= cfg.rounds:
+                stopped = "rounds"
+                break
+            if max_rounds is not None and r >= max_rounds:
+                stopped = "interrupted"
+                break
+            gen_round = cfg.stop_gen is None or r < cfg.stop_gen
+            key = _round_key(seed, r)
+            kgen, kpass = jax.random.split(key)
+            gen_loss = float("nan")
+            if gen_round:
+                cached = pool.cached_round(r)
+                if cached is not None:          # bought before a kill: never re-query
+                    x_st, answers, answered = cached
+                    led = api.ledger.state_dict()
+                    led["answered"] = answered
+                    api.ledger.load_state_dict(led)
+                else:
+                    if api.remaining is not None and api.remaining < b:
+                        stopped = "budget"
+                        break
+                    if phase is not None:
+                        x, best_l, _ = phase(state.params, state.bn, kgen)
+                        gen_loss = float(best_l)
+                    else:
+                        x = jax.random.uniform(kgen, (b,) + tuple(image_shape), jnp.float32)
+                    x_st = pool.prepare(x)
+                    try:
+                        with api.reserve(b), surface_api_errors():
+                            out = api(jax.lax.stop_gradient(dequantize(x_st)))
+                    except QueryBudgetExceeded:
+                        stopped = "budget"
+                        break
+                    if cfg.soft_labels:
+                        answers = teacher_probs(out, api.output, k)
+                    elif api.output == "label":
+                        answers = out
+                    else:
+                        answers = jnp.argmax(out, axis=-1).astype(jnp.int32)
+                    answered = api.queries
+                pool.append(r, x_st, answers, answered)
+            state, loss, nsteps = pool_pass(state, pool.x, pool.y, jnp.int32(pool.size), kpass)
+            # Evaluate on schedule, at budget crossings and at the end of the run.
+            q = api.queries
+            next_unaffordable = (
+                (cfg.rounds is not None and r + 1 >= cfg.rounds)
+                or (api.remaining is not None and api.remaining < b and
+                    (cfg.stop_gen is None or r + 1 < cfg.stop_gen)))
+            crosses = any(q <= bud < q + b for bud in budgets)
+            point = None
+            if evaluator is not None and ((r + 1) % cfg.eval_every == 0 or crosses
+                                          or next_unaffordable or r == 0):
+                point = {"round": r + 1, "queries": q, "pool_size": pool.size,
+                         "loss": float(loss), "gen_loss": gen_loss, "student_steps": int(nsteps)}
+                point.update(evaluator(state.params, state.bn))
+                curve.append(point)
+                last_eval_round = r
+            if ckpt is not None and ((r + 1) % cfg.checkpoint_every == 0 or point is not None
+                                     or next_unaffordable):
+                ckpt.save(r, {"student": state}, {
+                    "curve": curve, "pool_rounds": pool.rounds,
+                    "ledger": api.ledger.state_dict(), "config": config_dict(cfg)})
+            if bar is not None:
+                post = {"queries": q}
+                if point is not None:
+                    post["val"] = f"{point.get('val_acc', float('nan')):.3f}"
+                    post["test"] = f"{point.get('test_acc', float('nan')):.3f}"
+                bar.set_postfix(post)
+                bar.update(1)
+            r += 1
+    finally:
+        if bar is not None:
+            bar.close()
+        if ckpt is not None:
+            ckpt.close()
+    # The last completed round is always evaluated (a budget stop found out only now).
+    if evaluator is not None and r > 0 and last_eval_round != r - 1 and stopped != "interrupted":
+        point = {"round": r, "queries": api.queries, "pool_size": pool.size, "loss": float("nan"),
+                 "gen_loss": float("nan"), "student_steps": 0}
+        point.update(evaluator(state.params, state.bn))
+        curve.append(point)
+    result = PoolRunResult(curve=curve, queries=api.queries, rounds=r, stopped=stopped,
+                           finished=stopped != "interrupted", params=state.params, bn=state.bn,
+                           class_histogram=pool.class_histogram(k),
+                           seconds=time.perf_counter() - t0)
+    if workdir and result.finished:
+        atomic_write_json(os.path.join(workdir, "result.json"),
+                          {**result.summary(), "config": config_dict(cfg), "seed": seed,
+                           "method": name})
+    return result
