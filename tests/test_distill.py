@@ -1,0 +1,307 @@
+"""IDEAL / DFME / NaiveKD: query accounting, label cache, budgets, resume, and the smoke run.
+
+Tiny sizes (8x8 digits, MLP students, a random linear teacher) so the module runs in about a
+minute on a loaded 2-core CPU; compiled steps are shared between runs that reuse the same model
+and API objects (``dfml_jax.distill.common.memoize_builder``).
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.distill import (DFMEConfig, Evaluator, IDEALConfig, cost_per_iteration, info_loss,
+                              make_dfme_iteration, make_generation_phase, make_generator,
+                              random_crop_flip, run_dfme, run_naive_kd, run_pool_distillation,
+                              select_within_budget, split_validation, torch_sgd)
+from dfml_jax.distill.common import PoolStore, dequantize, init_student
+from dfml_jax.distill.dfme import init_dfme_state
+from dfml_jax.models import create_model, functional
+
+SHAPE = (8, 8, 1)
+K = 10
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[..., None]
+    y = d.target.astype(np.int32)
+    return x[:200], y[:200]
+
+
+@pytest.fixture(scope="module")
+def teacher_w():
+    return np.random.default_rng(0).normal(size=(64, K)).astype(np.float32) * 3.0
+
+
+class Recorder:
+    """Host teacher that records every batch it answers."""
+
+    def __init__(self, w):
+        self.w, self.batches = w, []
+
+    def __call__(self, x):
+        self.batches.append(np.array(x))
+        return x.reshape(len(x), -1) @ self.w
+
+    @property
+    def rows(self):
+        return np.concatenate(self.batches) if self.batches else np.zeros((0,) + SHAPE)
+
+
+@pytest.fixture(scope="module")
+def student():
+    return functional(create_model("mlp", num_classes=K, input_shape=SHAPE, hidden=(32,),
+                                   rngs_or_key=0))
+
+
+@pytest.fixture(scope="module")
+def evaluator(student, digits):
+    x, y = digits
+    return Evaluator(student, {"val": (x[:100], y[:100]), "test": (x[100:], y[100:])})
+
+
+IDEAL_CFG = IDEALConfig(batch_size=20, g_steps=4, nz=8, ngf=4, aug_pad=1, lr_s=0.05,
+                        distill_augment="crop", checkpoint_every=1, eval_every=1)
+
+
+def _pool_images(workdir):
+    files = sorted(f for f in os.listdir(os.path.join(workdir, "pool")) if f.endswith(".npz"))
+    return np.concatenate([np.load(os.path.join(workdir, "pool", f))["x"] for f in files])
+
+
+# ----------------------------------------------------------------------------- units
+def test_info_loss_forms():
+    p = jax.nn.softmax(jax.random.normal(jax.random.key(0), (6, K)), -1)
+    ent = -jnp.sum(p * jnp.log(p), -1)
+    np.testing.assert_allclose(info_loss(p, "per_sample"), -jnp.mean(ent) / K, rtol=1e-5)
+    uniform = jnp.eye(K)                        # one-hot rows, balanced over the batch
+    np.testing.assert_allclose(info_loss(uniform, "class_balance"), -np.log(K), rtol=1e-5)
+    assert float(info_loss(p, "none")) == 0.0
+    with pytest.raises(ValueError, match="info_loss"):
+        info_loss(p, "dafl")
+
+
+def test_crop_flip_is_per_sample_shift():
+    x = jnp.broadcast_to(jnp.arange(64.0).reshape(1, 8, 8, 1), (16, 8, 8, 1))
+    y = np.asarray(random_crop_flip(x, jax.random.key(3), pad=2))
+    assert len({a.tobytes() for a in y}) > 1          # different draws per image
+    centre = np.asarray(x[0, 2:6, 2:6, 0])
+    for a in y:                                        # every output is a shifted (flipped) copy
+        found = any(np.array_equal(np.asarray(a[2 + dy:6 + dy, 2 + dx:6 + dx, 0]), c)
+                    for c in (centre, centre[:, ::-1]) for dy in (-2, -1, 0, 1, 2)
+                    for dx in (-2, -1, 0, 1, 2))
+        assert found
+
+
+def test_selection_within_budget_uses_validation():
+    curve = [{"queries": 100, "val_acc": 0.5, "test_acc": 0.9},
+             {"queries": 200, "val_acc": 0.7, "test_acc": 0.6},
+             {"queries": 300, "val_acc": 0.7, "test_acc": 0.65},
+             {"queries": 400, "val_acc": 0.9, "test_acc": 0.95}]
+    sel = select_within_budget(curve, 300)
+    assert sel["selected"]["queries"] == 300          # best validation, ties -> later
+    assert sel["final"]["queries"] == 300
+    assert sel["best_on_test"] == 0.9                  # the papers' protocol, reported apart
+    assert select_within_budget(curve, 50) is None
+
+
+def test_split_validation_is_stratified(digits):
+    x, y = digits
+    xf, yf, xv, yv = split_validation(x, y, 50, seed=0)
+    assert len(xv) == 50 and len(xf) == 150
+    assert np.bincount(yv, minlength=K).max() - np.bincount(yv, minlength=K).min() <= 2
+    assert not set(map(bytes, xv)) & set(map(bytes, xf))
+
+
+def test_pool_store_grows_and_quantises(tmp_path):
+    pool = PoolStore(SHAPE, (), directory=str(tmp_path), initial_capacity=4)
+    x = jax.random.uniform(jax.random.key(0), (5,) + SHAPE)
+    pool.append(0, pool.prepare(x), np.arange(5), 5)
+    assert pool.size == 5 and pool.capacity == 8 and pool.x.dtype == jnp.uint8
+    np.testing.assert_allclose(dequantize(pool.x[:5]), x, atol=0.5 / 255 + 1e-6)
+    assert pool.cached_round(0)[2] == 5 and pool.cached_round(1) is None
+
+
+# ----------------------------------------------------------------------------- IDEAL
+def test_generation_phase_makes_no_teacher_query(student, teacher_w):
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label")
+    gen = make_generator(IDEAL_CFG, SHAPE)
+    phase = make_generation_phase(student, gen[1], IDEAL_CFG, K, SHAPE)
+    st = init_student(student, torch_sgd(0.01), jax.random.key(0))
+    x1, best, losses = phase(st.params, st.bn, jax.random.key(1))
+    x2, _, _ = phase(st.params, st.bn, jax.random.key(1))
+    assert api.queries == 0 and api.host_calls == 0 and not rec.batches
+    assert x1.shape == (IDEAL_CFG.batch_size,) + SHAPE
+    assert float(jnp.min(x1)) >= 0.0 and float(jnp.max(x1)) <= 1.0
+    np.testing.assert_array_equal(x1, x2)      # re-initialised from the key: same key, same batch
+    assert float(best) == pytest.approx(float(jnp.min(losses)))
+
+
+def test_ideal_label_cache_queries_each_sample_once_and_budget_stops(student, teacher_w,
+                                                                     evaluator, tmp_path):
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=90)  # 4 rounds of 20 fit
+    res = run_pool_distillation(api, student, IDEAL_CFG, seed=0, evaluator=evaluator,
+                                workdir=str(tmp_path), eval_budgets=(40,))
+    assert res.stopped == "budget" and res.rounds == 4 and res.finished
+    assert api.queries == 80 == res.queries                     # Q = B * E
+    assert [len(b) for b in rec.batches] == [20, 20, 20, 20]    # one query per new sample
+    np.testing.assert_array_equal(rec.rows, np.asarray(dequantize(jnp.asarray(
+        _pool_images(tmp_path)))))                              # exactly the pool, in order
+    assert len({r.tobytes() for r in rec.rows}) == 80           # no sample queried twice
+    saved = json.load(open(tmp_path / "result.json"))
+    assert saved["stopped"] == "budget" and saved["queries"] == 80
+    assert [p["queries"] for p in saved["curve"]] == [20, 40, 60, 80]
+    assert sum(res.class_histogram) == 80
+    # Rerunning the finished run re-buys nothing.
+    rec2 = Recorder(teacher_w)
+    api2 = BlackBoxAPI.from_host(rec2, SHAPE, K, output="label", budget=90)
+    again = run_pool_distillation(api2, student, IDEAL_CFG, seed=0, evaluator=evaluator,
+                                  workdir=str(tmp_path))
+    assert not rec2.batches and again.queries == 80 and again.curve == res.curve
+
+
+def test_ideal_resume_equals_uninterrupted(student, teacher_w, tmp_path):
+    cfg = dataclasses.replace(IDEAL_CFG, checkpoint_every=2)
+    api_a = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output="label", budget=100)
+    full = run_pool_distillation(api_a, student, cfg, seed=1, workdir=str(tmp_path / "a"))
+    # "Kill" after 3 rounds: round 2 is bought and logged but not checkpointed (every 2 rounds).
+    rec_b = Recorder(teacher_w)
+    api_b = BlackBoxAPI.from_host(rec_b, SHAPE, K, output="label", budget=100)
+    part = run_pool_distillation(api_b, student, cfg, seed=1, workdir=str(tmp_path / "b"),
+                                 max_rounds=3)
+    assert not part.finished and api_b.queries == 60
+    rec_c = Recorder(teacher_w)                               # a new process: fresh API object
+    api_c = BlackBoxAPI.from_host(rec_c, SHAPE, K, output="label", budget=100)
+    resumed = run_pool_distillation(api_c, student, cfg, seed=1, workdir=str(tmp_path / "b"))
+    assert len(rec_b.rows) + len(rec_c.rows) == 100           # nothing bought twice
+    assert resumed.queries == full.queries == 100 and resumed.rounds == full.rounds == 5
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+
+
+def test_naive_kd_labels_noise(student, teacher_w):
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=100)
+    res = run_naive_kd(api, student, IDEAL_CFG, seed=0)
+    assert res.queries == 100 and len(rec.rows) == 100 and res.stopped == "budget"
+    assert float(rec.rows.std()) > 0.2                       # uniform noise, not a generator
+
+
+def test_ideal_soft_label_variant(student, teacher_w, tmp_path):
+    api = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output="probs", budget=40)
+    cfg = dataclasses.replace(IDEAL_CFG, soft_labels=True)
+    res = run_pool_distillation(api, student, cfg, seed=0, workdir=str(tmp_path))
+    assert res.queries == 40 and res.stopped == "budget"
+    y = np.concatenate([np.load(tmp_path / "pool" / f)["y"]
+                        for f in sorted(os.listdir(tmp_path / "pool"))])
+    assert y.shape == (40, K)
+    np.testing.assert_allclose(y.sum(-1), 1.0, rtol=1e-5)   # cached probabilities
+    hard = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output="label", budget=40)
+    with pytest.raises(ValueError, match="soft labels"):
+        run_pool_distillation(hard, student, cfg, seed=0)
+
+
+def test_ideal_rejects_unbalanced_batch(student, teacher_w):
+    api = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output="label")
+    with pytest.raises(ValueError, match="multiple of the number of classes"):
+        run_pool_distillation(api, student, IDEALConfig(batch_size=25), seed=0)
+
+
+# ----------------------------------------------------------------------------- DFME
+def test_dfme_refuses_hard_label_api(student, teacher_w):
+    for output in ("label", "topk"):
+        api = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output=output,
+                                    k=3 if output == "topk" else None, budget=1000)
+        with pytest.raises(ValueError, match=r"DFME cannot work .* use IDEAL"):
+            run_dfme(api, student, DFMEConfig(batch_size=8), seed=0)
+        assert api.queries == 0
+
+
+@pytest.fixture(scope="module")
+def soft_api(teacher_w):
+    w = jnp.asarray(teacher_w)
+    cost = cost_per_iteration(DFME_CFG)
+    return BlackBoxAPI.from_jax(lambda x: x.reshape(len(x), -1) @ w, SHAPE, K, output="probs",
+                                budget=2 * cost + cost - 1, name="soft-teacher")
+
+
+DFME_CFG = DFMEConfig(batch_size=8, nz=8, ngf=4, eval_every=1, checkpoint_every=1)
+
+
+def test_dfme_query_formula_other_estimator(student, teacher_w):
+    w = jnp.asarray(teacher_w)
+    api = BlackBoxAPI.from_jax(lambda x: x.reshape(len(x), -1) @ w, SHAPE, K, output="logits")
+    cfg = DFMEConfig(batch_size=8, nz=8, ngf=4, grad_m=2, d_iter=2, estimator="gaussian-central")
+    assert cost_per_iteration(cfg) == 8 * 2 * 2 + 2 * 8
+    gen = make_generator(cfg, SHAPE, head="tanh_bn")
+    it = make_dfme_iteration(api, student, gen[1], cfg, 10)
+    state = init_dfme_state(student, gen[1], cfg, 10, jax.random.key(0))
+    state, metrics = it(state, jax.random.key(1))
+    jax.block_until_ready(state)
+    assert api.queries == cost_per_iteration(cfg)
+    assert np.isfinite(float(metrics["loss_S"]))
+
+
+def test_dfme_query_count_budget_stop_and_resume(student, soft_api, evaluator, tmp_path):
+    assert cost_per_iteration(DFMEConfig()) == 256 * (1 * (1 + 1) + 5) == 1792
+    cost = cost_per_iteration(DFME_CFG)
+    assert cost == 8 * (1 * (1 + 1) + 5)
+    soft_api.ledger.load_state_dict({"answered": 0})
+    full = run_dfme(soft_api, student, DFME_CFG, seed=2, evaluator=evaluator,
+                    workdir=str(tmp_path / "a"))
+    # The budget (3 * cost - 1) buys 2 iterations; the run stops cleanly with its results saved.
+    assert full.stopped == "budget" and full.iterations == 2 and full.finished
+    assert [p["queries"] for p in full.curve] == [cost, 2 * cost] and soft_api.queries == 2 * cost
+    saved = json.load(open(tmp_path / "a" / "result.json"))
+    assert saved["queries"] == 2 * cost and saved["cost_per_iteration"] == cost
+    # Kill after one iteration, resume in a "new process" (ledger back at zero).
+    soft_api.ledger.load_state_dict({"answered": 0})
+    part = run_dfme(soft_api, student, DFME_CFG, seed=2, evaluator=evaluator,
+                    workdir=str(tmp_path / "b"), max_iterations=1)
+    assert not part.finished and soft_api.queries == cost
+    soft_api.ledger.load_state_dict({"answered": 0})
+    resumed = run_dfme(soft_api, student, DFME_CFG, seed=2, evaluator=evaluator,
+                       workdir=str(tmp_path / "b"))
+    assert resumed.queries == full.queries == 2 * cost and resumed.requeried == 0
+    assert resumed.curve == full.curve
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+
+
+# ----------------------------------------------------------------------------- smoke run
+def test_smoke_run_end_to_end(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import distill
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    argv = ["--config", "smoke", "--workdir", str(tmp_path), "--no-progress"]
+    distill.main(argv)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # CPU time of this process (load-independent; wall time on a machine shared with other jobs
+    # can be several times larger) must stay under the 2-minute smoke budget.
+    assert cpu < 120, f"smoke run used {cpu:.0f}s of CPU ({wall:.0f}s wall)"
+    for f in ("results.json", "results.md", "accuracy_vs_queries.png", "DONE", "config.json"):
+        assert (tmp_path / f).exists(), f
+    out = json.load(open(tmp_path / "results.json"))
+    methods = {(r["method"], r["budget"]) for r in out["rows"]}
+    assert {("IDEAL", 300), ("IDEAL", 600), ("NaiveKD", 600), ("DFME", 600)} <= methods
+    for r in out["rows"]:
+        if r["budget"] != "-":
+            assert r["queries"] <= r["budget"] and 0 <= r["test_acc"] <= 100
+    assert out["runs"]["ideal"]["queries"] == 600 and out["runs"]["dfme@600"]["queries"] == 560
+    # A finished experiment is not redone.
+    t1 = time.perf_counter()
+    again = distill.main(argv)
+    assert again["done"] and time.perf_counter() - t1 < 10
+    with pytest.raises(ValueError, match="different config"):
+        distill.main(argv + ["--seed", "5"])
