@@ -465,23 +465,25 @@ class TeacherServer:
                     self._replay[key] = (rbody, rheaders)
                     while len(self._replay) > _REPLAY_ENTRIES:
                         self._replay.popitem(last=False)
-            if self.corrupt == "truncate":
-                h.send_response(200)
-                for k, v in rheaders.items():
-                    h.send_header(k, v)
-                h.send_header("Content-Length", str(len(rbody)))
-                h.send_header("Connection", "close")
-                h.close_connection = True
-                h.end_headers()
-                h.wfile.write(rbody[: len(rbody) // 2])
-                return
-            self._send(h, 200, rbody, rheaders)
+            self._send_answer(h, rbody, rheaders)
         finally:
             if key:
                 with self._lock:
                     ev = self._inflight.pop(key, None)
                 if ev is not None:
                     ev.set()
+
+    def _send_answer(self, h, body: bytes, headers: Dict[str, str]) -> None:
+        if self.corrupt != "truncate":
+            return self._send(h, 200, body, headers)
+        h.send_response(200)             # announce the whole body, send half, hang up
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.send_header("Connection", "close")
+        h.close_connection = True
+        h.end_headers()
+        h.wfile.write(body[: len(body) // 2])
 
     def _replay_if_known(self, h, key: str) -> bool:
         """Answer a repeated Idempotency-Key from the replay cache (waiting for an in-flight one).
@@ -500,7 +502,7 @@ class TeacherServer:
                 else:
                     self._counts["replayed_requests"] += 1
             if hit is not None:
-                self._send(h, 200, hit[0], {**hit[1], "X-Idempotent-Replay": "1"})
+                self._send_answer(h, hit[0], {**hit[1], "X-Idempotent-Replay": "1"})
                 return True
             if not ev.wait(max(0.0, deadline - time.monotonic())):
                 return False  # the first attempt never finished: answer this one afresh
@@ -570,8 +572,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f.write(str(srv.port))
         os.replace(tmp, a.port_file)
 
-    def _terminate(*_):
-        raise SystemExit(0)
+    def _terminate(*_):          # SIGTERM: stop like Ctrl-C (prints the final stats)
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
     print(f"dfml_jax.serve: serving '{srv.name}' (output={srv.output}, max_batch={srv.max_batch}, "

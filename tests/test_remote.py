@@ -1,0 +1,331 @@
+"""Remote black-box APIs over HTTP (dfml_jax.serve + BlackBoxAPI.from_http): answers, counting,
+retries under seeded failures, the pending-answer cache across a server crash, and clear errors
+for wrong keys, oversize requests, malformed answers and timeouts.
+
+Servers run on 127.0.0.1 with ephemeral ports (threads, one subprocess for the CLI) and are always
+stopped by fixture finalizers. Teachers are small NumPy linear maps (no compile on the server).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfml_jax.blackbox import BlackBoxAPI, BlackBoxError, surface_api_errors
+from dfml_jax.remote import (RemoteAuthError, RemoteProtocolError, RemoteRequestTooLarge, RemoteUnavailable, decode_array, encode_array)
+from dfml_jax.serve import TeacherServer, make_linear_teacher
+
+SHAPE = (4, 4, 1)
+K = 5
+TEACHER = make_linear_teacher(SHAPE, K, seed=3)
+FAST = dict(backoff=0.002, max_backoff=0.02, timeout=5.0)
+
+
+def batch(n, seed=0):
+    return np.random.default_rng(seed).random((n,) + SHAPE, dtype=np.float32)
+
+
+@pytest.fixture
+def serve(request):
+    """Factory: start a TeacherServer in a thread; every server and client is closed at the end."""
+    started, clients = [], []
+
+    def make(fn=TEACHER, shape=SHAPE, k=K, **kw):
+        srv = TeacherServer(fn, shape, k, **kw).start()
+        started.append(srv)
+        return srv
+
+    def track(api):
+        clients.append(api.remote)
+        return api
+
+    def finish():
+        for c in clients:
+            c.close()
+        for s in started:
+            s.stop()
+
+    request.addfinalizer(finish)
+    make.track = track
+    return make
+
+
+def remote(serve, srv, **kw):
+    return serve.track(BlackBoxAPI.from_http(srv.url, SHAPE, K, **{**FAST, **kw}))
+
+
+# ----------------------------------------------------------------------------- wire format
+def test_wire_format_roundtrip_and_length_check():
+    for a in (batch(3), np.arange(6, dtype=np.int32)):
+        body, headers = encode_array(a)
+        b = decode_array(body, headers)
+        assert b.dtype == a.dtype and np.array_equal(a, b)
+    body, headers = encode_array(batch(2))
+    assert headers["X-Array-Shape"] == "2,4,4,1" and headers["X-Array-Dtype"] == "float32"
+    with pytest.raises(ValueError, match="truncated"):
+        decode_array(body[:-4], headers)
+    with pytest.raises(ValueError, match="X-Array-Dtype"):
+        decode_array(body, {**headers, "X-Array-Dtype": "float64"})
+
+
+# ----------------------------------------------------------------------------- answers, counting
+@pytest.mark.parametrize("server_out,api_out,k", [("logits", "logits", None), ("logits", "topk", 2),
+                                                  ("probs", "probs", None), ("label", "label", None)])
+def test_answers_match_local_api_and_chunks_are_counted(serve, server_out, api_out, k):
+    srv = serve(output=server_out, max_batch=8)
+    api = remote(serve, srv, output=api_out, k=k, concurrency=3)
+    local = BlackBoxAPI.from_host(TEACHER, SHAPE, K, output=api_out, k=k)
+    x = batch(37)
+    out = api(x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(local(x)), rtol=1e-5, atol=1e-6)
+    assert out.dtype == local(x).dtype
+    st = srv.stats()
+    assert api.queries == 37 == st["answered_samples"]
+    assert st["answered_requests"] == 5                       # 8+8+8+8+5
+    assert api.host_calls == 1                                 # one ledger charge per query
+
+
+def test_jit_vmap_scan_count_matches_server(serve):
+    srv = serve(output="probs", max_batch=16)
+    api = remote(serve, srv)
+    x = jnp.asarray(batch(24).reshape(3, 8, *SHAPE))
+    jax.jit(jax.vmap(api))(x).block_until_ready()             # ONE host call, 24 samples
+
+    def body(c, xi):
+        return c + api(xi).sum(), None
+
+    jax.jit(lambda xs: jax.lax.scan(body, 0.0, xs)[0])(x).block_until_ready()  # 3 calls of 8
+    assert api.queries == 48 == srv.stats()["answered_samples"]
+    assert api.host_calls == 4
+
+
+def test_info_json_clients_and_output_rules(serve):
+    srv = serve(output="label", max_batch=4, api_key="k1", metadata={"classes": [3, 1, 4, 1, 5]})
+    with urllib.request.urlopen(srv.url + "/healthz", timeout=5) as r:     # open without key
+        assert json.load(r)["ok"]
+    req = urllib.request.Request(srv.url + "/v1/predict", method="POST",
+                                 data=json.dumps({"inputs": batch(3).tolist()}).encode(),
+                                 headers={"Content-Type": "application/json", "X-API-Key": "k1"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        labels = json.load(r)["outputs"]
+    assert labels == TEACHER(batch(3)).argmax(1).tolist()
+    api = remote(serve, srv, api_key="k1")                     # adopts the server's mode
+    assert api.output == "label" and api.remote.info()["classes"] == [3, 1, 4, 1, 5]
+    with pytest.raises(ValueError, match="reveal"):
+        BlackBoxAPI.from_http(srv.url, SHAPE, K, output="probs", api_key="k1", **FAST)
+    with pytest.raises(ValueError, match="input_shape"):
+        BlackBoxAPI.from_http(srv.url, (8, 8, 1), K, api_key="k1", **FAST)
+    auto = serve.track(BlackBoxAPI.from_http(srv.url, None, None, api_key="k1", **FAST))
+    assert (auto.input_shape, auto.num_classes) == (SHAPE, K)
+
+
+# ----------------------------------------------------------------------------- faults
+def _expected_failures(seed, rate, successes):
+    """Draws of the server's seeded RNG until `successes` requests got through."""
+    rng, ok, failed = np.random.default_rng(seed), 0, 0
+    while ok < successes:
+        if rng.random() < rate:
+            failed += 1
+        else:
+            ok += 1
+    return failed
+
+
+def test_seeded_5xx_failures_are_retried_invisibly(serve):
+    srv = serve(output="logits", max_batch=8, fail_rate=0.3, seed=11)
+    api = remote(serve, srv, concurrency=4)
+    local = BlackBoxAPI.from_host(TEACHER, SHAPE, K)
+    for i in range(4):
+        x = batch(40, seed=i)
+        np.testing.assert_allclose(np.asarray(api(x)), np.asarray(local(x)), rtol=1e-5)
+    st = srv.stats()
+    assert api.queries == 160 == st["answered_samples"]        # the ledger equals the bill
+    assert st["answered_requests"] == 20
+    assert st["injected_failures"] == _expected_failures(11, 0.3, 20) > 0
+    assert api.remote.counters["retries"] == st["injected_failures"]
+
+
+def test_wrong_or_missing_api_key_is_a_clear_error(serve):
+    srv = serve(api_key="secret")
+    for key in (None, "wrong"):
+        with pytest.raises(RemoteAuthError, match="rejected the API key"):
+            BlackBoxAPI.from_http(srv.url, SHAPE, K, api_key=key, **FAST)
+    api = remote(serve, srv, api_key="secret")
+    api.remote.api_key = "revoked"                            # key rejected in the middle of a run
+    step = jax.jit(lambda x: api(x).sum())
+    with pytest.raises(RemoteAuthError, match="--api-key"), surface_api_errors():
+        step(jnp.asarray(batch(4))).block_until_ready()
+    assert api.queries == 0 and srv.stats()["answered_samples"] == 0
+    assert srv.stats()["rejected_auth"] == 3
+
+
+def test_oversize_request_names_the_server_limit(serve):
+    srv = serve(max_batch=8)
+    api = remote(serve, srv, max_batch=64)                    # client ignores the server's limit
+    with pytest.raises(RemoteRequestTooLarge, match="max_batch=8") as e:
+        api(batch(20))
+    assert e.value.max_batch == 8 and e.value.status == 413
+    assert api.queries == 0 and srv.stats()["answered_samples"] == 0
+    assert srv.stats()["rejected_oversize"] == 1              # not retried
+    ok = remote(serve, srv)                                    # default: the server's limit
+    assert ok(batch(20)).shape == (20, K) and ok.queries == 20
+
+
+@pytest.mark.parametrize("corrupt,match", [("nan", "NaN"), ("shape", "shape"),
+                                           ("truncate", "truncated")])
+def test_malformed_answers_fail_clearly_and_charge_nothing(serve, corrupt, match):
+    srv = serve(output="probs", corrupt=corrupt, max_batch=8)
+    api = remote(serve, srv, max_retries=2, concurrency=1)
+    with pytest.raises(RemoteProtocolError, match=match) as e:
+        api(batch(6))
+    assert api.name in str(e.value) and api.queries == 0
+
+
+def test_label_server_with_impossible_labels(serve):
+    srv = serve(output="label", corrupt="nan")
+    api = remote(serve, srv)
+    with pytest.raises(RemoteProtocolError, match=r"labels outside \[0, 5\)"):
+        api(batch(3))
+
+
+def test_bad_input_and_unknown_endpoint(serve):
+    srv = serve()
+    body, headers = encode_array(batch(2).reshape(2, 16))
+    req = urllib.request.Request(srv.url + "/v1/predict", data=body, headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 400 and "takes (n, 4, 4, 1)" in e.value.read().decode()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(srv.url + "/v2/nothing", timeout=5)
+    assert e.value.code == 404
+    assert srv.stats()["bad_requests"] == 1 and srv.stats()["answered_samples"] == 0
+
+
+def test_timeouts_give_a_clear_error_after_bounded_retries(serve):
+    srv = serve(latency_ms=400)
+    api = remote(serve, srv, timeout=0.05, max_retries=1, backoff=0.01)
+    t0 = time.perf_counter()
+    with pytest.raises(RemoteUnavailable, match=r"timed out.*2 attempts|2 attempts.*timed out"):
+        api(batch(3))
+    assert time.perf_counter() - t0 < 2.0 and api.queries == 0
+
+
+def test_answer_lost_to_a_timeout_is_replayed_not_billed_twice(serve):
+    srv = serve(latency_ms=150)
+    api = remote(serve, srv, timeout=0.1, max_retries=6, backoff=0.02, max_backoff=0.05)
+    out = api(batch(5))
+    st = srv.stats()
+    assert out.shape == (5, K) and api.queries == 5
+    assert st["answered_samples"] == 5 and st["answered_requests"] == 1
+    assert st["replayed_requests"] >= 1 and api.remote.counters["retries"] >= 1
+
+
+def test_server_killed_mid_query_then_retry_rebuys_nothing(serve, tmp_path):
+    holder = {}
+
+    def dying_teacher(x):                 # answers two requests, then the server crashes
+        holder["n"] = holder.get("n", 0) + 1
+        if holder["n"] == 3:
+            holder["srv"].stop()
+            raise RuntimeError("killed")
+        return TEACHER(x)
+
+    srv1 = serve(dying_teacher, max_batch=8, output="logits")
+    holder["srv"] = srv1
+    api1 = remote(serve, srv1, concurrency=1, max_retries=2, cache_dir=str(tmp_path))
+    x = batch(40)
+    with pytest.raises(RemoteUnavailable, match="16 of the query's 40 samples") as e:
+        api1(x)
+    assert e.value.pending_samples == 16 and api1.remote.pending_samples == 16
+    billed1 = srv1.stats()["answered_samples"]
+    assert billed1 == 16 and api1.queries == 0                 # billed, not delivered: uncharged
+    assert len(os.listdir(tmp_path)) == 2                      # the two answered chunks, on disk
+    srv2 = serve(max_batch=8, output="logits")                 # back, on another port
+    api2 = remote(serve, srv2, cache_dir=str(tmp_path))        # e.g. a resumed process
+    np.testing.assert_allclose(np.asarray(api2(x)), TEACHER(x), rtol=1e-5)
+    assert srv2.stats()["answered_samples"] == 24              # only what was missing
+    assert api2.queries == 40 == billed1 + srv2.stats()["answered_samples"]
+    assert os.listdir(tmp_path) == []                          # delivered: cache emptied
+    api2(x)                                                    # a new query is a new purchase
+    assert srv2.stats()["answered_samples"] == 64 and api2.queries == 80
+
+
+def test_unreachable_server(serve):
+    srv = serve()
+    url = srv.url
+    srv.stop()
+    with pytest.raises(RemoteUnavailable, match="could not connect.*healthz"):
+        BlackBoxAPI.from_http(url, SHAPE, K, max_retries=1, **{**FAST, "timeout": 1.0})
+
+
+# ----------------------------------------------------------------------------- CLI on a pool
+@pytest.fixture
+def tiny_pool(tmp_path):
+    """A 2-teacher MLP pool with random weights (written with write_pool, no training)."""
+    from dfml_jax.models import create_model, functional, stack_trees
+    from dfml_jax.pool import TrainedGroup, write_pool
+
+    shape = (6, 6, 1)
+    fm = functional(create_model("mlp", num_classes=5, input_shape=shape, hidden=(8,),
+                                 rngs_or_key=0))
+    inits = [fm.init(jax.random.key(s)) for s in (1, 2)]
+    recs = [{"name": f"toy/mlp/{m}", "member": m, "arch": "mlp", "dataset": "toy",
+             "classes": [m, m + 1, m + 2, m + 3, m + 4], "class_names": list("abcde"),
+             "global_classes": [m, m + 1, m + 2, m + 3, m + 4], "heldout_acc": 0.2,
+             "train_acc": 0.2, "final_train_loss": 1.6, "seed": m, "num_train": 0,
+             "num_heldout": 0, "input_shape": list(shape), "num_classes": 5, "mean": [0.5],
+             "std": [0.5]} for m in range(2)]
+    group = TrainedGroup("toy", "mlp", {"num_classes": 5, "input_shape": list(shape),
+                                        "hidden": [8]}, (0.5,), (0.5,), {},
+                         stack_trees([p for p, _ in inits]), stack_trees([s for _, s in inits]),
+                         recs, 0, 10)
+    d = str(tmp_path / "pool")
+    write_pool(d, [group], scenario="SS")
+    return d, shape
+
+
+def test_cli_serves_a_pool_teacher(tiny_pool, tmp_path):
+    from dfml_jax.pool import load_pool
+
+    d, shape = tiny_pool
+    port_file = str(tmp_path / "port")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dfml_jax.serve", "--pool", d, "--api", "1", "--port", "0",
+         "--output", "logits", "--max-batch", "4", "--port-file", port_file],
+        env={**os.environ, "DFML_API_KEY": "pool-key", "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    api = None
+    try:
+        deadline = time.time() + 90
+        while not os.path.exists(port_file):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.1)
+        with open(port_file) as f:
+            url = f"http://127.0.0.1:{int(f.read())}"
+        api = BlackBoxAPI.from_http(url, shape, 5, api_key="pool-key", **FAST)
+        info = api.remote.info()
+        assert info["name"] == "toy/mlp/1" and info["classes"] == [1, 2, 3, 4, 5]
+        assert info["mean"] == [0.5] and info["max_batch"] == 4
+        x = np.random.default_rng(0).normal(size=(7,) + shape).astype(np.float32)
+        want = load_pool(d, output="logits")[1](x)
+        np.testing.assert_allclose(np.asarray(api(x)), np.asarray(want), rtol=1e-4, atol=1e-5)
+        assert api.remote.stats()["answered_samples"] == 7 == api.queries
+    finally:
+        if api is not None:
+            api.remote.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0 and '"answered_samples": 7' in out
