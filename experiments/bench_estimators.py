@@ -72,13 +72,19 @@ NUM_CLASSES = 5
 def expected_cosine(d: int, q: int, family: str) -> float:
     """Exact E[cos] with exact directional derivatives (zo_estimators.md section 3.1).
 
-    i.i.d. directions: cos^2 ~ Beta(q/2, (d-1)/2); orthonormal / coordinate: Beta(q/2, (d-q)/2)
-    (q >= d: cos = 1 for those, and the i.i.d. formula still holds).
+    i.i.d. directions: cos^2 ~ Beta(q/2, (d-1)/2). Orthonormal / coordinate blocks (all q
+    directions in one chunk): cos^2 ~ Beta(q/2, (d-q)/2) for q < d; for q = k d + r the estimate is
+    proportional to ``k g + P_r g`` with ``P_r`` a Haar rank-r projection, so
+    ``cos = (k + t) / sqrt(k^2 + (2k + 1) t)``, ``t ~ Beta(r/2, (d-r)/2)`` (1 when r = 0).
     """
     lg = math.lgamma
     if family in ("orthogonal", "coordinate"):
         if q >= d:
-            return 1.0
+            k, r = divmod(q, d)
+            if r == 0:
+                return 1.0
+            t = np.random.default_rng(0).beta(r / 2, (d - r) / 2, size=200_000)
+            return float(np.mean((k + t) / np.sqrt(k * k + (2 * k + 1) * t)))
         a, b = q / 2, (d - q) / 2
     else:
         a, b = q / 2, (d - 1) / 2
@@ -338,6 +344,8 @@ def main(argv=None):
     p.add_argument("--no-grid", action="store_true")
     p.add_argument("--smoothing", type=float, default=1e-2)
     p.add_argument("--conv-impl", default="lax", choices=["lax", "im2col"])
+    p.add_argument("--from-jsonl", default=None,
+                   help="rebuild the markdown table and plot from an earlier JSONL (no runs)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
@@ -361,6 +369,16 @@ def main(argv=None):
         ds = []
 
     os.makedirs(a.out, exist_ok=True)
+    if a.from_jsonl:
+        with open(a.from_jsonl) as f:
+            rows = [json.loads(line) for line in f if line.startswith('{"kind"')]
+        for r in rows:
+            r["cosine_theory"] = expected_cosine(r["d"], r["q"], ESTIMATOR_SPECS[r["estimator"]].family)
+        meta = dict(device=f"{jax.devices()[0].device_kind} ({os.cpu_count()} cores)",
+                    jax=jax.__version__, note=f"rebuilt from {a.from_jsonl}")
+        write_markdown(os.path.join(a.out, "bench_estimators.md"), rows, meta)
+        plot(os.path.join(a.out, "cosine_vs_q.png"), rows)
+        return rows
     meta = dict(device=f"{jax.devices()[0].device_kind} x{jax.device_count()} "
                        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
                 jax=jax.__version__,
