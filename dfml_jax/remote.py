@@ -90,6 +90,7 @@ __all__ = [
     "encode_array",
     "decode_array",
     "http_api_kwargs",
+    "remote_api_factory",
 ]
 
 PROTOCOL = "dfml_jax.blackbox/1"
@@ -737,3 +738,30 @@ def http_api_kwargs(client: HTTPTeacherClient, input_shape: Optional[Sequence[in
     scores = "probs" if server_out in ("probs", "label") else "logits"
     return {"input_shape": shape, "num_classes": k, "output": output, "scores": scores,
             "name": client.name}
+
+
+def remote_api_factory(url: str, *, api_key: Optional[str] = None, cache_dir: Optional[str] = None,
+                       **client_options):
+    """A factory of APIs on one remote teacher, for experiment runners (``--api-url``).
+
+    Args:
+      url: the server's base URL.
+      api_key: the server's key, if any.
+      cache_dir: on-disk pending cache shared by the APIs (put it in the run directory so that a
+        resumed run re-buys nothing).
+      **client_options: ``timeout``, ``max_retries``, ``backoff``, ``max_backoff``,
+        ``concurrency``, ``max_batch`` (see :meth:`~dfml_jax.blackbox.BlackBoxAPI.from_http`).
+
+    Returns:
+      ``factory(*, output, budget, name, input_shape, num_classes) -> BlackBoxAPI``, with a
+      ``description`` attribute for reports.
+    """
+    from dfml_jax.blackbox import BlackBoxAPI
+
+    def factory(*, output, budget, name, input_shape, num_classes):
+        return BlackBoxAPI.from_http(url, input_shape, num_classes, output=output, budget=budget,
+                                     name=name, api_key=api_key, cache_dir=cache_dir,
+                                     **client_options)
+
+    factory.description = f"remote teacher at {url}"
+    return factory

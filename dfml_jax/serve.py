@@ -7,7 +7,9 @@ Command line::
         [--decimals D] [--input-space normalized|raw] [--port-file PATH]
 
 ``--port 0`` picks a free port (printed, and written to ``--port-file``). Instead of ``--pool``,
-``--linear-teacher 8,8,1:10`` serves a seeded random linear teacher (tests, benchmarks). The API key
+``--distill-run WORKDIR`` serves the teacher trained by ``experiments/distill.py`` in WORKDIR (for
+``experiments/distill.py --api-url``), and ``--linear-teacher 8,8,1:10`` a seeded random linear
+teacher (tests, benchmarks). The API key
 may also come from the ``DFML_API_KEY`` environment variable (keeps it out of the process list).
 Fault injection for tests: ``--fail-rate`` answers that fraction of predict requests with a 503
 (seeded by ``--seed``, so the failure sequence is reproducible); ``--corrupt nan|shape|truncate``
@@ -57,7 +59,8 @@ from dfml_jax.blackbox import _to_outputs
 from dfml_jax.remote import (BINARY_CONTENT_TYPE, PROTOCOL, SERVER_OUTPUTS, decode_array,
                              encode_array)
 
-__all__ = ["TeacherServer", "make_linear_teacher", "pool_teacher", "CORRUPTIONS", "main"]
+__all__ = ["TeacherServer", "make_linear_teacher", "pool_teacher", "distill_teacher", "CORRUPTIONS",
+           "main"]
 
 #: Malformed-answer modes for testing clients.
 CORRUPTIONS = ("nan", "shape", "truncate")
@@ -132,6 +135,59 @@ def pool_teacher(directory: str, index: int, *, input_space: str = "normalized",
     meta["input_space"] = input_space
     meta["pool_index"] = int(index)
     return pool_forward, shape, int(rec["num_classes"]), meta
+
+
+def distill_teacher(workdir: str):
+    """The teacher trained by a distillation experiment (``experiments/distill.py``) in ``workdir``.
+
+    Lets ``experiments/distill.py --api-url`` distil from exactly the teacher an earlier local
+    run trained: ``python -m dfml_jax.serve --distill-run runs/distill_default --port 8500``.
+
+    Args:
+      workdir: the experiment's work directory (``config.json`` and the ``teacher/`` checkpoint).
+
+    Returns:
+      ``(fn, input_shape, num_classes, metadata)`` as :func:`pool_teacher`; inputs are [0, 1]
+      images, as in the experiment.
+
+    Raises:
+      ValueError: no trained teacher in ``workdir``.
+    """
+    import jax
+
+    from dfml_jax.checkpoint import RunCheckpointer
+    from dfml_jax.data import load_single_task
+    from dfml_jax.distill.experiment import build
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "teacher")):
+        raise ValueError(f"{workdir} holds no trained distillation teacher (config.json and "
+                         "teacher/); run experiments/distill.py there first.")
+    with open(path) as f:
+        cfg = json.load(f)
+    d = load_single_task(cfg["dataset"])
+    shape = tuple(int(s) for s in np.asarray(d.x_train).shape[1:])
+    k = int(d.num_classes)
+    fm = build(cfg["teacher_arch"], cfg["teacher_kw"], {"num_classes": k, "input_shape": shape},
+               cfg["teacher_seed"])
+    with RunCheckpointer(os.path.join(workdir, "teacher"), max_to_keep=1) as ck:
+        restored = ck.restore_latest({"params": fm.params, "bn": fm.state})
+    if restored is None:
+        raise ValueError(f"{workdir}/teacher has no checkpoint; the teacher is not trained yet.")
+    _, arrays, tmeta = restored
+    fwd = jax.jit(lambda p, b, x: fm.apply(p, b, x, train=False)[0])
+    params, bn = arrays["params"], arrays["bn"]
+
+    def distill_forward(x):
+        n = len(x)
+        b = 1 << max(n - 1, 0).bit_length()
+        if b > n:
+            x = np.concatenate([x, np.zeros((b - n,) + shape, np.float32)])
+        return np.asarray(fwd(params, bn, x))[:n]
+
+    meta = {"name": f"{cfg['dataset']}/{cfg['teacher_arch']}/teacher", "dataset": cfg["dataset"],
+            "arch": cfg["teacher_arch"], "test_acc": tmeta.get("test_acc"), "input_space": "raw"}
+    return distill_forward, shape, k, meta
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -535,6 +591,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pool", help="pool directory (experiments/build_api_pool.py)")
+    src.add_argument("--distill-run", metavar="WORKDIR",
+                     help="serve the teacher trained by experiments/distill.py in WORKDIR")
     src.add_argument("--linear-teacher", metavar="SHAPE:K",
                      help="serve a seeded random linear teacher instead, e.g. 8,8,1:10")
     p.add_argument("--api", type=int, default=0, help="teacher index in the pool")
@@ -560,6 +618,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         if a.pool:
             srv = TeacherServer.from_pool(a.pool, a.api, input_space=a.input_space, **common)
+        elif a.distill_run:
+            fn, shape, k, meta = distill_teacher(a.distill_run)
+            srv = TeacherServer(fn, shape, k, name=meta["name"], metadata=meta, **common)
         else:
             shape, k = _parse_linear(a.linear_teacher)
             srv = TeacherServer(make_linear_teacher(shape, k, a.seed), shape, k,

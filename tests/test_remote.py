@@ -329,3 +329,146 @@ def test_cli_serves_a_pool_teacher(tiny_pool, tmp_path):
             proc.kill()
             out, _ = proc.communicate()
     assert proc.returncode == 0 and '"answered_samples": 7' in out
+
+
+# ----------------------------------------------------------------------------- IDEAL, remotely
+DSHAPE, DK = (8, 8, 1), 10
+DTEACHER = make_linear_teacher(DSHAPE, DK, seed=0)
+FAIL_SEED = 2          # the server's seeded failure sequence (10% rate)
+
+
+# The student and IDEAL settings are those of `experiments/distill.py --config smoke` with the
+# overrides below, so that the script test reuses the compiled IDEAL steps of the other tests.
+SCRIPT_SETS = ["teacher_arch=mlp", 'teacher_kw={"hidden": [8]}', "teacher_epochs=1",
+               "reference_epochs=1", "student_arch=mlp", 'student_kw={"hidden": [8]}',
+               "budgets=[40]", "ideal_budgets=[40]", "dfme_budgets=[40]", "ideal_batch_size=20",
+               "ideal_g_steps=1"]
+
+
+def _script_config():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    from configs.distill_configs import get_config
+
+    from dfml_jax.experiment import apply_overrides
+
+    return apply_overrides(get_config("smoke"), SCRIPT_SETS)
+
+
+@pytest.fixture(scope="module")
+def ideal_setup():
+    from dfml_jax.distill.experiment import build, ideal_config
+    from dfml_jax.models import get_default_conv_impl, set_default_conv_impl
+
+    cfg = _script_config()
+    before = get_default_conv_impl()
+    set_default_conv_impl(cfg.conv_impl)     # what the script sets (restored afterwards)
+    student = build(cfg.student_arch, cfg.student_kw, {"num_classes": DK, "input_shape": DSHAPE},
+                    cfg.seed)
+    yield student, ideal_config(cfg, "generator")
+    set_default_conv_impl(before)
+
+
+def _ideal_remote(srv, budget=80, **kw):
+    return BlackBoxAPI.from_http(srv.url, DSHAPE, DK, output="label", budget=budget,
+                                 **{**FAST, "concurrency": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def ideal_reference(ideal_setup):
+    """IDEAL for 4 rounds of 20 labels against a healthy remote teacher (no failures)."""
+    from dfml_jax.distill import run_pool_distillation
+
+    student, cfg = ideal_setup
+    with TeacherServer(DTEACHER, DSHAPE, DK, output="label", max_batch=8) as srv:
+        api = _ideal_remote(srv)
+        res = run_pool_distillation(api, student, cfg, seed=0)
+        api.remote.close()
+        billed = srv.stats()["answered_samples"]
+    return res, api.queries, billed
+
+
+def test_ideal_under_10pct_failures_same_queries_and_ledger_equals_bill(ideal_setup,
+                                                                         ideal_reference, serve):
+    from dfml_jax.distill import run_pool_distillation
+
+    student, cfg = ideal_setup
+    ref, ref_queries, ref_billed = ideal_reference
+    assert ref.stopped == "budget" and ref_queries == ref_billed == 80
+    srv = serve(DTEACHER, DSHAPE, DK, output="label", max_batch=8, fail_rate=0.1, seed=FAIL_SEED)
+    api = serve.track(_ideal_remote(srv))
+    res = run_pool_distillation(api, student, cfg, seed=0)
+    st = srv.stats()
+    assert res.stopped == "budget" and res.queries == ref.queries == 80     # same query count
+    assert api.queries == st["answered_samples"] == 80                      # ledger == bill
+    assert st["answered_requests"] == 12                                    # 4 rounds x (8+8+4)
+    assert st["injected_failures"] == _expected_failures(FAIL_SEED, 0.1, 12) > 0
+    jax.tree.map(np.testing.assert_array_equal, res.params, ref.params)     # same labels bought
+
+
+def test_ideal_server_killed_mid_run_then_resumes_without_rebuying(ideal_setup, ideal_reference,
+                                                                   serve, tmp_path):
+    from dfml_jax.checkpoint import RunCheckpointer
+    from dfml_jax.distill import run_pool_distillation
+
+    student, cfg = ideal_setup
+    ref = ideal_reference[0]
+    wd, cache = str(tmp_path / "run"), str(tmp_path / "pending")
+    calls = {"n": 0}
+
+    def dying_teacher(x):       # round 2 = requests 7, 8, 9: the server dies on request 8
+        calls["n"] += 1
+        if calls["n"] == 8:
+            srv1.stop()
+            raise RuntimeError("killed")
+        return DTEACHER(x)
+
+    srv1 = serve(dying_teacher, DSHAPE, DK, output="label", max_batch=8)
+    api1 = serve.track(_ideal_remote(srv1, concurrency=1, max_retries=2, cache_dir=cache))
+    with pytest.raises(RemoteUnavailable, match="failed after 3 attempts") as e:
+        run_pool_distillation(api1, student, cfg, seed=0, workdir=wd)
+    assert e.value.pending_samples == 8                      # round 2's first chunk, kept
+    billed1 = srv1.stats()["answered_samples"]
+    assert billed1 == 48 and api1.queries == 40              # rounds 0-1 charged, round 2 not
+    # The checkpoint is intact and holds nothing of the failed round.
+    with RunCheckpointer(os.path.join(wd, "checkpoints")) as ck:
+        step = ck.latest_step
+        _, _, meta = ck.restore_latest({"student": init_student_like(student, cfg)})
+    assert step == 1 and meta["ledger"]["answered"] == 40 and len(meta["pool_rounds"]) == 2
+    assert sorted(os.listdir(os.path.join(wd, "pool"))) == ["round_000000.npz", "round_000001.npz"]
+    assert not os.path.exists(os.path.join(wd, "result.json"))
+    # The server is back (another port); a new process would build a new API on the same cache.
+    srv2 = serve(DTEACHER, DSHAPE, DK, output="label", max_batch=8)
+    api2 = serve.track(_ideal_remote(srv2, cache_dir=cache))
+    res = run_pool_distillation(api2, student, cfg, seed=0, workdir=wd)
+    billed2 = srv2.stats()["answered_samples"]
+    assert res.stopped == "budget" and api2.queries == res.queries == 80
+    assert billed2 == 32 and billed1 + billed2 == 80         # nothing bought twice
+    jax.tree.map(np.testing.assert_array_equal, res.params, ref.params)
+
+
+def init_student_like(student, cfg):
+    from dfml_jax.distill.common import init_student, torch_sgd
+
+    tx = torch_sgd(cfg.lr_s, cfg.momentum_s, cfg.weight_decay_s)
+    return init_student(student, tx, jax.random.key(0))
+
+
+@pytest.mark.slow
+def test_distill_script_with_api_url(ideal_setup, serve, tmp_path):
+    """experiments/distill.py --api-url: IDEAL from a remote teacher with 10% failures."""
+    import distill             # experiments/ is on sys.path (_script_config)
+
+    srv = serve(DTEACHER, DSHAPE, DK, output="probs", max_batch=16, fail_rate=0.1, seed=FAIL_SEED)
+    wd = str(tmp_path / "run")
+    argv = ["--config", "smoke", "--method", "ideal", "--workdir", wd, "--no-progress",
+            "--api-url", srv.url, "--api-timeout", "5"]
+    argv += [a for s in SCRIPT_SETS for a in ("--set", s)]
+    distill.main(argv)
+    out = json.load(open(os.path.join(wd, "results.json")))
+    measured = out["teacher"]["measure_queries"]
+    assert out["runs"]["ideal"]["queries"] == 40
+    assert srv.stats()["answered_samples"] == 40 + measured  # the bill: budget + measurement
+    assert srv.stats()["injected_failures"] > 0
+    assert "remote teacher at" in open(os.path.join(wd, "results.md")).read()
+    with pytest.raises(SystemExit, match="remote teacher"):   # no mixing local and remote runs
+        distill.main([a for a in argv if a not in ("--api-url", srv.url)])

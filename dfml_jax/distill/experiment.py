@@ -151,19 +151,27 @@ def _load_result(path):
     return None
 
 
-def run_method(method, cfg, run, data, teacher, student, ev, log, progress=True):
+def run_method(method, cfg, run, data, teacher, student, ev, log, progress=True,
+               api_factory=None):
     """Runs (or resumes, or reloads) one method; returns ``{run_name: result summary}``.
 
     ``student`` (functional model) and ``ev`` (its evaluator) are shared by the methods, so their
-    compiled steps are shared too.
+    compiled steps are shared too. ``api_factory`` (see :func:`run_experiment`) replaces the
+    in-process teacher API.
     """
+    def new_api(output, budget, name):
+        if api_factory is None:
+            return make_api(teacher, data, output, budget, name)
+        return api_factory(output=output, budget=budget, name=name,
+                           input_shape=data["input_shape"], num_classes=data["num_classes"])
+
     out = {}
     if method in ("ideal", "naive"):
         budgets = tuple(cfg.ideal_budgets or cfg.budgets)
         wd = run.file(method)
         res = _load_result(os.path.join(wd, "result.json"))
         if res is None:
-            api = make_api(teacher, data, "label", max(budgets), f"teacher-{method}")
+            api = new_api("label", max(budgets), f"teacher-{method}")
             r = run_pool_distillation(api, student, ideal_config(cfg, "generator" if method ==
                                                                  "ideal" else "noise"),
                                       seed=cfg.seed, evaluator=ev, workdir=wd,
@@ -180,7 +188,7 @@ def run_method(method, cfg, run, data, teacher, student, ev, log, progress=True)
             wd = run.file(os.path.join("dfme", f"budget_{b}"))
             res = _load_result(os.path.join(wd, "result.json"))
             if res is None:
-                api = make_api(teacher, data, cfg.dfme_output, b, f"teacher-dfme-{b}")
+                api = new_api(cfg.dfme_output, b, f"teacher-dfme-{b}")
                 r = run_dfme(api, student, dcfg, seed=cfg.seed, evaluator=ev, workdir=wd,
                              progress=progress, name=f"DFME@{b}")
                 res = {**r.summary(), "seed": cfg.seed}
@@ -239,6 +247,9 @@ def report(cfg, run, results, teacher_meta, reference, seconds):
         f"student {cfg.student_arch} {cfg.student_kw}; seed {cfg.seed} (teacher seed "
         f"{cfg.teacher_seed}); wall time of this invocation {seconds:.0f}s.",
     ]
+    if teacher_meta.get("remote"):
+        notes.append(f"teacher: {teacher_meta['remote']}; its test accuracy was measured through "
+                     f"the API ({teacher_meta['measure_queries']} queries, outside the budgets).")
     for name, res in results.items():
         if res.get("requeried"):
             notes.append(f"{name}: {res['requeried']} queries were bought again after a resume.")
@@ -266,6 +277,21 @@ def report(cfg, run, results, teacher_meta, reference, seconds):
     return rows
 
 
+def remote_teacher_meta(api_factory, data, log):
+    """Test accuracy of a remote teacher, measured through its own API (outside the budgets)."""
+    api = api_factory(output="label", budget=None, name="teacher-test-accuracy",
+                      input_shape=data["input_shape"], num_classes=data["num_classes"])
+    x, y = data["x_test"], data["y_test"]
+    pred = np.concatenate([np.asarray(api(x[i:i + 1000])) for i in range(0, len(x), 1000)])
+    desc = getattr(api_factory, "description", "a remote teacher")
+    if hasattr(api, "remote"):
+        api.remote.close()
+    meta = {"test_acc": float(np.mean(pred == y)), "train_images": "(remote: unknown)",
+            "remote": desc, "measure_queries": int(api.queries)}
+    log(f"teacher: {desc}, test acc {meta['test_acc']:.4f} ({api.queries} queries to measure it)")
+    return meta
+
+
 def _existing(method, cfg, run):
     out = {}
     if method in ("ideal", "naive"):
@@ -283,7 +309,8 @@ def _existing(method, cfg, run):
 
 
 def run_experiment(cfg, workdir: str, *, methods: Sequence[str] = METHODS, progress: bool = True,
-                   loader: Optional[Callable] = None, log: Optional[Callable] = None) -> dict:
+                   loader: Optional[Callable] = None, log: Optional[Callable] = None,
+                   api_factory: Optional[Callable] = None) -> dict:
     """Runs (or resumes, or reprints) a distillation experiment in ``workdir``.
 
     Args:
@@ -296,6 +323,11 @@ def run_experiment(cfg, workdir: str, *, methods: Sequence[str] = METHODS, progr
       loader: dataset loader ``name -> SingleTaskData`` (default:
         :func:`dfml_jax.data.load_single_task`).
       log: line logger (default: print).
+      api_factory: builds the teacher API the methods query instead of the in-process teacher,
+        ``api_factory(output=, budget=, name=, input_shape=, num_classes=) -> BlackBoxAPI``
+        (e.g. :func:`dfml_jax.remote.remote_api_factory` for a teacher served over HTTP). The
+        teacher row then reports the remote teacher's test accuracy, measured through a separate
+        API (queries not counted in any budget); the local teacher is still trained/restored.
 
     Returns:
       ``{"rows": [...], "done": bool}`` (the rows of ``results.md``).
@@ -320,6 +352,8 @@ def run_experiment(cfg, workdir: str, *, methods: Sequence[str] = METHODS, progr
     log(f"{cfg.dataset}: {len(data['x_fit'])} train / {len(data['x_val'])} val / "
         f"{len(data['x_test'])} test, input {data['input_shape']}, {data['num_classes']} classes")
     tfm, tparams, tbn, tmeta = get_teacher(cfg, run, data, log)
+    if api_factory is not None:
+        tmeta = remote_teacher_meta(api_factory, data, log)
     reference = get_reference(cfg, run, data, log)
     student = build(cfg.student_arch, cfg.student_kw, data, cfg.seed)
     ev = Evaluator(student, {"val": (data["x_val"], data["y_val"]),
@@ -328,7 +362,7 @@ def run_experiment(cfg, workdir: str, *, methods: Sequence[str] = METHODS, progr
     for m in METHODS:                       # keep earlier results of other methods in the table
         if m in methods:
             results.update(run_method(m, cfg, run, data, (tfm, tparams, tbn), student, ev, log,
-                                      progress=progress))
+                                      progress=progress, api_factory=api_factory))
         else:
             results.update(_existing(m, cfg, run))
     rows = report(cfg, run, results, tmeta, reference, time.perf_counter() - t0)
