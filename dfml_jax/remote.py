@@ -91,6 +91,7 @@ __all__ = [
     "decode_array",
     "http_api_kwargs",
     "remote_api_factory",
+    "load_remote_pool",
 ]
 
 PROTOCOL = "dfml_jax.blackbox/1"
@@ -765,3 +766,60 @@ def remote_api_factory(url: str, *, api_key: Optional[str] = None, cache_dir: Op
 
     factory.description = f"remote teacher at {url}"
     return factory
+
+
+def load_remote_pool(urls: Sequence[str], *, output: str = "logits", k: Optional[int] = None,
+                     budget: Optional[int] = None, decimals: Optional[int] = None,
+                     api_key: Optional[str] = None, cache_dir: Optional[str] = None,
+                     **client_options):
+    """A pool of remote teachers (one URL per teacher, each ``python -m dfml_jax.serve --pool``).
+
+    The public metadata a pool algorithm needs (absolute classes, normalisation, input shape,
+    dataset, architecture) comes from each server's ``/v1/info``; white-box access does not exist.
+
+    Args:
+      urls: one base URL per teacher, in pool order.
+      output, k, budget, decimals: as in :func:`dfml_jax.pool.load_pool` (per API).
+      api_key: the servers' key, if any.
+      cache_dir: on-disk pending cache shared by the APIs.
+      **client_options: ``timeout``, ``max_retries``, ``backoff``, ``max_backoff``,
+        ``concurrency``, ``max_batch`` (see :meth:`~dfml_jax.blackbox.BlackBoxAPI.from_http`).
+
+    Returns:
+      A :class:`dfml_jax.pool.APIPool` (``scenario`` ``"remote"``, ``directory`` the first URL).
+
+    Raises:
+      ValueError: no URLs, or a server that does not describe its teacher's classes and
+        normalisation (not a pool teacher).
+    """
+    from dfml_jax.blackbox import BlackBoxAPI
+    from dfml_jax.pool import APIPool
+
+    urls = list(urls)
+    if not urls:
+        raise ValueError("load_remote_pool needs at least one URL")
+    apis, records = [], []
+    for u in urls:
+        api = BlackBoxAPI.from_http(u, None, None, output=output, k=k, budget=budget,
+                                    decimals=decimals, api_key=api_key, cache_dir=cache_dir,
+                                    **client_options)
+        info = api.remote.info()
+        missing = [f for f in ("classes", "mean", "std") if info.get(f) is None]
+        if missing:
+            raise ValueError(f"the server at {u} ('{info.get('name')}') does not publish "
+                             f"{missing}; serve a pool teacher (python -m dfml_jax.serve --pool "
+                             "DIR --api I) to use it in a pool.")
+        rec = {f: v for f, v in info.items() if f not in ("protocol", "auth")}
+        rec.update(url=api.remote.url, name=api.name, input_shape=list(api.input_shape),
+                   num_classes=api.num_classes)
+        rec.setdefault("dataset", "remote")
+        rec.setdefault("arch", "remote")
+        apis.append(api)
+        records.append(rec)
+    spaces = {r.get("input_space", "normalized") for r in records}
+    if len(spaces) != 1:
+        raise ValueError(f"the servers mix input spaces {sorted(spaces)}; start them all with the "
+                         "same --input-space.")
+    return APIPool(apis=tuple(apis), records=tuple(records),
+                   classes=tuple(tuple(int(c) for c in r["classes"]) for r in records),
+                   scenario="remote", input_space=spaces.pop(), directory=urls[0])

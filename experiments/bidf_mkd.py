@@ -8,6 +8,14 @@ Command lines (configs in ``experiments/configs/bidf_mkd_configs.py``)::
 
 Writes ``results.json``, ``results.md`` and PNG curves into the workdir. Rerunning the same command
 after a kill resumes from the last checkpoint; a finished run prints its results.
+
+A pool of remote teachers (one ``python -m dfml_jax.serve --pool DIR --api I --port P`` each; key
+from ``$DFML_API_KEY``) replaces the local pool with ``--pool-urls URL [URL ...]`` (black-box
+methods only)::
+
+    python experiments/bidf_mkd.py --config smoke --workdir runs/bidf_remote \
+        --pool-urls http://127.0.0.1:8500 http://127.0.0.1:8501 \
+        --set methods='["bidf_mkd","random","maml_real"]'
 """
 from __future__ import annotations
 
@@ -31,9 +39,11 @@ def main(argv=None):
                    help="override a config field (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--pool-urls", nargs="+", default=None, metavar="URL",
+                   help="query these remote teachers (python -m dfml_jax.serve) as the pool")
     args = p.parse_args(argv)
     cfg = apply_overrides(get_config(args.config), args.set + ([f"seed={args.seed}"] if args.seed is not None else []))
-    run_experiment(cfg, args.workdir, progress=not args.no_progress)
+    run_experiment(cfg, args.workdir, progress=not args.no_progress, pool_urls=args.pool_urls)
     with open(os.path.join(args.workdir, "results.md")) as f:
         print(f.read())
 

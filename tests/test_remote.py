@@ -331,6 +331,44 @@ def test_cli_serves_a_pool_teacher(tiny_pool, tmp_path):
     assert proc.returncode == 0 and '"answered_samples": 7' in out
 
 
+def test_pool_of_urls_for_pool_algorithms(tiny_pool, serve, tmp_path):
+    from dfml_jax.bidf_mkd.experiment import BiDfExperimentConfig, _pool
+    from dfml_jax.blackbox import group_apis
+    from dfml_jax.experiment import RunDir
+    from dfml_jax.pool import load_pool
+    from dfml_jax.remote import load_remote_pool
+
+    d, shape = tiny_pool
+    servers = [TeacherServer.from_pool(d, i, output="logits", max_batch=8).start() for i in (0, 1)]
+    pool = None
+    try:
+        pool = load_remote_pool([s.url for s in servers], output="probs", **FAST)
+        local = load_pool(d, output="probs")
+        assert pool.classes == local.classes and pool.mean == local.mean == (0.5,)
+        assert pool.image_size == 6 and pool.records[1]["name"].startswith("toy/mlp/1@")
+        groups, locate = group_apis(pool.apis)          # one host group: traced index dispatch
+        assert len(groups) == 1
+        x = jnp.asarray(np.random.default_rng(1).normal(size=(3,) + shape), jnp.float32)
+        step = jax.jit(lambda i, x: groups[0](i, x))
+        np.testing.assert_allclose(np.asarray(step(1, x)), np.asarray(local[1](x)), rtol=1e-4,
+                                   atol=1e-6)
+        assert [a.queries for a in pool.apis] == [0, 3] == [s.stats()["answered_samples"]
+                                                            for s in servers]
+        cfg, urls = BiDfExperimentConfig(), [s.url for s in servers]
+        run = RunDir(str(tmp_path / "bidf"))
+        with pytest.raises(ValueError, match="white-box"):
+            _pool(cfg, run, True, urls)
+        remote_pool, wb = _pool(cfg, run, False, urls)
+        assert wb is None and len(remote_pool) == 2 and remote_pool.scenario == "remote"
+        for a in remote_pool.apis:
+            a.remote.close()
+    finally:
+        for a in (pool.apis if pool is not None else ()):
+            a.remote.close()
+        for s in servers:
+            s.stop()
+
+
 # ----------------------------------------------------------------------------- IDEAL, remotely
 DSHAPE, DK = (8, 8, 1), 10
 DTEACHER = make_linear_teacher(DSHAPE, DK, seed=0)
@@ -472,3 +510,15 @@ def test_distill_script_with_api_url(ideal_setup, serve, tmp_path):
     assert "remote teacher at" in open(os.path.join(wd, "results.md")).read()
     with pytest.raises(SystemExit, match="remote teacher"):   # no mixing local and remote runs
         distill.main([a for a in argv if a not in ("--api-url", srv.url)])
+
+
+def test_bench_remote_prints_json_lines(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import bench_remote
+
+    bench_remote.main(["--batches", "4", "--concurrency", "2", "--latencies", "5",
+                       "--seconds", "0.05", "--shape", "4,4,1", "--classes", "3"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    http = [r for r in rows if r["kind"] == "http"]
+    assert rows[0]["kind"] == "meta" and len(http) == 1
+    assert http[0]["qps"] > 0 and http[0]["server_answered"] == http[0]["ledger"]

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +72,18 @@ class BiDfExperimentConfig(BiDfMKDConfig):
         return BiDfMKDConfig(**{**{k: getattr(self, k) for k in fields}, **changes})
 
 
-def _pool(cfg: BiDfExperimentConfig, run: RunDir, need_white_box: bool):
+def _pool(cfg: BiDfExperimentConfig, run: RunDir, need_white_box: bool, pool_urls=None):
     from dfml_jax.pool import build_pool, load_pool, load_white_box_teachers
 
+    if pool_urls:
+        from dfml_jax.remote import load_remote_pool
+
+        if need_white_box:
+            raise ValueError("methods 'average' and 'white_box' need white-box teachers, which a "
+                             "pool of URLs does not give; drop them from methods.")
+        return load_remote_pool(pool_urls, output=cfg.api_output,
+                                api_key=os.environ.get("DFML_API_KEY"),
+                                cache_dir=run.file("api_pending")), None
     pool_dir = cfg.pool_dir or run.file("pool")
     if not os.path.exists(os.path.join(pool_dir, "pool.json")):
         kw = {a: {"width": cfg.pool_width} for a in cfg.pool_archs if a in ("conv4", "resnet10", "resnet18")}
@@ -92,8 +101,13 @@ def _fixed_tasks(ts: Taskset, key, n: int):
     return (t.support_x, t.support_y, t.query_x, t.query_y)
 
 
-def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = True) -> Dict[str, Any]:
+def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = True,
+                   pool_urls: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Runs (or resumes, or just reports) a BiDf-MKD experiment in ``workdir``.
+
+    ``pool_urls``: query a pool of remote teachers (one ``python -m dfml_jax.serve --pool DIR
+    --api I`` per URL, key from ``$DFML_API_KEY``) instead of ``cfg.pool_dir``; black-box only
+    (no ``average`` / ``white_box`` methods). See :func:`dfml_jax.remote.load_remote_pool`.
 
     Returns:
       The ``results.json`` content.
@@ -111,8 +125,8 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
     train_split, val_split, test_split = get_class_splits(
         cfg.dataset, image_size=cfg.image_size, data_dir=cfg.data_dir, **glyph_kw)
     needs_pool = any(m in cfg.methods for m in ("bidf_mkd", "average", "white_box"))
-    pool, wb = _pool(cfg, run, any(m in cfg.methods for m in ("average", "white_box"))) if needs_pool \
-        else (None, None)
+    pool, wb = _pool(cfg, run, any(m in cfg.methods for m in ("average", "white_box")),
+                     pool_urls) if needs_pool else (None, None)
     shape = train_split.image_shape
     meta = functional(create_model(cfg.meta_arch, num_classes=cfg.ways, input_shape=shape,
                                    rngs_or_key=cfg.seed, width=cfg.meta_width))
