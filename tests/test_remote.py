@@ -484,6 +484,41 @@ def test_ideal_server_killed_mid_run_then_resumes_without_rebuying(ideal_setup, 
     jax.tree.map(np.testing.assert_array_equal, res.params, ref.params)
 
 
+FAULTS = {"nan": (dict(corrupt="nan"), RemoteProtocolError, "labels outside"),
+          "shape": (dict(corrupt="shape"), RemoteProtocolError, "shape"),
+          "truncate": (dict(corrupt="truncate"), RemoteProtocolError, "truncated"),
+          "key": (dict(api_key="rotated"), RemoteAuthError, "rejected the API key"),
+          "oversize": (dict(max_batch=4), RemoteRequestTooLarge, "max_batch=4")}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_ideal_step_failing_on_a_fault_writes_nothing(ideal_setup, serve, tmp_path, fault):
+    from dfml_jax.distill import run_pool_distillation
+
+    student, cfg = ideal_setup
+    change, err, match = FAULTS[fault]
+    calls = {"n": 0}
+
+    def teacher(x):             # the server turns faulty in round 2 (requests 7-9)
+        calls["n"] += 1
+        if calls["n"] == 7:
+            for k, v in change.items():
+                setattr(srv, k, v)
+        return DTEACHER(x)
+
+    srv = serve(teacher, DSHAPE, DK, output="label", max_batch=8)
+    api = serve.track(_ideal_remote(srv, concurrency=1, max_retries=1))
+    wd = str(tmp_path / "run")
+    with pytest.raises(err, match=match) as e:
+        run_pool_distillation(api, student, cfg, seed=0, workdir=wd)
+    assert api.name in str(e.value) and api.queries == 40
+    from dfml_jax.checkpoint import RunCheckpointer
+
+    with RunCheckpointer(os.path.join(wd, "checkpoints")) as ck:
+        assert ck.latest_step == 1                      # round 2 wrote nothing
+    assert sorted(os.listdir(os.path.join(wd, "pool"))) == ["round_000000.npz", "round_000001.npz"]
+
+
 def init_student_like(student, cfg):
     from dfml_jax.distill.common import init_student, torch_sgd
 
