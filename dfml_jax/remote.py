@@ -288,8 +288,11 @@ class HTTPTeacherClient:
         self._info: Optional[dict] = None
         self.counters = {"queries": 0, "failed_queries": 0, "requests": 0, "retries": 0,
                          "answered_samples": 0, "cached_samples": 0, "replayed_requests": 0}
+        self._disk_keys: set = set()   # pending chunks on disk (from this or an earlier process)
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
+            self._disk_keys = {f[len("pending-"):-len(".npy")] for f in os.listdir(cache_dir)
+                               if f.startswith("pending-") and f.endswith(".npy")}
 
     # ------------------------------------------------------------------ public
     @property
@@ -365,10 +368,11 @@ class HTTPTeacherClient:
         mb = self.max_batch
         bounds = [(s, min(s + mb, n)) for s in range(0, n, mb)]
         call = next(self._calls)
-        keys = [self._cache_key(x[s:e]) for s, e in bounds]
+        # Content keys are only needed while answers are pending (hashing costs ~1 ms/MB).
+        keys = ([self._cache_key(x[s:e]) for s, e in bounds] if self._has_pending() else None)
         answers: Dict[int, np.ndarray] = {}
         from_cache = []
-        for i, key in enumerate(keys):
+        for i, key in enumerate(keys or ()):
             hit = self._take_pending(key)
             if hit is not None:
                 answers[i] = hit
@@ -406,7 +410,8 @@ class HTTPTeacherClient:
         if error is not None:
             kept = 0
             for i, a in answers.items():
-                self._put_pending(keys[i], a)
+                s, e = bounds[i]
+                self._put_pending(keys[i] if keys else self._cache_key(x[s:e]), a)
                 kept += len(a)
             with self._lock:
                 self.counters["failed_queries"] += 1
@@ -463,6 +468,10 @@ class HTTPTeacherClient:
         h.update(chunk.tobytes())
         return h.hexdigest()
 
+    def _has_pending(self) -> bool:
+        with self._lock:
+            return bool(self._pending or self._disk_keys)
+
     def _pending_path(self, key: str) -> str:
         return os.path.join(self.cache_dir, f"pending-{key}.npy")
 
@@ -475,6 +484,8 @@ class HTTPTeacherClient:
                 with os.fdopen(fd, "wb") as f:
                     np.save(f, a)
                 os.replace(tmp, self._pending_path(key))
+                with self._lock:
+                    self._disk_keys.add(key)
             except BaseException:
                 if os.path.exists(tmp):
                     os.remove(tmp)
@@ -483,12 +494,18 @@ class HTTPTeacherClient:
     def _take_pending(self, key: str) -> Optional[np.ndarray]:
         with self._lock:
             a = self._pending.pop(key, None)
-        if a is None and self.cache_dir and os.path.exists(self._pending_path(key)):
-            a = np.load(self._pending_path(key))
+        if a is None and self.cache_dir and key in self._disk_keys:
+            try:
+                a = np.load(self._pending_path(key))
+            except FileNotFoundError:      # delivered by another client on the same cache
+                with self._lock:
+                    self._disk_keys.discard(key)
         return a
 
     def _drop_pending_file(self, key: str) -> None:
         if self.cache_dir:
+            with self._lock:
+                self._disk_keys.discard(key)
             try:
                 os.remove(self._pending_path(key))
             except FileNotFoundError:
