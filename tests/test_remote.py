@@ -545,6 +545,12 @@ def test_distill_script_with_api_url(ideal_setup, serve, tmp_path):
     assert "remote teacher at" in open(os.path.join(wd, "results.md")).read()
     with pytest.raises(SystemExit, match="remote teacher"):   # no mixing local and remote runs
         distill.main([a for a in argv if a not in ("--api-url", srv.url)])
+    # serve --distill-run: the teacher this run trained locally, as a server would load it
+    from dfml_jax.serve import distill_teacher
+
+    fn, shape, k, meta = distill_teacher(wd)
+    assert (shape, k, meta["name"]) == (DSHAPE, DK, "digits/mlp/teacher")
+    assert fn(np.random.default_rng(1).random((3,) + DSHAPE, dtype=np.float32)).shape == (3, DK)
 
 
 def test_bench_remote_prints_json_lines(capsys):
