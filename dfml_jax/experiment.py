@@ -65,6 +65,22 @@ def select_config(configs: Mapping[str, Any], name: str):
     return configs[name]
 
 
+_MISSING = object()
+
+
+def _defaults(config) -> dict:
+    """JSON-normalised default values of a dataclass config's fields."""
+    if not dataclasses.is_dataclass(config):
+        return {}
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = json.loads(json.dumps(f.default, default=str))
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = json.loads(json.dumps(f.default_factory(), default=str))
+    return out
+
+
 class RunDir:
     """A run's working directory.
 
@@ -84,8 +100,12 @@ class RunDir:
             if os.path.exists(p):
                 with open(p) as f:
                     old = json.load(f)
-                if old != cfg:
-                    diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+                defaults = _defaults(config)
+                # a field added to the config class since the run started matches when the new
+                # value is that field's default (older runs keep resuming across versions)
+                diff = sorted(k for k in set(old) | set(cfg)
+                              if (old[k] if k in old else defaults.get(k, _MISSING)) != cfg.get(k, _MISSING))
+                if diff:
                     raise ValueError(
                         f"{self.path} holds a run with a different config (keys {diff} differ); "
                         "use a new --workdir or delete the old one.")

@@ -39,6 +39,18 @@ def test_run_dir_refuses_a_different_config_and_marks_done(tmp_path):
     assert RunDir(str(tmp_path / "r")).done
 
 
+@dataclasses.dataclass(frozen=True)
+class CfgV2(Cfg):
+    new_option: int = 4  # a field added after a run started
+
+
+def test_run_dir_resumes_across_a_new_field_at_its_default(tmp_path):
+    RunDir(str(tmp_path), Cfg())
+    RunDir(str(tmp_path), CfgV2())  # new field at its default: the same run
+    with pytest.raises(ValueError, match="new_option"):
+        RunDir(str(tmp_path), CfgV2(new_option=5))
+
+
 def test_results_and_plot(tmp_path):
     run = RunDir(str(tmp_path))
     rows = [{"method": "a", "acc": (51.234, 1.5), "queries": 100}, {"method": "b", "acc": (40.0, 2.0), "queries": 0}]
