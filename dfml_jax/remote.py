@@ -70,7 +70,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 

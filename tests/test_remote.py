@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfml_jax.blackbox import BlackBoxAPI, BlackBoxError, surface_api_errors
-from dfml_jax.remote import (RemoteAuthError, RemoteProtocolError, RemoteRequestTooLarge, RemoteUnavailable, decode_array, encode_array)
+from dfml_jax.blackbox import BlackBoxAPI, surface_api_errors
+from dfml_jax.remote import (RemoteAuthError, RemoteProtocolError, RemoteRequestTooLarge,
+                             RemoteUnavailable, decode_array, encode_array)
 from dfml_jax.serve import TeacherServer, make_linear_teacher
 
 SHAPE = (4, 4, 1)
