@@ -52,6 +52,7 @@ __all__ = [
     "OUTPUT_MODES",
     "QueryBudgetExceeded",
     "QueryLedger",
+    "record_api_error",
     "surface_api_errors",
 ]
 
@@ -91,7 +92,9 @@ _PENDING_ERRORS: deque = deque(maxlen=64)
 _PENDING_LOCK = threading.Lock()
 
 
-def _record_error(err: BaseException) -> None:
+def record_api_error(err: BaseException) -> None:
+    """Remember an error raised inside a host callback so that :func:`surface_api_errors` can
+    re-raise it with its own type (for host-side checks outside this module, e.g. estimators)."""
     with _PENDING_LOCK:
         _PENDING_ERRORS.append(err)
 
@@ -524,7 +527,7 @@ class BlackBoxAPI:
             out = _to_outputs(scores, self._scores_kind, self.output, self.k, self.decimals, np)
             self.ledger.charge(n)
         except (BlackBoxError, QueryBudgetExceeded) as e:
-            _record_error(e)
+            record_api_error(e)
             raise
         return out.reshape(lead + self.output_shape)
 
@@ -583,7 +586,7 @@ class BlackBoxAPI:
                 raise BlackBoxError(f"API '{self.name}' produced NaN or inf outputs; nothing was charged.")
             self.ledger.charge(n)
         except (BlackBoxError, QueryBudgetExceeded) as e:
-            _record_error(e)
+            record_api_error(e)
             raise
         return out
 

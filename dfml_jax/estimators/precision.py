@@ -150,8 +150,8 @@ def report_zero_differences(fraction: jax.Array, smoothing, *, action: str = "wa
                                    context=context)
         except ZeroDifferenceError as e:
             try:  # let surface_api_errors re-raise the original type
-                from dfml_jax.blackbox import _record_error
-                _record_error(e)
+                from dfml_jax.blackbox import record_api_error
+                record_api_error(e)
             except ImportError:  # pragma: no cover
                 pass
             raise
