@@ -94,22 +94,35 @@ class Task(NamedTuple):
     classes: jax.Array    # (T, ways) absolute class ids of the split
 
 
+def _task_indices(key, num_classes: int, per_class: int, num_tasks: int, ways: int, n: int):
+    """Absolute classes ``(T, ways)`` and image indices ``(T, ways, n)``, all distinct per task /
+    class: top-k of uniform noise is a uniformly random ordered subset without replacement."""
+    kc, ki = jax.random.split(key)
+    classes = jax.lax.top_k(jax.random.uniform(kc, (num_tasks, num_classes)), ways)[1]
+    idx = jax.lax.top_k(jax.random.uniform(ki, (num_tasks, ways, per_class)), n)[1]
+    return classes.astype(jnp.int32), idx.astype(jnp.int32)
+
+
+_indices = jax.jit(_task_indices, static_argnums=(1, 2, 3, 4, 5))
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _sample(images, key, num_tasks, ways, shots, query):
     c, p = images.shape[:2]
-    kc, ki = jax.random.split(key)
-    # distinct classes per task / distinct images per class: top-k of uniform noise (a uniformly
-    # random ordered subset without replacement)
-    classes = jax.lax.top_k(jax.random.uniform(kc, (num_tasks, c)), ways)[1]
-    idx = jax.lax.top_k(jax.random.uniform(ki, (num_tasks, ways, p)), shots + query)[1]
-    imgs = images[classes[:, :, None], idx]  # (T, ways, shots+query, H, W, C)
-    imgs = imgs.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else imgs
-    labels = jnp.broadcast_to(jnp.arange(ways, dtype=jnp.int32)[None, :, None], idx.shape)
-    shape = imgs.shape[3:]
-    sx = imgs[:, :, :shots].reshape((num_tasks, ways * shots) + shape)
-    qx = imgs[:, :, shots:].reshape((num_tasks, ways * query) + shape)
-    return Task(sx, labels[:, :, :shots].reshape(num_tasks, -1), qx,
-                labels[:, :, shots:].reshape(num_tasks, -1), classes.astype(jnp.int32))
+    classes, idx = _task_indices(key, c, p, num_tasks, ways, shots + query)
+    shape = images.shape[2:]
+    flat = images.reshape((c * p,) + shape)
+
+    def gather(ix, k):  # (T, ways, k) -> (T, ways*k, H, W, C) float32, blocked by class
+        x = jnp.take(flat, (classes[:, :, None] * p + ix).reshape(-1), axis=0)
+        x = x.reshape((num_tasks, ways * k) + shape)
+        return x.astype(jnp.float32) * (1.0 / 255.0) if images.dtype == jnp.uint8 else x.astype(jnp.float32)
+
+    def labels(k):
+        return jnp.broadcast_to(jnp.repeat(jnp.arange(ways, dtype=jnp.int32), k), (num_tasks, ways * k))
+
+    return Task(gather(idx[:, :, :shots], shots), labels(shots), gather(idx[:, :, shots:], query),
+                labels(query), classes)
 
 
 class Taskset:
@@ -135,9 +148,35 @@ class Taskset:
         self.dataset, self.ways, self.shots, self.query = dataset, ways, shots, query
 
     def sample(self, key: jax.Array, num_tasks: int) -> Task:
-        """``num_tasks`` tasks, deterministic from ``key`` (one jitted gather on device)."""
+        """Samples a stack of tasks (one jitted gather on device).
+
+        Args:
+          key: a ``jax.random`` key; the same key gives the same tasks.
+          num_tasks: number of tasks ``T`` (static: each new value compiles once).
+
+        Returns:
+          :class:`Task` with ``support_x (T, ways*shots, H, W, C)`` and ``query_x
+          (T, ways*query, H, W, C)`` float32 in [0, 1], relative labels blocked by class, and the
+          absolute ``classes (T, ways)``. Classes within a task are distinct, and so are the
+          ``shots + query`` images drawn for each class.
+        """
         return _sample(self.dataset.device_images(), key, int(num_tasks), self.ways, self.shots,
                        self.query)
+
+    def sample_indices(self, key: jax.Array, num_tasks: int):
+        """The indices :meth:`sample` would draw for ``key``, without gathering images.
+
+        Args:
+          key: a ``jax.random`` key.
+          num_tasks: number of tasks ``T``.
+
+        Returns:
+          ``(classes, images)``: int32 ``(T, ways)`` absolute class ids and int32
+          ``(T, ways, shots + query)`` image indices within each class (the first ``shots`` are
+          the support set); ``dataset.images[classes[..., None], images]`` are the task's images.
+        """
+        return _indices(key, self.dataset.num_classes, self.dataset.per_class, int(num_tasks),
+                        self.ways, self.shots + self.query)
 
     def __repr__(self):
         return f"Taskset({self.dataset.name}, ways={self.ways}, shots={self.shots}, query={self.query})"

@@ -1,32 +1,49 @@
 """Glyphs: an Omniglot-style few-shot benchmark rendered offline from matplotlib's bundled fonts.
 
 * **Fonts**: every TrueType font in ``matplotlib/mpl-data/fonts/ttf`` (DejaVu Sans/Serif/Mono with
-  their bold and oblique faces, STIX General, Computer Modern) except the LastResort fallback font
-  (it draws placeholder boxes) and the symbol fonts ``cmex10``/``cmsy10`` (their character maps
-  send letters to delimiters and math symbols).
-* **Classes**: Unicode letters (categories Lu, Ll, Lo) with no decomposition (no accented or
-  compatibility variants) that at least ``min_fonts`` (4) fonts cover, according to the fonts'
-  character maps. Glyphs that render identically across scripts (Latin A, Greek Alpha, Cyrillic A)
-  are merged: each class is rendered once in a reference font, and later duplicates (script
-  priority: Latin, Greek, Cyrillic, then the rest) are dropped.
-* **Alphabets** are Unicode scripts (from the character names). Meta-train / meta-validation /
-  meta-test splits are disjoint by alphabet and fixed (:data:`SPLIT_ALPHABETS`):
+  their bold and oblique faces, STIX General, Computer Modern) except :data:`EXCLUDED_FONTS`: the
+  LastResort fallback font (it draws placeholder boxes) and the symbol fonts ``cmex10``/``cmsy10``
+  (their character maps send letters to delimiters and math symbols).
+* **Classes**: Unicode letters (categories Lu, Ll, Lo) with no decomposition (no accented,
+  compatibility or presentation-form variants) that at least ``min_fonts`` (4) fonts draw (a
+  non-empty outline, checked on a reference render, not only the character map).
+* **Alphabets** are Unicode scripts (``fontTools.unicodedata.script``; "Canadian Aboriginal" is
+  called "Canadian syllabics"). Meta-train / meta-validation / meta-test splits are disjoint by
+  alphabet and fixed (:data:`SPLIT_ALPHABETS`):
 
   - train: Latin, Canadian syllabics, Arabic, Lisu, Hebrew, Old Italic;
   - validation: Greek, Armenian, Lao, Coptic;
   - test: Cyrillic, Georgian.
 
-* **Instances**: 20 per class. Instance i uses the i-th covering font (cycling), plus seeded
-  random stroke thickening, rotation (+-12 deg), scale (0.85-1.1), shear (+-0.2) and translation
-  (+-6% of the side), rendered white-on-black, centred, at ``image_size`` (28 by default; 32 and
-  84 available) with 1 channel (3 on request, replicated).
+  With matplotlib 3.10's fonts this gives 1,478 classes: 901 / 189 / 388 (see
+  ``experiments/build_glyphs.py``, which prints the counts per split and alphabet).
+* **De-duplication**: letters that render identically (Latin A, Greek Alpha, Cyrillic A, Lisu A;
+  Latin u and Armenian seh...) are merged. Two letters are duplicates when their reference renders
+  (32 px, no jitter) differ by more than half the intensity in at most :data:`DEDUP_MAX_PIXELS`
+  (2) of the 1,024 pixels in *every* font that draws both (a missing dot, as Arabic tah / zah,
+  already differs in 4 or more); groups are closed transitively and
+  represented by their first member in script priority (Latin, Greek, Cyrillic, then the others)
+  then code-point order; the merged code points are kept in ``aliases``.
+* **Instances**: ``per_class`` (20) per class. Instance ``i`` of a letter drawn by fonts
+  ``f_0..f_{n-1}`` uses font ``f[perm[i % n]]`` (``perm`` a seeded permutation), plus seeded random
+  jitter: rotation (+-12 deg), scale (0.85-1.1), shear (+-0.15), translation (+-6% of the side)
+  and stroke thickness (thinner unless that would erase hairlines, normal or bolder). Glyphs are white (255) on black, centred on
+  their bounding box at a fixed em size (70% of the side), so lower-case letters stay smaller than
+  capitals (``x`` and ``X`` remain distinguishable); a glyph wider or taller than 80% of the side
+  is shrunk to fit. Rendering is supersampled (at least 2x, 112 px or more) and box-downsampled.
+  Sizes: 28 by default, 32 and 84 available (any size >= 8 works); 1 channel, or 3 replicated.
+* **Determinism**: every instance has its own ``numpy`` generator seeded with
+  ``(seed, code point, instance)``; the result depends only on the build parameters and the
+  font files.
 
-Building takes seconds and is cached on disk as ``.npz`` (uint8), keyed by every build parameter;
-loading from the cache takes well under a second.
+Building takes about half a minute at 28 px on one core and is cached on disk as an uncompressed
+``.npz`` (uint8) whose name encodes every build parameter (:func:`cache_file`); loading it takes a
+few tens of milliseconds.
 """
 from __future__ import annotations
 
-import hashlib
+import functools
+import math
 import os
 import unicodedata
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -35,150 +52,260 @@ import numpy as np
 
 from .core import ClassDataset
 
-__all__ = ["build_glyphs", "load_glyphs", "glyph_splits", "SPLIT_ALPHABETS", "cache_dir",
-           "font_paths", "GLYPHS_VERSION"]
+__all__ = ["build_glyphs", "load_glyphs", "glyph_splits", "glyph_split_counts", "render_glyph",
+           "SPLIT_ALPHABETS", "cache_dir", "cache_file", "font_paths", "GLYPHS_VERSION"]
 
-GLYPHS_VERSION = 1
+GLYPHS_VERSION = 2  # v2: size-preserving rendering, tolerance-based cross-font de-duplication
 SPLIT_ALPHABETS: Dict[str, Tuple[str, ...]] = {
     "train": ("Latin", "Canadian syllabics", "Arabic", "Lisu", "Hebrew", "Old Italic"),
     "validation": ("Greek", "Armenian", "Lao", "Coptic"),
     "test": ("Cyrillic", "Georgian"),
 }
-_EXCLUDED_FONTS = ("LastResort", "cmex10", "cmsy10")
+EXCLUDED_FONTS = ("LastResort", "cmex10", "cmsy10")  # file-name prefixes
+DEDUP_MAX_PIXELS = 2  # renders differing in at most this many pixels (by > 1/2) are identical
+REFERENCE_SIZE = 32
+_DEDUP_PREFILTER = 0.1
 _SCRIPT_PRIORITY = ("Latin", "Greek", "Cyrillic")
-_RENDER = 96  # glyphs are drawn at this resolution, then transformed and downsampled
+_SCRIPT_RENAME = {"Canadian Aboriginal": "Canadian syllabics"}
+
+# Rendering and jitter parameters (see the module docstring).
+_EM_FRACTION = 0.70
+_FIT_FRACTION = 0.80
+_ROTATION_DEG = 12.0
+_SCALE_RANGE = (0.85, 1.10)
+_SHEAR = 0.15
+_TRANSLATION = 0.06
+_STROKE_LEVELS = (-1, 0, 0, 1, 2)  # in units of canvas/112 px; negative = erosion
+_MIN_INK = 8.0  # total ink (in full-intensity pixels) below which a reference render is empty
 
 
-def cache_dir(path: Optional[str] = None) -> str:
-    """The cache directory: ``path``, else ``$DFML_JAX_CACHE``, else ``~/.cache/dfml_jax``."""
+def _resolve_cache_dir(path: Optional[str] = None) -> str:
     d = path or os.environ.get("DFML_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dfml_jax")
+    d = os.path.expanduser(d)
     os.makedirs(d, exist_ok=True)
     return d
 
 
+def cache_dir(path: Optional[str] = None) -> str:
+    """The cache directory (created if needed).
+
+    Args:
+      path: explicit directory; else ``$DFML_JAX_CACHE``; else ``~/.cache/dfml_jax``.
+
+    Returns:
+      The directory path.
+    """
+    return _resolve_cache_dir(path)
+
+
 def font_paths() -> List[str]:
-    """Paths of the fonts used to render Glyphs (sorted, stable across machines)."""
+    """Paths of the fonts used to render Glyphs (sorted by file name, stable across machines)."""
     import matplotlib
 
-    d = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf")
-    return [os.path.join(d, f) for f in sorted(os.listdir(d))
-            if f.endswith(".ttf") and not f.startswith(_EXCLUDED_FONTS)]
+    d = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
+    paths = [os.path.join(d, f) for f in sorted(os.listdir(d))
+             if f.endswith(".ttf") and not f.startswith(EXCLUDED_FONTS)]
+    if not paths:
+        raise FileNotFoundError(f"no usable TrueType font in {d}; is matplotlib installed completely?")
+    return paths
 
 
 def _script(cp: int) -> str:
-    name = unicodedata.name(chr(cp), "")
-    words = name.split(" ")
-    if words[0] == "CANADIAN":
-        return "Canadian syllabics"
-    if words[0] == "OLD" and len(words) > 1:
-        return "Old " + words[1].title()
-    if words[0] in ("TURNED", "ROMAN"):  # letterlike symbols built from Latin letters
-        return "Latin"
-    return words[0].title()
+    from fontTools import unicodedata as fud
+
+    name = fud.script_name(fud.script(chr(cp)))
+    return _SCRIPT_RENAME.get(name, name)
 
 
-def _candidates(min_fonts: int):
-    from fontTools.ttLib import TTFont
-
-    paths = font_paths()
-    cover = []
-    for p in paths:
-        cmap = TTFont(p, lazy=True).getBestCmap() or {}
-        cover.append(set(cmap))
-    counts: Dict[int, List[int]] = {}
-    for fi, cps in enumerate(cover):
-        for cp in cps:
-            ch = chr(cp)
-            if unicodedata.category(ch) in ("Lu", "Ll", "Lo") and unicodedata.decomposition(ch) == "":
-                counts.setdefault(cp, []).append(fi)
-    chars = sorted(cp for cp, f in counts.items() if len(f) >= min_fonts)
-    return paths, {cp: counts[cp] for cp in chars}
+def _is_letter(cp: int) -> bool:
+    ch = chr(cp)
+    return unicodedata.category(ch) in ("Lu", "Ll", "Lo") and unicodedata.decomposition(ch) == ""
 
 
-def _draw(font, ch: str, stroke: int) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("L", (2 * _RENDER, 2 * _RENDER), 0)
-    ImageDraw.Draw(img).text((_RENDER // 2, _RENDER // 2), ch, fill=255, font=font,
-                             stroke_width=stroke, stroke_fill=255)
-    return np.asarray(img)
+# ----------------------------------------------------------------------------------- rendering
 
 
-def _fit(canvas: np.ndarray, size: int, rng: Optional[np.random.Generator]) -> np.ndarray:
-    """Crop the ink, apply the affine jitter, centre in a square, downsample to ``size``."""
-    from PIL import Image
+@functools.lru_cache(maxsize=512)
+def _font(path: str, em: int):
+    from PIL import ImageFont
 
-    ys, xs = np.nonzero(canvas > 16)
-    if len(ys) == 0:
-        return np.zeros((size, size), np.uint8)
-    crop = canvas[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    h, w = crop.shape
-    side = int(max(h, w) / 0.8) + 2  # glyph spans 80% of the side
-    sq = np.zeros((side, side), np.uint8)
-    oy, ox = (side - h) // 2, (side - w) // 2
-    sq[oy:oy + h, ox:ox + w] = crop
-    img = Image.fromarray(sq)
-    if rng is not None:
-        ang = np.deg2rad(rng.uniform(-12, 12))
-        scale = rng.uniform(0.85, 1.1)
-        shear = rng.uniform(-0.2, 0.2)
-        tx, ty = rng.uniform(-0.06, 0.06, size=2) * side
-        c, s = np.cos(ang), np.sin(ang)
-        fwd = np.array([[c, -s], [s, c]]) @ np.array([[1, shear], [0, 1]]) * scale
-        inv = np.linalg.inv(fwd)
-        ctr = np.array([side / 2, side / 2])
-        off = ctr - inv @ (ctr + np.array([tx, ty]))
-        img = img.transform((side, side), Image.AFFINE,
-                            data=(inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1]),
-                            resample=Image.BILINEAR)
-    return np.asarray(img.resize((size, size), Image.LANCZOS))
+    return ImageFont.truetype(path, em, layout_engine=ImageFont.Layout.BASIC)
+
+
+def _jitter(rng: np.random.Generator) -> Tuple[float, float, float, float, float, int]:
+    """(rotation deg, scale, shear, tx, ty (fractions of the side), stroke level)."""
+    lo, hi = _SCALE_RANGE
+    return (float(rng.uniform(-_ROTATION_DEG, _ROTATION_DEG)),
+            float(math.exp(rng.uniform(math.log(lo), math.log(hi)))),
+            float(rng.uniform(-_SHEAR, _SHEAR)),
+            float(rng.uniform(-_TRANSLATION, _TRANSLATION)),
+            float(rng.uniform(-_TRANSLATION, _TRANSLATION)),
+            int(rng.choice(_STROKE_LEVELS)))
+
+
+def render_glyph(font_path: str, codepoint: int, image_size: int,
+                 jitter: Sequence[float] = (0.0, 1.0, 0.0, 0.0, 0.0, 0)) -> np.ndarray:
+    """Renders one letter, centred on its bounding box, with optional affine and stroke jitter.
+
+    Args:
+      font_path: a TrueType file.
+      codepoint: the Unicode code point to draw.
+      image_size: output side ``S``.
+      jitter: ``(rotation_deg, scale, shear, tx, ty, stroke)``; translations are fractions of the
+        side, ``stroke`` a thickness level (negative thins). Identity by default.
+
+    Returns:
+      uint8 ``(S, S)`` image, ink 255 on a 0 background.
+    """
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rot, scale, shear, tx, ty, stroke = jitter
+    ss = max(2, math.ceil(112 / image_size))  # supersampling factor
+    canvas = image_size * ss
+    font = _font(font_path, max(4, round(_EM_FRACTION * canvas)))
+    ch = chr(codepoint)
+    stroke_px = int(round(stroke * canvas / 112))
+    grow = max(stroke_px, 0)
+    l0, t0, r0, b0 = font.getbbox(ch)
+    w0, h0 = max(r0 - l0, 1), max(b0 - t0, 1)
+    fit = min(1.0, _FIT_FRACTION * canvas / max(w0, h0))
+    pad = 2 + grow
+    src = Image.new("L", (w0 + 2 * pad, h0 + 2 * pad), 0)
+    ImageDraw.Draw(src).text((pad - l0, pad - t0), ch, font=font, fill=255, stroke_width=grow,
+                             stroke_fill=255)
+    if stroke_px < 0:  # thinning, unless it would erase hairlines (less than half the ink left)
+        thin = src.filter(ImageFilter.MinFilter(2 * (-stroke_px) + 1))
+        if np.asarray(thin, np.float32).sum() >= 0.5 * np.asarray(src, np.float32).sum():
+            src = thin
+    gx, gy = pad + w0 / 2.0, pad + h0 / 2.0
+    th = math.radians(rot)
+    fwd = (np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+           @ np.array([[1.0, shear], [0.0, 1.0]]) * (scale * fit))
+    inv = np.linalg.inv(fwd)
+    cx, cy = canvas / 2.0 + tx * canvas, canvas / 2.0 + ty * canvas
+    data = (inv[0, 0], inv[0, 1], gx - inv[0, 0] * cx - inv[0, 1] * cy,
+            inv[1, 0], inv[1, 1], gy - inv[1, 0] * cx - inv[1, 1] * cy)
+    out = src.transform((canvas, canvas), Image.Transform.AFFINE, data,
+                        resample=Image.Resampling.BILINEAR, fillcolor=0)
+    return np.asarray(out.reduce(ss), np.uint8)
+
+
+# ----------------------------------------------------------------------------- class selection
+
+
+@functools.lru_cache(maxsize=4)
+def _select(paths: Tuple[str, ...], min_fonts: int):
+    """Letters drawn by >= ``min_fonts`` fonts, de-duplicated (memoised: a pure function of the
+    font files, independent of image size and seed).
+
+    Returns:
+      ``(codepoints, fonts, aliases)``: kept code points (sorted), the font indices drawing each,
+      and the code points merged into each.
+    """
+    from matplotlib import ft2font
+
+    cover: Dict[int, List[int]] = {}
+    for fi, p in enumerate(paths):
+        for cp, gid in ft2font.FT2Font(p).get_charmap().items():
+            if gid != 0 and _is_letter(cp):
+                cover.setdefault(cp, []).append(fi)
+    refs: Dict[Tuple[int, int], np.ndarray] = {}
+    drawn: Dict[int, List[int]] = {}
+    for cp in sorted(c for c, f in cover.items() if len(f) >= min_fonts):
+        for fi in cover[cp]:
+            img = render_glyph(paths[fi], cp, REFERENCE_SIZE).astype(np.float32) / 255.0
+            if img.sum() >= _MIN_INK:  # the font claims the letter but may draw nothing
+                refs[(cp, fi)] = img.ravel()
+                drawn.setdefault(cp, []).append(fi)
+    kept = sorted(cp for cp, f in drawn.items() if len(f) >= min_fonts)
+    pos = {cp: i for i, cp in enumerate(kept)}
+    n = len(kept)
+    # Cheap pre-filter on whole matrices: the largest relative squared distance over the fonts
+    # drawing both letters must be small; then the exact test on the few surviving pairs.
+    worst = np.full((n, n), np.inf)
+    for fi in range(len(paths)):
+        members = [cp for cp in kept if fi in drawn[cp]]
+        if len(members) < 2:
+            continue
+        ix = np.array([pos[cp] for cp in members])
+        x = np.stack([refs[(cp, fi)] for cp in members])
+        sq = (x * x).sum(1)
+        d = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)) / np.maximum(sq[:, None] + sq[None, :], 1e-6)
+        sub = np.ix_(ix, ix)
+        worst[sub] = np.where(np.isinf(worst[sub]), d, np.maximum(worst[sub], d))
+    np.fill_diagonal(worst, np.inf)
+    dup_pairs = []
+    for i, j in zip(*np.nonzero(np.triu(worst < _DEDUP_PREFILTER))):
+        a, b = kept[i], kept[j]
+        if all(int((np.abs(refs[(a, f)] - refs[(b, f)]) > 0.5).sum()) <= DEDUP_MAX_PIXELS
+               for f in set(drawn[a]) & set(drawn[b])):
+            dup_pairs.append((int(i), int(j)))
+    prio = {s: i for i, s in enumerate(_SCRIPT_PRIORITY)}
+    rank = {cp: (prio.get(_script(cp), len(prio)), cp) for cp in kept}
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in dup_pairs:
+        a, b = find(i), find(j)
+        if a != b:
+            keep, drop = (a, b) if rank[kept[a]] < rank[kept[b]] else (b, a)
+            parent[drop] = keep
+    groups: Dict[int, List[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(kept[i])
+    reps = sorted(kept[r] for r in groups)
+    aliases = {kept[r]: [cp for cp in members if cp != kept[r]] for r, members in groups.items()}
+    return reps, {cp: drawn[cp] for cp in reps}, aliases
+
+
+# -------------------------------------------------------------------------------- build / cache
 
 
 def build_glyphs(image_size: int = 28, *, seed: int = 0, per_class: int = 20, min_fonts: int = 4,
                  max_classes: Optional[int] = None, progress: bool = True) -> dict:
-    """Renders the Glyphs benchmark (no cache; see :func:`load_glyphs`).
+    """Renders the Glyphs benchmark in memory (no cache; see :func:`load_glyphs`).
 
     Args:
-      image_size: output side (28, 32, 84...).
-      seed: seed of the per-instance jitter.
+      image_size: output side (28 default; 32 and 84 standard; any integer >= 8).
+      seed: seed of the per-instance font permutation and jitter.
       per_class: instances per class.
-      min_fonts: minimum number of fonts covering a letter.
-      max_classes: keep only the first classes of each alphabet, proportionally (tests).
+      min_fonts: minimum number of fonts drawing a letter.
+      max_classes: small builds for tests: keep about this many classes, the first ones (by code
+        point) of every alphabet in proportion to the alphabet's size (at least one each).
       progress: show a tqdm bar.
 
     Returns:
-      dict with ``images`` uint8 ``(classes, per_class, size, size)``, ``codepoints``, ``names``,
-      ``alphabets``, ``split`` (``train``/``validation``/``test`` per class).
+      dict with ``images`` uint8 ``(classes, per_class, size, size)``, ``codepoints`` int32,
+      ``names`` (Unicode names), ``alphabets``, ``split`` (``train``/``validation``/``test`` per
+      class), ``fonts`` (font file names), ``instance_fonts`` int16 ``(classes, per_class)`` (index
+      into ``fonts``) and ``aliases`` (merged duplicates, ``"U+0391 U+0410"``). Classes are sorted
+      by code point.
+
+    Raises:
+      ValueError: for ``image_size < 8``, ``per_class < 1``, ``min_fonts < 1`` or
+        ``max_classes < 1``.
     """
-    from PIL import ImageFont
     from tqdm.auto import tqdm
 
-    paths, chars = _candidates(min_fonts)
-    fonts: Dict[Tuple[int, int], object] = {}
-
-    def font(fi: int, px: int = 64):
-        if (fi, px) not in fonts:
-            fonts[(fi, px)] = ImageFont.truetype(paths[fi], px)
-        return fonts[(fi, px)]
-
-    # De-duplicate identical renderings across scripts, in script priority order.
-    prio = {s: i for i, s in enumerate(_SCRIPT_PRIORITY)}
-    order = sorted(chars, key=lambda cp: (prio.get(_script(cp), len(prio)), cp))
-    ref_font = {cp: min(chars[cp], key=lambda fi: (os.path.basename(paths[fi]) != "DejaVuSans.ttf", fi))
-                for cp in order}
-    seen, keep = set(), []
-    for cp in order:
-        canon = _fit(_draw(font(ref_font[cp]), chr(cp), 0), 32, None)
-        if canon.max() == 0:
-            continue  # the font claims the letter but draws nothing
-        key = (os.path.basename(paths[ref_font[cp]]), hashlib.sha1((canon > 127).tobytes()).hexdigest())
-        if key in seen:
-            continue
-        seen.add(key)
-        keep.append(cp)
-    keep.sort()
+    if int(image_size) != image_size or image_size < 8:
+        raise ValueError(f"glyphs: image_size must be an integer >= 8 (28, 32 and 84 are standard), "
+                         f"got {image_size!r}")
+    for nm, v in (("per_class", per_class), ("min_fonts", min_fonts)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"glyphs: {nm} must be a positive integer, got {v!r}")
+    if max_classes is not None and max_classes < 1:
+        raise ValueError(f"glyphs: max_classes must be a positive integer or None, got {max_classes!r}")
+    image_size = int(image_size)
+    paths = font_paths()
+    reps, drawn, aliases = _select(tuple(paths), int(min_fonts))
     split_of = {a: s for s, alphas in SPLIT_ALPHABETS.items() for a in alphas}
-    keep = [cp for cp in keep if _script(cp) in split_of]
+    # A script no split lists (a future matplotlib with new fonts) goes to meta-train.
+    keep = list(reps)
     if max_classes is not None:
         per_script: Dict[str, List[int]] = {}
         for cp in keep:
@@ -187,41 +314,63 @@ def build_glyphs(image_size: int = 28, *, seed: int = 0, per_class: int = 20, mi
         keep = sorted(cp for cps in per_script.values() for cp in cps[:max(1, int(round(len(cps) * frac)))])
 
     images = np.zeros((len(keep), per_class, image_size, image_size), np.uint8)
-    for ci, cp in enumerate(tqdm(keep, desc=f"rendering glyphs {image_size}px", disable=not progress)):
-        rng = np.random.default_rng([seed, cp])
-        covering = chars[cp]
-        start = int(rng.integers(len(covering)))
+    inst_fonts = np.zeros((len(keep), per_class), np.int16)
+    for ci, cp in enumerate(tqdm(keep, desc=f"rendering glyphs {image_size}px", unit="class",
+                                 disable=not progress)):
+        fonts = drawn[cp]
+        perm = np.random.default_rng([seed, cp]).permutation(len(fonts))
         for i in range(per_class):
-            fi = covering[(start + i) % len(covering)]
-            stroke = int(rng.integers(0, 3))
-            images[ci, i] = _fit(_draw(font(fi), chr(cp), stroke), image_size, rng)
+            fi = fonts[perm[i % len(fonts)]]
+            images[ci, i] = render_glyph(paths[fi], cp, image_size,
+                                         _jitter(np.random.default_rng([seed, cp, i])))
+            inst_fonts[ci, i] = fi
     alphabets = [_script(cp) for cp in keep]
     return {"images": images, "codepoints": np.asarray(keep, np.int32),
             "names": np.asarray([unicodedata.name(chr(cp)) for cp in keep]),
-            "alphabets": np.asarray(alphabets), "split": np.asarray([split_of[a] for a in alphabets]),
-            "fonts": np.asarray([os.path.basename(p) for p in paths])}
+            "alphabets": np.asarray(alphabets),
+            "split": np.asarray([split_of.get(a, "train") for a in alphabets]),
+            "fonts": np.asarray([os.path.basename(p) for p in paths]),
+            "instance_fonts": inst_fonts,
+            "aliases": np.asarray([" ".join(f"U+{a:04X}" for a in aliases[cp]) for cp in keep])}
 
 
-def _cache_file(image_size, seed, per_class, min_fonts, max_classes, directory) -> str:
-    tag = f"glyphs_v{GLYPHS_VERSION}_s{image_size}_seed{seed}_n{per_class}_f{min_fonts}"
+def cache_file(image_size: int = 28, *, seed: int = 0, per_class: int = 20, min_fonts: int = 4,
+               max_classes: Optional[int] = None, cache_dir: Optional[str] = None) -> str:
+    """Path of the cache file of one Glyphs configuration.
+
+    The name encodes the version, image size, stored channels (always 1: 3-channel views are
+    replicated at load time), seed, instances per class, minimum fonts and the optional class cap,
+    e.g. ``glyphs_v2_s28_c1_seed0_n20_f4.npz``, so different configurations never collide.
+
+    Args:
+      image_size, seed, per_class, min_fonts, max_classes: as :func:`build_glyphs`.
+      cache_dir: directory (default: see :func:`cache_dir`).
+
+    Returns:
+      The file path (the file may not exist yet).
+    """
+    tag = f"glyphs_v{GLYPHS_VERSION}_s{int(image_size)}_c1_seed{int(seed)}_n{int(per_class)}_f{int(min_fonts)}"
     if max_classes is not None:
-        tag += f"_max{max_classes}"
-    return os.path.join(cache_dir(directory), tag + ".npz")
+        tag += f"_max{int(max_classes)}"
+    return os.path.join(_resolve_cache_dir(cache_dir), tag + ".npz")
 
 
 def load_glyphs(image_size: int = 28, *, seed: int = 0, per_class: int = 20, min_fonts: int = 4,
                 max_classes: Optional[int] = None, cache_dir: Optional[str] = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, rebuild: bool = False) -> dict:
     """Glyphs from the on-disk cache, building (and caching) it on first use.
 
-    Args: as :func:`build_glyphs`, plus ``cache_dir`` (default ``$DFML_JAX_CACHE`` or
-      ``~/.cache/dfml_jax``).
+    Args:
+      image_size, seed, per_class, min_fonts, max_classes, progress: as :func:`build_glyphs`.
+      cache_dir: cache directory (default ``$DFML_JAX_CACHE`` or ``~/.cache/dfml_jax``).
+      rebuild: rebuild even if the cache file exists.
 
     Returns:
       The dict of :func:`build_glyphs`.
     """
-    path = _cache_file(image_size, seed, per_class, min_fonts, max_classes, cache_dir)
-    if os.path.exists(path):
+    path = cache_file(image_size, seed=seed, per_class=per_class, min_fonts=min_fonts,
+                      max_classes=max_classes, cache_dir=cache_dir)
+    if os.path.exists(path) and not rebuild:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     data = build_glyphs(image_size, seed=seed, per_class=per_class, min_fonts=min_fonts,
@@ -232,17 +381,45 @@ def load_glyphs(image_size: int = 28, *, seed: int = 0, per_class: int = 20, min
     return data
 
 
+def glyph_split_counts(data: dict) -> Dict[str, Dict[str, int]]:
+    """Class counts per split and alphabet of a :func:`load_glyphs` dict.
+
+    Args:
+      data: the dict of :func:`build_glyphs` / :func:`load_glyphs`.
+
+    Returns:
+      ``{split: {alphabet: classes, ..., "total": classes}}`` for train, validation, test.
+    """
+    out: Dict[str, Dict[str, int]] = {}
+    for s in ("train", "validation", "test"):
+        alph = data["alphabets"][data["split"] == s].tolist()
+        counts = {a: alph.count(a) for a in sorted(set(alph))}
+        counts["total"] = len(alph)
+        out[s] = counts
+    return out
+
+
 def glyph_splits(image_size: int = 28, channels: int = 1, **kw) -> Tuple[ClassDataset, ...]:
-    """Glyphs as ``(train, validation, test)`` :class:`ClassDataset` s (disjoint alphabets)."""
+    """Glyphs as ``(train, validation, test)`` :class:`ClassDataset` s (disjoint alphabets).
+
+    Args:
+      image_size: image side.
+      channels: 1, or 3 (grey replicated as a read-only broadcast view: no extra memory).
+      **kw: :func:`load_glyphs` options (``seed``, ``cache_dir``, ``max_classes``, ``progress``...).
+
+    Returns:
+      Three :class:`ClassDataset` s of uint8 images ``(classes, per_class, S, S, channels)``;
+      class names are ``"LATIN SMALL LETTER A (U+0061)"``, groups the alphabets.
+    """
     if channels not in (1, 3):
-        raise ValueError(f"glyphs: channels must be 1 or 3, got {channels}")
+        raise ValueError(f"glyphs: channels must be 1 or 3, got {channels!r}")
     data = load_glyphs(image_size, **kw)
     out = []
     for split in ("train", "validation", "test"):
         m = data["split"] == split
         imgs = data["images"][m][..., None]
         if channels == 3:
-            imgs = np.repeat(imgs, 3, axis=-1)
+            imgs = np.broadcast_to(imgs, imgs.shape[:-1] + (3,))
         names = [f"{n} (U+{cp:04X})" for n, cp in zip(data["names"][m], data["codepoints"][m])]
         out.append(ClassDataset(imgs, names, list(data["alphabets"][m]), name=f"glyphs/{split}"))
     return tuple(out)

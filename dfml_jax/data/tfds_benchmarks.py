@@ -59,19 +59,46 @@ CIFAR_FS_SPLITS = {
 TFDS_SINGLE_TASK = {"mnist": 10, "fashion_mnist": 10, "svhn_cropped": 10, "cifar10": 10, "cifar100": 100}
 
 
+def _tfds_where(data_dir: Optional[str]) -> str:
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+
+
 def _source(name: str, split: str, data_dir: Optional[str], download: bool):
+    """``tfds.data_source`` (array_record random access, no TensorFlow needed to read).
+
+    With ``download=False`` (the default) nothing is fetched; a dataset that is not prepared
+    raises :class:`DatasetNotFoundError` saying how to prepare it. With ``download=True`` TFDS
+    downloads and prepares it in the ``array_record`` format (which needs ``tensorflow``).
+    """
     import tensorflow_datasets as tfds
 
+    where = _tfds_where(data_dir)
+    prepare = (f"Prepare it once on a machine with internet access: `pip install tensorflow-cpu` "
+               f"(TFDS needs TensorFlow to prepare data, not to read it), then either pass "
+               f"download=True or run `python -c \"import tensorflow_datasets as tfds; "
+               f"tfds.builder('{name}', data_dir='{where}', file_format='array_record')"
+               f".download_and_prepare()\"`; then point data_dir (or TFDS_DATA_DIR) at it.")
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+        if download:
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=True,
+                                    builder_kwargs={"file_format": "array_record"})
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except ImportError as e:  # preparing needs tensorflow
+        raise DatasetNotFoundError(f"TFDS could not prepare '{name}': {e}. {prepare}") from e
     except Exception as e:  # tfds raises several misleading types for "not prepared"
-        where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        what = "could not be downloaded and prepared" if download else "is not prepared"
         raise DatasetNotFoundError(
-            f"TFDS dataset '{name}' (split '{split}') is not prepared in {where}. Prepare it once "
-            f"with internet access: `pip install tensorflow-cpu` then `python -c \"import "
-            f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{where}', "
-            f"file_format='array_record').download_and_prepare()\"`, or pass download=True; "
-            f"then point data_dir (or TFDS_DATA_DIR) at it. ({type(e).__name__}: {e})") from e
+            f"TFDS dataset '{name}' (split '{split}') {what} in {where}. {prepare} "
+            f"({type(e).__name__}: {e})") from e
+
+
+def _label_names(src, feature: str = "label") -> Optional[list]:
+    """Class names from the data source's TFDS metadata, when it has real ones."""
+    try:
+        names = list(src.dataset_info.features[feature].names)
+    except Exception:  # plain sequences (mocks) have no metadata
+        return None
+    return None if all(n == str(i) for i, n in enumerate(names)) else names
 
 
 def _read(src, keys: Sequence[str], chunk: int = 1024):
@@ -140,7 +167,11 @@ def omniglot_splits(*, image_size: int = 28, data_dir: Optional[str] = None,
     validation) and evaluation alphabets, grayscale, white strokes on black, ``image_size``."""
     out = []
     for split in ("train", "test"):
-        d = _read(_source("omniglot", split, data_dir, download), ("image", "label", "alphabet"))
+        src = _source("omniglot", split, data_dir, download)
+        char_names, alpha_names = _label_names(src, "label"), _label_names(src, "alphabet")
+        cname = (lambda c: char_names[c]) if char_names else (lambda c: f"char{c}")
+        aname = (lambda a: alpha_names[a]) if alpha_names else (lambda a: f"alphabet{a}")
+        d = _read(src, ("image", "label", "alphabet"))
         imgs = [255 - _resize(x, image_size, True) for x in d["image"]]  # ink as high values
         labels, alpha = np.asarray(d["label"]), np.asarray(d["alphabet"])
         classes = sorted(set(labels.tolist()))
@@ -151,11 +182,11 @@ def omniglot_splits(*, image_size: int = 28, data_dir: Optional[str] = None,
             val_alpha = set(alphabets[-n_val:])
             for sub, keep in (("train", lambda a: a not in val_alpha), ("validation", lambda a: a in val_alpha)):
                 cls = [c for c in classes if keep(alpha_of[c])]
-                out.append(_by_class(imgs, labels, cls, [f"char{c}" for c in cls], f"omniglot/{sub}",
-                                     [f"alphabet{alpha_of[c]}" for c in cls]))
+                out.append(_by_class(imgs, labels, cls, [cname(c) for c in cls], f"omniglot/{sub}",
+                                     [aname(alpha_of[c]) for c in cls]))
         else:
-            out.append(_by_class(imgs, labels, classes, [f"char{c}" for c in classes], "omniglot/test",
-                                 [f"alphabet{alpha_of[c]}" for c in classes]))
+            out.append(_by_class(imgs, labels, classes, [cname(c) for c in classes], "omniglot/test",
+                                 [aname(alpha_of[c]) for c in classes]))
     return tuple(out)
 
 
@@ -163,8 +194,11 @@ def cub_splits(*, image_size: int = 84, data_dir: Optional[str] = None,
                download: bool = False) -> Tuple[ClassDataset, ...]:
     """CUB-200-2011 (train, validation, test) = 100 / 50 / 50 classes by class-id parity."""
     data = {"image": [], "label": []}
+    names = None
     for split in ("train", "test"):
-        d = _read(_source("caltech_birds2011", split, data_dir, download), ("image", "label"))
+        src = _source("caltech_birds2011", split, data_dir, download)
+        names = names or _label_names(src)
+        d = _read(src, ("image", "label"))
         data["image"] += [_resize(x, image_size, False) for x in d["image"]]
         data["label"] += d["label"]
     labels = np.asarray(data["label"])
@@ -172,7 +206,8 @@ def cub_splits(*, image_size: int = 84, data_dir: Optional[str] = None,
     parts = {"train": [c for i, c in enumerate(classes) if i % 2 == 0],
              "validation": [c for i, c in enumerate(classes) if i % 4 == 1],
              "test": [c for i, c in enumerate(classes) if i % 4 == 3]}
-    return tuple(_by_class(data["image"], labels, parts[s], [f"bird{c}" for c in parts[s]], f"cub/{s}")
+    cname = (lambda c: names[c]) if names else (lambda c: f"bird{c}")
+    return tuple(_by_class(data["image"], labels, parts[s], [cname(c) for c in parts[s]], f"cub/{s}")
                  for s in ("train", "validation", "test"))
 
 
@@ -182,6 +217,8 @@ def mini_imagenet_splits(*, data_dir: Optional[str], image_size: int = 84) -> Tu
               "'filename,label' (Ravi & Larochelle 2017 split files)")
     if data_dir is None:
         raise DatasetNotFoundError(f"mini_imagenet needs data_dir=...: a folder laid out as {layout}")
+    if not os.path.isdir(data_dir):
+        raise DatasetNotFoundError(f"mini_imagenet: folder {data_dir} does not exist; expected {layout}")
     missing = [p for p in ("images", "train.csv", "val.csv", "test.csv")
                if not os.path.exists(os.path.join(data_dir, p))]
     if missing:
