@@ -15,7 +15,7 @@
   - validation: Greek, Armenian, Lao, Coptic;
   - test: Cyrillic, Georgian.
 
-  With matplotlib 3.10's fonts this gives 1,478 classes: 901 / 189 / 388 (see
+  With matplotlib 3.11's fonts this gives 1,465 classes: 945 / 181 / 339 (see
   ``experiments/build_glyphs.py``, which prints the counts per split and alphabet).
 * **De-duplication**: letters that render identically (Latin A, Greek Alpha, Cyrillic A, Lisu A;
   Latin u and Armenian seh...) are merged. Two letters are duplicates when their reference renders
