@@ -43,7 +43,7 @@ class DatasetInfo(NamedTuple):
 
 DATASETS: Dict[str, DatasetInfo] = {
     "glyphs": DatasetInfo("few_shot", "offline", 28, 1,
-                          "letters of ~40 matplotlib fonts, ~1,465 classes x 20, splits by alphabet"),
+                          "letters of ~40 matplotlib fonts, ~1,480 classes x 20, splits by alphabet"),
     "cifar_fs": DatasetInfo("few_shot", "tfds", 32, 3, "CIFAR-100 (TFDS cifar100), 64/16/20 classes"),
     "omniglot": DatasetInfo("few_shot", "tfds", 28, 1,
                             "TFDS omniglot: background (train/validation) / evaluation (test)"),

@@ -15,7 +15,7 @@
   - validation: Greek, Armenian, Lao, Coptic;
   - test: Cyrillic, Georgian.
 
-  With matplotlib 3.11's fonts this gives 1,465 classes: 945 / 181 / 339 (see
+  With matplotlib 3.11's fonts this gives 1,481 classes: 951 / 183 / 347 (see
   ``experiments/build_glyphs.py``, which prints the counts per split and alphabet).
 * **De-duplication**: letters that render identically (Latin A, Greek Alpha, Cyrillic A, Lisu A;
   Latin u and Armenian seh...) are merged. Two letters are duplicates when their reference renders
@@ -27,11 +27,12 @@
 * **Instances**: ``per_class`` (20) per class. Instance ``i`` of a letter drawn by fonts
   ``f_0..f_{n-1}`` uses font ``f[perm[i % n]]`` (``perm`` a seeded permutation), plus seeded random
   jitter: rotation (+-12 deg), scale (0.85-1.1), shear (+-0.15), translation (+-6% of the side)
-  and stroke thickness (thinner unless that would erase hairlines, normal or bolder). Glyphs are white (255) on black, centred on
-  their bounding box at a fixed em size (70% of the side), so lower-case letters stay smaller than
-  capitals (``x`` and ``X`` remain distinguishable); a glyph wider or taller than 80% of the side
-  is shrunk to fit. Rendering is supersampled (at least 2x, 112 px or more) and box-downsampled.
-  Sizes: 28 by default, 32 and 84 available (any size >= 8 works); 1 channel, or 3 replicated.
+  and stroke thickness (thinner unless that would erase hairlines, normal or bolder). Glyphs are
+  white (255) on black, centred on their bounding box at a fixed em size (the side: capitals span
+  about 70% of it), so lower-case letters stay smaller than capitals (``x`` and ``X`` remain
+  distinguishable); a glyph wider or taller than 80% of the side is shrunk to fit. Rendering is
+  supersampled (at least 2x, 112 px or more) and box-downsampled. Sizes: 28 by default, 32 and 84
+  available (any size >= 8 works); 1 channel, or 3 replicated.
 * **Determinism**: every instance has its own ``numpy`` generator seeded with
   ``(seed, code point, instance)``; the result depends only on the build parameters and the
   font files.
@@ -69,7 +70,7 @@ _SCRIPT_PRIORITY = ("Latin", "Greek", "Cyrillic")
 _SCRIPT_RENAME = {"Canadian Aboriginal": "Canadian syllabics"}
 
 # Rendering and jitter parameters (see the module docstring).
-_EM_FRACTION = 0.70
+_EM_FRACTION = 1.0
 _FIT_FRACTION = 0.80
 _ROTATION_DEG = 12.0
 _SCALE_RANGE = (0.85, 1.10)
