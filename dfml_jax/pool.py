@@ -12,8 +12,9 @@ accuracy. Scenarios:
 
 ``num_apis`` teachers are trained for every (dataset, architecture) group, as in the official
 code's ``--APInum`` (an SH pool with 3 architectures and ``num_apis=100`` holds 300 teachers).
-Teachers of one group train together as a vmapped population
-(:func:`dfml_jax.train_teacher.train_population`).
+Teachers of one group train together as a population, one jitted epoch for up to
+``max_population`` of them (:func:`dfml_jax.train_teacher.train_population`; vectorised with
+``vmap`` on accelerators, a compiled loop on CPU where that is faster).
 
 On disk (``directory/``)::
 
@@ -328,7 +329,7 @@ def train_group(split, *, dataset: str, arch: str, num_apis: int, way: int = 5, 
                 group_index: int = 0, model_kwargs: Mapping[str, Any] | None = None,
                 recipe=None, train_fraction: float = 0.8, max_population: int = 20,
                 class_offset: int = 0, progress: bool = True,
-                devices: Sequence[Any] | None = None) -> TrainedGroup:
+                devices: Sequence[Any] | None = None, strategy: str | None = None) -> TrainedGroup:
     """Trains ``num_apis`` teachers of one architecture on one dataset (vmapped populations).
 
     Teacher ``m`` uses the seed ``SeedSequence([seed, group_index, m])``: it draws its ``way``
@@ -350,6 +351,7 @@ def train_group(split, *, dataset: str, arch: str, num_apis: int, way: int = 5, 
       class_offset: offset of this dataset's classes in the pool's global numbering.
       progress: tqdm bars.
       devices: split each population over these devices.
+      strategy: population strategy (``"vmap"``/``"map"``; default ``"map"`` on CPU).
 
     Returns:
       :class:`TrainedGroup`.
@@ -398,7 +400,7 @@ def train_group(split, *, dataset: str, arch: str, num_apis: int, way: int = 5, 
         keys = jnp.stack([jax.random.fold_in(jax.random.key(seeds[m]), 1) for m in members])
         res = train_population(fm, stack_trees([p for p, _ in inits]),
                                stack_trees([st for _, st in inits]), x, y, keys, recipe,
-                               progress=progress, devices=devices,
+                               progress=progress, devices=devices, strategy=strategy,
                                desc=f"{dataset}/{arch} teachers {members[0]}-{members[-1]}")
         tr_acc += list(evaluate_population(fm, res.params, res.state, x, y))
         ho_acc += list(evaluate_population(fm, res.params, res.state, xh, yh))
@@ -467,6 +469,7 @@ def write_pool(directory: str, groups: Sequence[TrainedGroup], *, scenario: str,
                 teachers.append({"index": len(teachers), "group": name, **rec})
             entries.append({
                 "name": name, "dataset": g.dataset, "arch": g.arch, "checkpoint": rel,
+                "files": _list_files(os.path.join(tmp, rel)),
                 "model_config": g.model_config, "members": list(range(first, len(teachers))),
                 "sha256": _digest(tree), "recipe": g.recipe, "mean": list(g.mean),
                 "std": list(g.std), "class_offset": g.class_offset,
@@ -498,7 +501,7 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
                dataset_kwargs: Mapping[str, Any] | None = None, train_fraction: float = 0.8,
                max_population: int = 20, split_loader: Callable[..., Any] | None = None,
                overwrite: bool = False, progress: bool = True,
-               devices: Sequence[Any] | None = None) -> dict:
+               devices: Sequence[Any] | None = None, strategy: str | None = None) -> dict:
     """Trains a pool of teachers and writes it to ``directory`` (atomically).
 
     Args:
@@ -524,6 +527,7 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
       devices: split each population over these devices (see
         :func:`dfml_jax.train_teacher.train_population`); populations are then chunked in
         multiples of the device count. The trained weights do not depend on it.
+      strategy: population strategy, ``"vmap"`` or ``"map"`` (default: ``"map"`` on CPU).
 
     Returns:
       The manifest written to ``pool.json`` (a dict).
@@ -579,10 +583,20 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
             splits[d], dataset=d, arch=a, num_apis=num_apis, way=way, seed=seed, group_index=gi,
             model_kwargs=model_kwargs.get(a), recipe=recipes[a], train_fraction=train_fraction,
             max_population=max_population, class_offset=offsets[d], progress=progress,
-            devices=devices))
+            devices=devices, strategy=strategy))
     extra = {"num_apis_per_group": num_apis, "way": way, "seed": seed,
              "train_fraction": train_fraction, "dataset_kwargs": dataset_kwargs}
     return write_pool(directory, groups, scenario=scenario, extra=extra, overwrite=overwrite)
+
+
+def _list_files(root: str) -> dict[str, int]:
+    """``{relative path: size in bytes}`` of every file below ``root``."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            out[os.path.relpath(full, root).replace(os.sep, "/")] = os.path.getsize(full)
+    return dict(sorted(out.items()))
 
 
 def _f(x) -> float | None:
@@ -653,6 +667,15 @@ def _restore_groups(directory: str, manifest: dict, conv_impl: str | None):
         if not os.path.isdir(path):
             raise PoolError(f"{what}: checkpoint directory is missing; the pool is incomplete "
                             f"(rebuild it).")
+        expected = g.get("files") or {}
+        missing = [f for f in expected if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise PoolError(f"{what}: missing checkpoint file(s) {missing}; the pool is incomplete "
+                            f"(rebuild it).")
+        resized = [f for f, n in expected.items() if os.path.getsize(os.path.join(path, f)) != n]
+        if resized:
+            raise PoolError(f"{what}: checkpoint file(s) {resized} changed size since the pool was "
+                            f"written (truncated or corrupted); rebuild the pool.")
         cfg = dict(g["model_config"])
         if conv_impl is not None and g["arch"] != "mlp":
             cfg["conv_impl"] = conv_impl

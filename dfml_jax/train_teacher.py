@@ -1,10 +1,19 @@
-"""Training of teacher classifiers as vmapped populations (the API-pool recipe).
+"""Training of teacher classifiers as populations (the API-pool recipe).
 
 Many small teachers of ONE architecture are trained together: their parameters, BN running
 statistics, optimiser states and data are stacked on a leading population axis, and one jitted
-function runs a whole epoch for all of them (a ``lax.scan`` over mini-batches whose body is the
-``jax.vmap``-ed training step). Teacher ``i`` only ever sees its own data, its own shuffling key
-and its own parameters, so the result equals training it alone (up to float reassociation).
+function runs a whole epoch for all of them. Per teacher the epoch is a ``lax.scan`` over its
+mini-batches; over the population it is either ``jax.vmap`` (strategy ``"vmap"``) or ``lax.map``,
+a loop inside the same compiled program (strategy ``"map"``). Teacher ``i`` only ever sees its own
+data, shuffling key and parameters, so the result equals training it alone (up to float
+reassociation, which Adam amplifies for parameters whose true gradient is zero, e.g. conv biases
+in front of BatchNorm).
+
+Strategy: ``vmap`` is the natural choice on accelerators. On CPU, XLA runs the batched matmuls
+that ``vmap`` makes of the per-teacher matmuls several times slower per FLOP than unbatched ones,
+so ``"map"`` is the CPU default (:func:`default_strategy`); ``experiments/bench_pool.py`` measures
+both against training one teacher at a time. The population axis can also be split over several
+devices (``devices=``), e.g. emulated CPU devices that each run on their own thread.
 
 Recipe (``shared/specs/bidf_mkd.md`` section 1.1): batch 128, cross-entropy, gradient-norm
 clipping at 50, the learning rate stepped per epoch by a MultiStep schedule (gamma 0.2).
@@ -25,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -38,7 +46,7 @@ from dfml_jax.models import FunctionalModel
 
 __all__ = ["TrainRecipe", "RECIPES", "recipe_for", "make_optimizer", "PopulationResult",
            "train_population", "evaluate_population", "predict_population",
-           "population_sharding"]
+           "population_sharding", "STRATEGIES", "default_strategy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,15 +179,31 @@ def _ce(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+#: How a population is mapped inside the jitted epoch: ``"vmap"`` (batched kernels) or ``"map"``
+#: (``lax.map``: a loop over teachers inside the same compiled program).
+STRATEGIES = ("vmap", "map")
+
+
+def default_strategy() -> str:
+    """``"map"`` on CPU, ``"vmap"`` on accelerators.
+
+    XLA:CPU runs batched matmuls (the ``vmap`` of per-teacher matmuls) several times slower per
+    FLOP than unbatched ones, so on CPU a loop over teachers inside the compiled epoch is 2-3x
+    faster than ``vmap`` (``experiments/bench_pool.py``). Both give the same results.
+    """
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
 @functools.lru_cache(maxsize=64)
-def _epoch_fn(fm_apply, recipe: TrainRecipe, n: int, population: int, devices: tuple):
+def _epoch_fn(fm_apply, recipe: TrainRecipe, n: int, population: int, devices: tuple,
+              strategy: str):
     """Jitted ``(params, state, opt, x, y, keys, epoch) -> (params, state, opt, loss)``.
 
-    Cached per (model, recipe, data size, population size) so that training many populations of
-    the same shape (e.g. teachers one at a time) compiles once; each cached function may trace only
-    once (:func:`_trace_guard`).
+    Cached per (model, recipe, data size, population size, devices, strategy) so that training
+    many populations of the same shape (e.g. teachers one at a time) compiles once; each cached
+    function may trace only once (:func:`_trace_guard`).
     """
-    del population, devices  # cache keys only (a new sharding is a new trace)
+    del devices  # cache key only (a new sharding is a new trace)
     bs = min(recipe.batch_size, n)
     n_full, rest = divmod(n, bs)
     tx = make_optimizer(recipe, n_full + (1 if rest else 0))
@@ -193,27 +217,36 @@ def _epoch_fn(fm_apply, recipe: TrainRecipe, n: int, population: int, devices: t
         updates, o = tx.update(g, o, p)
         return optax.apply_updates(p, updates), new_s, o, loss
 
-    vstep = jax.vmap(step)
-    take = jax.vmap(lambda a, idx: a[idx])  # per-teacher gather
+    def teacher_epoch(p, s, o, x, y, key, epoch_idx):
+        """One epoch of ONE teacher: ``n // bs`` full batches (scan) + one batch of the rest."""
+        perm = jax.random.permutation(jax.random.fold_in(key, epoch_idx), n)
 
-    def epoch(params, state, opt, x, y, keys, epoch_idx):
-        perms = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, epoch_idx), n))(keys)
-
-        def body(carry, idx):  # idx: (P, bs)
+        def body(carry, idx):
             p, s, o = carry
-            p, s, o, loss = vstep(p, s, o, take(x, idx), take(y, idx))
-            return (p, s, o), loss * idx.shape[1]
+            p, s, o, loss = step(p, s, o, x[idx], y[idx])
+            return (p, s, o), loss * idx.shape[0]
 
-        carry, total = (params, state, opt), jnp.zeros(perms.shape[0])
+        carry, total = (p, s, o), jnp.zeros(())
         if n_full:
-            full = perms[:, : n_full * bs].reshape(-1, n_full, bs).transpose(1, 0, 2)
-            carry, losses = jax.lax.scan(body, carry, full)
-            total = total + losses.sum(0)
+            carry, losses = jax.lax.scan(body, carry, perm[: n_full * bs].reshape(n_full, bs))
+            total = total + losses.sum()
         if rest:
-            carry, loss = body(carry, perms[:, n_full * bs:])
+            carry, loss = body(carry, perm[n_full * bs:])
             total = total + loss
         return (*carry, total / n)
 
+    if population == 1:  # one teacher: a plain unbatched program, whatever the strategy
+        def epoch(params, state, opt, x, y, keys, epoch_idx):
+            one = jax.tree.map(lambda a: a[0], (params, state, opt, x, y, keys))
+            return jax.tree.map(lambda a: a[None], teacher_epoch(*one, epoch_idx))
+    elif strategy == "vmap":
+        epoch = jax.vmap(teacher_epoch, in_axes=(0, 0, 0, 0, 0, 0, None))
+    elif strategy == "map":
+        def epoch(params, state, opt, x, y, keys, epoch_idx):
+            return jax.lax.map(lambda a: teacher_epoch(*a, epoch_idx),
+                               (params, state, opt, x, y, keys))
+    else:
+        raise ValueError(f"Unknown population strategy {strategy!r}; valid: {', '.join(STRATEGIES)}.")
     return jax.jit(_trace_guard(epoch, "train_population's epoch step")), tx
 
 
@@ -231,9 +264,9 @@ def population_sharding(population: int, devices: Sequence[jax.Device] | None):
 
 def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array, y: jax.Array,
                      keys: jax.Array, recipe: TrainRecipe, *, progress: bool = True,
-                     desc: str = "teachers",
-                     devices: Sequence[jax.Device] | None = None) -> PopulationResult:
-    """Trains P teachers of one architecture together (vmapped, one jitted call per epoch).
+                     desc: str = "teachers", devices: Sequence[jax.Device] | None = None,
+                     strategy: str | None = None) -> PopulationResult:
+    """Trains P teachers of one architecture together (one jitted call per epoch for all).
 
     Args:
       fm: functional view of the architecture (only ``apply`` is used; compiled epochs are cached
@@ -246,9 +279,11 @@ def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array,
       recipe: optimisation recipe (``epochs`` included).
       progress: show a tqdm bar over epochs.
       desc: progress-bar label.
-      devices: optional devices to split the population over (e.g. ``jax.devices()`` with
-        several emulated CPU devices: each runs its share on its own thread). Ignored unless P is
-        a multiple of their number.
+      devices: optional devices to split a vectorised population over (e.g. several GPUs, or
+        emulated CPU devices that each run on their own thread). Used only with
+        ``strategy="vmap"`` and when P is a multiple of their number.
+      strategy: ``"vmap"`` (vectorised population) or ``"map"`` (loop over teachers inside the
+        compiled epoch); default :func:`default_strategy` (``"map"`` on CPU, where it is faster).
 
     Returns:
       :class:`PopulationResult` with the final (last-epoch) weights.
@@ -269,10 +304,15 @@ def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array,
     if recipe.epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {recipe.epochs}.")
     n = int(x.shape[1])
-    sharding = population_sharding(P, devices)
+    strategy = strategy or default_strategy()
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown population strategy {strategy!r}; valid: {', '.join(STRATEGIES)}.")
+    # a loop over a sharded axis would gather it: devices only split vectorised populations
+    sharding = population_sharding(P, devices) if strategy == "vmap" else None
     dev_key = tuple(devices) if sharding is not None else ()
     # the compiled epoch does not depend on the number of epochs: keep it out of the cache key
-    epoch_fn, tx = _epoch_fn(fm.apply, dataclasses.replace(recipe, epochs=0), n, P, dev_key)
+    epoch_fn, tx = _epoch_fn(fm.apply, dataclasses.replace(recipe, epochs=0), n, P, dev_key,
+                             strategy)
     opt = jax.vmap(tx.init)(params)
     if sharding is not None:
         params, state, opt, x, y, keys = jax.device_put((params, state, opt, x, y, keys), sharding)
@@ -288,9 +328,10 @@ def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array,
 
 
 @functools.lru_cache(maxsize=64)
-def _predict_fn(fm_apply, batch: int):
+def _predict_fn(fm_apply, batch: int, shapes: tuple):
+    """Jitted eval-mode logits of a population; one cached function (one trace) per shape."""
+    del shapes  # cache key only
 
-    @jax.jit
     def predict(params, state, x):
         def one(p, s, xs):
             def chunk(_, xb):
@@ -306,7 +347,7 @@ def _predict_fn(fm_apply, batch: int):
             return jnp.concatenate(out, 0)
         return jax.vmap(one)(params, state, x)
 
-    return predict
+    return jax.jit(_trace_guard(predict, "predict_population"))
 
 
 def predict_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array, *,
@@ -322,7 +363,10 @@ def predict_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Arra
     Returns:
       ``(P, n, num_classes)`` logits.
     """
-    return _predict_fn(fm.apply, int(batch_size))(params, state, jnp.asarray(x))
+    x = jnp.asarray(x)
+    leaves = jax.tree.leaves((params, state))
+    shapes = (x.shape, str(x.dtype), tuple(l.shape for l in leaves))
+    return _predict_fn(fm.apply, int(batch_size), shapes)(params, state, x)
 
 
 def evaluate_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array,

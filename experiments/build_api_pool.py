@@ -68,6 +68,8 @@ def main(argv=None) -> int:
                     help="teachers trained together in one vmapped population (memory bound)")
     ap.add_argument("--cpu-devices", type=int, default=1,
                     help="emulated CPU devices to split each population over (one thread each)")
+    ap.add_argument("--strategy", default=None, choices=["vmap", "map"],
+                    help="population strategy (default: map on CPU, vmap on accelerators)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing pool")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
             model_kwargs=_widths(args.width, archs or ["conv4", "resnet10", "resnet18"]),
             recipe_overrides=recipe, dataset_kwargs=dataset_kwargs,
             max_population=args.max_population, overwrite=args.overwrite,
-            progress=not args.no_progress, devices=devices)
+            progress=not args.no_progress, devices=devices, strategy=args.strategy)
     except ValueError as e:
         print(f"build_api_pool: error: {e}", file=sys.stderr)
         return 2

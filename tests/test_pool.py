@@ -16,7 +16,7 @@ import pytest
 from dfml_jax.blackbox import APIGroup, BlackBoxAPI, BlackBoxGradientError
 from dfml_jax.data import get_class_splits
 from dfml_jax.models import create_model, functional, normalize, stack_trees, unstack_tree
-from dfml_jax.pool import (APIPool, PoolError, build_pool, format_summary, load_pool,
+from dfml_jax.pool import (PoolError, build_pool, format_summary, load_pool,
                            load_white_box_teachers, read_manifest, train_group, write_pool)
 from dfml_jax.train_teacher import recipe_for, train_population
 
@@ -36,9 +36,10 @@ def split(glyph_cache):
 
 @pytest.fixture(scope="module")
 def conv4_group(split):
+    # vectorised population (the CPU default is the "map" strategy; both are tested)
     return train_group(split, dataset="glyphs", arch="conv4", num_apis=3, seed=0, group_index=0,
                        model_kwargs={"width": 8}, recipe=recipe_for("conv4", **RECIPE),
-                       progress=False)
+                       progress=False, strategy="vmap")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_teacher_records(split, conv4_group):
 
 
 def test_population_training_equals_individual_training(split, conv4_group):
-    """Same seeds, trained one at a time (population size 1): same training trajectory.
+    """Same seeds, trained one at a time (population size 1) or vmapped: same trajectory.
 
     Conv biases feed BatchNorm, so their true gradient is zero and Adam turns float round-off
     into +-lr steps that differ between the batched and unbatched programs; they do not change
@@ -118,11 +119,19 @@ def test_train_population_validates_and_is_reproducible():
     y = jnp.tile(jnp.arange(10) % 3, (2, 1))
     keys = jax.random.split(jax.random.key(1), 2)
     r = recipe_for("mlp", epochs=3, batch_size=4)  # 2 full batches + one of 2 per epoch
-    a = train_population(fms[0], params, state, x, y, keys, r, progress=False)
-    b = train_population(fms[0], params, state, x, y, keys, r, progress=False)
+    a = train_population(fms[0], params, state, x, y, keys, r, progress=False, strategy="map")
+    b = train_population(fms[0], params, state, x, y, keys, r, progress=False, strategy="map")
+    c = train_population(fms[0], params, state, x, y, keys, r, progress=False, strategy="vmap")
+    one = train_population(fms[0], *jax.tree.map(lambda t: t[1:], (params, state, x, y, keys)),
+                           r, progress=False)
     assert a.losses.shape == (3, 2)
-    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_array_equal(u, v)
+    for u, v, w in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params),
+                       jax.tree.leaves(c.params)):
+        np.testing.assert_array_equal(u, v)  # reproducible
+        np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-5)  # strategies agree
+    np.testing.assert_allclose(one.losses[:, 0], a.losses[:, 1], rtol=1e-5)  # alone == together
+    with pytest.raises(ValueError, match="valid: vmap, map"):
+        train_population(fms[0], params, state, x, y, keys, r, progress=False, strategy="pmap")
     with pytest.raises(ValueError, match="leading"):
         train_population(fms[0], params, state, x[:1], y[:1], keys[:1], r, progress=False)
     with pytest.raises(ValueError, match="No training recipe.*valid: conv4"):
@@ -207,6 +216,27 @@ def test_damaged_pools_raise_and_never_half_load(pool_dir, tmp_path):
     d = _copy(pool_dir, tmp_path, "no_ckpt")
     shutil.rmtree(os.path.join(d, "checkpoints", "glyphs-mlp"))
     with pytest.raises(PoolError, match="glyphs-mlp.*checkpoint directory is missing"):
+        load_pool(d)
+
+    d = _copy(pool_dir, tmp_path, "no_file")
+    os.remove(os.path.join(d, "checkpoints", "glyphs-conv4", "_METADATA"))
+    with pytest.raises(PoolError, match=r"glyphs-conv4.*missing checkpoint file\(s\) \['_METADATA'\]"):
+        load_pool(d)
+
+    d = _copy(pool_dir, tmp_path, "truncated")
+    ck = os.path.join(d, "checkpoints", "glyphs-mlp")
+    victim = max((os.path.join(r, f) for r, _, fs in os.walk(ck) for f in fs), key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    with pytest.raises(PoolError, match="changed size"):
+        load_pool(d)
+
+    d = _copy(pool_dir, tmp_path, "bad_digest")
+    manifest = read_manifest(d)
+    manifest["groups"][1]["sha256"] = "0" * 64
+    with open(os.path.join(d, "pool.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(PoolError, match="glyphs-mlp.*SHA-256"):
         load_pool(d)
 
     d = _copy(pool_dir, tmp_path, "old_version")

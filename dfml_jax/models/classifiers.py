@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from dfml_jax.models.layers import BatchNorm, Conv2d, Linear, conv_normal_init, global_avg_pool, \

@@ -7,11 +7,14 @@ back-ends with identical semantics (NHWC inputs, HWIO kernels, symmetric zero pa
   concatenated along the channel axis and multiplied with the reshaped kernel in one matmul.
 * ``"lax"``: :func:`jax.lax.conv_general_dilated`.
 
-On CPU, second-order MAML through ``lax.conv_general_dilated`` is several times slower than
-through the im2col form (its transpose/grad-of-grad rules lower to poorly optimised convolution
-kernels, and under ``vmap`` with batched kernels it becomes a grouped convolution), and plain
-forward passes are faster too; ``experiments/bench_conv.py`` measures both and prints the numbers.
-The default can be changed per model (``conv_impl=...``) or globally with
+Measured on 2 CPU cores (``experiments/bench_conv.py``, which prints the numbers): im2col is
+7-13x faster whenever ``vmap`` batches the kernels (a meta-batch of second-order MAML tasks, a
+population of teachers: lax's batching rule turns these into grouped convolutions, which XLA:CPU
+runs slowly) and 1.3-1.6x faster for second-order MAML on one task; lax is 2-3x faster for
+single-model forward passes and first-order gradients, and ~5x for eval-mode forward passes of
+1024 images (API queries). The default is im2col, because the training loops of this library
+are vmapped and second-order; :func:`dfml_jax.pool.load_pool` builds its black-box APIs with
+``"lax"``. Change it per model (``conv_impl=...``) or globally with
 :func:`set_default_conv_impl`.
 
 The other layers (BatchNorm, pooling, upsampling, Linear) are written as pure functions plus thin
@@ -25,7 +28,7 @@ with ``momentum=0.1``, ``eps=1e-5``.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
