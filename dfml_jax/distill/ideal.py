@@ -31,14 +31,12 @@ Example (tiny, CPU):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
@@ -264,7 +262,9 @@ class PoolRunResult:
     """Outcome of :func:`run_pool_distillation`.
 
     Attributes:
-      curve: evaluated points: dicts with round, queries, pool_size, val_acc, test_acc, loss, ...
+      curve: evaluated points: dicts with round, queries, pool_size, val_acc, test_acc, the pool
+        pass's mean loss, the generation phase's best loss, student steps, and the class histogram
+        of the teacher's labels in the pool.
       queries: samples charged by the API's ledger over the whole run (resumes included).
       rounds: rounds completed.
       stopped: why the run ended: ``"budget"``, ``"rounds"`` or ``"interrupted"`` (``max_rounds``).
@@ -435,7 +435,8 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
             if evaluator is not None and ((r + 1) % cfg.eval_every == 0 or crosses
                                           or next_unaffordable or r == 0):
                 point = {"round": r + 1, "queries": q, "pool_size": pool.size,
-                         "loss": float(loss), "gen_loss": gen_loss, "student_steps": int(nsteps)}
+                         "loss": float(loss), "gen_loss": gen_loss, "student_steps": int(nsteps),
+                         "pool_histogram": pool.class_histogram(k)}
                 point.update(evaluator(state.params, state.bn))
                 curve.append(point)
                 last_eval_round = r
