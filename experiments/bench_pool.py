@@ -20,7 +20,25 @@ depend on the content) when the data package is unavailable.
 
 Example::
 
-    python experiments/bench_pool.py --epochs 10 --reps 3
+    python experiments/bench_pool.py --epochs 10 --reps 3 --cpu-devices 2
+
+Measured (jax 0.10.2, 2 CPU cores shared with other jobs, load average 7.5-8.7; 20 teachers,
+10 epochs, medians of 3; seconds, speed-up over sequential in brackets):
+
+=====================  =================  =================
+mode                   width 32 (spec)    width 8
+=====================  =================  =================
+sequential             31.4               4.78
+population_map         23.3  (1.35x)      4.56  (1.05x)
+population_vmap        39.0  (0.80x)      8.41  (0.57x)
+vmap over 2 devices    39.9  (0.79x)      7.99  (0.60x)
+=====================  =================  =================
+
+The 3x goal is NOT met on this machine: each teacher step (80 images) is compute-bound, so a
+population has no per-call overhead to amortise, and XLA:CPU runs the batched matmuls made by
+``vmap`` 2-6x slower per FLOP than unbatched ones (a loop inside the compiled epoch avoids that,
+hence ``"map"`` is the CPU default). Compilation: 8-17 s per mode, paid once. Training losses of
+all modes agree (max difference 0.011 after 10 Adam epochs at width 32, 0.0 at width 8).
 """
 from __future__ import annotations
 
