@@ -194,6 +194,15 @@ def test_direction_families():
     np.testing.assert_allclose(d * (u.T @ u) / 4000, jnp.eye(d), atol=0.1)
 
 
+@pytest.mark.parametrize("family", sorted(DIRECTION_FAMILIES))
+def test_directions_are_shard_invariant(family):
+    """A device holding samples 2..3 of a batch of 4 draws exactly their rows (per-sample keys)."""
+    key = jax.random.key(3)
+    full = sample_directions(family, key, 1, 4, 5, 4, 7)
+    tail = sample_directions(family, key, 1, 4, 5, 2, 7, sample_offset=2)
+    np.testing.assert_array_equal(np.asarray(full[:, 2:]), np.asarray(tail))
+
+
 # ----------------------------------------------------------------------------- API side
 @pytest.mark.parametrize("name", ["sphere-forward", "orthogonal-central"])
 def test_probe_grad_equals_scalar_estimator_without_new_queries(name):
