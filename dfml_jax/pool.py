@@ -57,12 +57,14 @@ from dfml_jax import __version__ as _LIB_VERSION
 from dfml_jax.blackbox import BlackBoxAPI
 from dfml_jax.models import CLASSIFIERS, create_model, functional, stack_trees
 from dfml_jax.models.preprocess import compute_stats, normalize, stats_for_dataset
-from dfml_jax.train_teacher import evaluate_population, recipe_for, train_population
+from dfml_jax.train_teacher import evaluate_population, recipe_for, resolve_devices, \
+    train_population
 
 __all__ = [
     "POOL_FORMAT", "POOL_FORMAT_VERSION", "SCENARIOS", "DEFAULT_ARCHS", "PoolError", "APIPool",
     "WhiteBoxTeacher", "TrainedGroup", "build_pool", "train_group", "write_pool", "load_pool",
-    "load_white_box_teachers", "read_manifest", "format_summary",
+    "load_white_box_teachers", "read_manifest", "format_summary", "check_devices",
+    "population_sizes",
 ]
 
 POOL_FORMAT = "dfml_jax.api_pool"
@@ -325,11 +327,46 @@ class TrainedGroup(NamedTuple):
     dataset_num_classes: int
 
 
+def population_sizes(num_apis: int, max_population: int) -> list[int]:
+    """Sizes of the populations ``num_apis`` teachers are trained in (chunks of at most
+    ``max_population``), e.g. ``population_sizes(20, 8) == [8, 8, 4]``."""
+    return [min(max_population, num_apis - c0) for c0 in range(0, num_apis, max_population)]
+
+
+def check_devices(devices: int | Sequence[Any] | None, num_apis: int, max_population: int) -> None:
+    """Raises ``ValueError`` unless ``devices`` can split every population of a group.
+
+    Args:
+      devices: ``None`` (all local devices, lowered per population: always valid), a device count
+        or a sequence of devices.
+      num_apis: teachers of the group.
+      max_population: most teachers per population.
+
+    Raises:
+      ValueError: more devices than exist (listing them), or a count that does not divide a
+        population's size (naming both and the valid counts).
+    """
+    if devices is None:
+        return
+    sizes = population_sizes(num_apis, max_population)
+    n = len(resolve_devices(devices))
+    bad = sorted({s for s in sizes if s % n})
+    if bad:
+        n_local = len(jax.local_devices())
+        valid = [k for k in range(1, n_local + 1) if all(s % k == 0 for s in sizes)]
+        raise ValueError(
+            f"{n} devices do not divide the {bad[0]} teachers of a population (num_apis="
+            f"{num_apis} in populations of {sizes} with max_population={max_population}; each "
+            f"device trains an equal share). Valid device counts here (of {n_local} local "
+            f"devices): {valid}; or change --max-population / --num-apis.")
+
+
 def train_group(split, *, dataset: str, arch: str, num_apis: int, way: int = 5, seed: int = 0,
                 group_index: int = 0, model_kwargs: Mapping[str, Any] | None = None,
                 recipe=None, train_fraction: float = 0.8, max_population: int = 20,
                 class_offset: int = 0, progress: bool = True,
-                devices: Sequence[Any] | None = None, strategy: str | None = None) -> TrainedGroup:
+                devices: int | Sequence[Any] | None = None,
+                strategy: str | None = None) -> TrainedGroup:
     """Trains ``num_apis`` teachers of one architecture on one dataset (vmapped populations).
 
     Teacher ``m`` uses the seed ``SeedSequence([seed, group_index, m])``: it draws its ``way``
@@ -350,16 +387,20 @@ def train_group(split, *, dataset: str, arch: str, num_apis: int, way: int = 5, 
       max_population: most teachers per vmapped population.
       class_offset: offset of this dataset's classes in the pool's global numbering.
       progress: tqdm bars.
-      devices: split each population over these devices.
+      devices: split each population's teacher axis over devices: a count (the first N local
+        devices) or a sequence of devices, which must divide every population's size; ``None``
+        (default): all local devices, lowered per population to the largest count dividing it.
       strategy: population strategy (``"vmap"``/``"map"``; default ``"map"`` on CPU).
 
     Returns:
       :class:`TrainedGroup`.
 
     Raises:
-      ValueError: unknown architecture, ``way`` larger than the split, no training images.
+      ValueError: unknown architecture, ``way`` larger than the split, no training images, a
+        device count that does not divide a population (or exceeds the local devices).
     """
     _check_choices("architecture", [arch], CLASSIFIERS)
+    check_devices(devices, num_apis, max_population)
     if way > split.num_classes:
         raise ValueError(f"way={way} classes per teacher, but the meta-train split of {dataset!r} "
                          f"has only {split.num_classes} classes; lower way (--way).")
@@ -398,10 +439,15 @@ def train_group(split, *, dataset: str, arch: str, num_apis: int, way: int = 5, 
         xh = normalize(jnp.asarray(np.stack(xh)), mean, std)
         inits = [fm.init(jax.random.key(seeds[m])) for m in members]
         keys = jnp.stack([jax.random.fold_in(jax.random.key(seeds[m]), 1) for m in members])
+        devs = resolve_devices(len(jax.local_devices()) if devices is None else devices,
+                               len(members), strict=devices is not None)
         res = train_population(fm, stack_trees([p for p, _ in inits]),
                                stack_trees([st for _, st in inits]), x, y, keys, recipe,
-                               progress=progress, devices=devices, strategy=strategy,
+                               progress=progress, devices=devs, strategy=strategy,
                                desc=f"{dataset}/{arch} teachers {members[0]}-{members[-1]}")
+        # gather a split population on one device (evaluation, storage and loading are unsharded)
+        res = res._replace(params=jax.device_put(res.params, devs[0]),
+                           state=jax.device_put(res.state, devs[0]))
         tr_acc += list(evaluate_population(fm, res.params, res.state, x, y))
         ho_acc += list(evaluate_population(fm, res.params, res.state, xh, yh))
         final_loss += (list(res.losses[-1]) if len(res.losses) else [float("nan")] * len(members))
@@ -501,7 +547,7 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
                dataset_kwargs: Mapping[str, Any] | None = None, train_fraction: float = 0.8,
                max_population: int = 20, split_loader: Callable[..., Any] | None = None,
                overwrite: bool = False, progress: bool = True,
-               devices: Sequence[Any] | None = None, strategy: str | None = None) -> dict:
+               devices: int | Sequence[Any] | None = None, strategy: str | None = None) -> dict:
     """Trains a pool of teachers and writes it to ``directory`` (atomically).
 
     Args:
@@ -524,9 +570,12 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
         ``dfml_jax.data.get_class_splits(name, **kw)[0]``.
       overwrite: replace an existing pool directory.
       progress: tqdm progress bars.
-      devices: split each population over these devices (see
-        :func:`dfml_jax.train_teacher.train_population`); populations are then chunked in
-        multiples of the device count. The trained weights do not depend on it.
+      devices: split each population's teacher axis over devices (``jax.shard_map``, see
+        :func:`dfml_jax.train_teacher.train_population`): a count (the first N local devices) or
+        a sequence of devices; it must divide every population's size (``max_population`` and
+        the remainder of ``num_apis``). ``None`` (default): all local devices, lowered per
+        population to the largest count dividing it. The trained weights do not depend on it
+        (up to float reassociation).
       strategy: population strategy, ``"vmap"`` or ``"map"`` (default: ``"map"`` on CPU).
 
     Returns:
@@ -534,7 +583,8 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
 
     Raises:
       ValueError: unknown scenario/architecture (valid ones listed), ``way`` larger than a split's
-        number of classes, too few images per class, existing directory without ``overwrite``.
+        number of classes, too few images per class, existing directory without ``overwrite``,
+        a device count that does not divide a population's size or exceeds the local devices.
     """
     archs = tuple(archs) if archs else (("conv4",) if scenario == "SS" else DEFAULT_ARCHS)
     datasets = tuple(datasets)
@@ -547,8 +597,7 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
         raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}.")
     if max_population < 1:
         raise ValueError(f"max_population must be >= 1, got {max_population}.")
-    if devices and len(devices) > 1:
-        max_population = max(len(devices), max_population - max_population % len(devices))
+    check_devices(devices, num_apis, max_population)
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not overwrite:
         raise ValueError(f"Pool directory {directory} exists; pass overwrite=True (--overwrite) or "

@@ -13,7 +13,9 @@ Strategy: ``vmap`` is the natural choice on accelerators. On CPU, XLA runs the b
 that ``vmap`` makes of the per-teacher matmuls several times slower per FLOP than unbatched ones,
 so ``"map"`` is the CPU default (:func:`default_strategy`); ``experiments/bench_pool.py`` measures
 both against training one teacher at a time. The population axis can also be split over several
-devices (``devices=``), e.g. emulated CPU devices that each run on their own thread.
+devices (``devices=``: ``jax.shard_map`` over a 1-D ``"teachers"`` mesh, each device running the
+strategy on its share), e.g. several GPUs, or emulated CPU devices that each run on their own
+thread.
 
 Recipe (``shared/specs/bidf_mkd.md`` section 1.1): batch 128, cross-entropy, gradient-norm
 clipping at 50, the learning rate stepped per epoch by a MultiStep schedule (gamma 0.2).
@@ -46,7 +48,8 @@ from dfml_jax.models import FunctionalModel
 
 __all__ = ["TrainRecipe", "RECIPES", "recipe_for", "make_optimizer", "PopulationResult",
            "train_population", "evaluate_population", "predict_population",
-           "population_sharding", "STRATEGIES", "default_strategy"]
+           "population_sharding", "resolve_devices", "teacher_mesh", "TEACHER_AXIS",
+           "STRATEGIES", "default_strategy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,9 +204,10 @@ def _epoch_fn(fm_apply, recipe: TrainRecipe, n: int, population: int, devices: t
 
     Cached per (model, recipe, data size, population size, devices, strategy) so that training
     many populations of the same shape (e.g. teachers one at a time) compiles once; each cached
-    function may trace only once (:func:`_trace_guard`).
+    function may trace only once (:func:`_trace_guard`). With several ``devices`` the epoch is a
+    ``jax.shard_map`` over the teacher axis: every device runs the strategy's program on its own
+    ``population / len(devices)`` teachers (no communication at all).
     """
-    del devices  # cache key only (a new sharding is a new trace)
     bs = min(recipe.batch_size, n)
     n_full, rest = divmod(n, bs)
     tx = make_optimizer(recipe, n_full + (1 if rest else 0))
@@ -235,36 +239,114 @@ def _epoch_fn(fm_apply, recipe: TrainRecipe, n: int, population: int, devices: t
             total = total + loss
         return (*carry, total / n)
 
-    if population == 1:  # one teacher: a plain unbatched program, whatever the strategy
-        def epoch(params, state, opt, x, y, keys, epoch_idx):
-            one = jax.tree.map(lambda a: a[0], (params, state, opt, x, y, keys))
-            return jax.tree.map(lambda a: a[None], teacher_epoch(*one, epoch_idx))
-    elif strategy == "vmap":
-        epoch = jax.vmap(teacher_epoch, in_axes=(0, 0, 0, 0, 0, 0, None))
-    elif strategy == "map":
-        def epoch(params, state, opt, x, y, keys, epoch_idx):
-            return jax.lax.map(lambda a: teacher_epoch(*a, epoch_idx),
-                               (params, state, opt, x, y, keys))
-    else:
+    if strategy not in STRATEGIES:
         raise ValueError(f"Unknown population strategy {strategy!r}; valid: {', '.join(STRATEGIES)}.")
+    local = population // max(len(devices), 1)  # teachers per device
+
+    def epoch(params, state, opt, x, y, keys, epoch_idx):
+        args = (params, state, opt, x, y, keys)
+        if local == 1:  # one teacher: a plain unbatched program, whatever the strategy
+            one = jax.tree.map(lambda a: a[0], args)
+            return jax.tree.map(lambda a: a[None], teacher_epoch(*one, epoch_idx))
+        if strategy == "vmap":
+            return jax.vmap(teacher_epoch, in_axes=(0, 0, 0, 0, 0, 0, None))(*args, epoch_idx)
+        return jax.lax.map(lambda a: teacher_epoch(*a, epoch_idx), args)
+
+    if len(devices) > 1:
+        mesh = teacher_mesh(devices)
+        spec = jax.sharding.PartitionSpec(TEACHER_AXIS)
+        epoch = jax.shard_map(epoch, mesh=mesh, out_specs=spec,
+                              in_specs=(spec,) * 6 + (jax.sharding.PartitionSpec(),))
     return jax.jit(_trace_guard(epoch, "train_population's epoch step")), tx
 
 
-def population_sharding(population: int, devices: Sequence[jax.Device] | None):
-    """``NamedSharding`` splitting a population axis over ``devices``, or ``None``.
+#: Name of the mesh axis a population is split over.
+TEACHER_AXIS = "teachers"
 
-    Returns ``None`` (no sharding) for fewer than two devices or when ``population`` is not a
-    multiple of the device count.
+
+def resolve_devices(devices: int | Sequence[jax.Device] | None, population: int | None = None, *,
+                    strict: bool = True) -> tuple[jax.Device, ...]:
+    """The devices to split a population of ``population`` teachers over.
+
+    Args:
+      devices: ``None`` (one device: no split), a device count (the first ``devices`` of
+        ``jax.local_devices()``) or a sequence of devices.
+      population: number of teachers of the population (``None``: not checked).
+      strict: with ``False`` a count that does not divide ``population`` is lowered to the
+        largest one that does (used for the default "all local devices").
+
+    Returns:
+      A tuple of distinct devices (length 1: no split).
+
+    Raises:
+      ValueError: a count below 1, more devices than exist (the error lists them), repeated
+        devices, or (``strict``) a count that does not divide ``population`` (the error names both
+        numbers and the valid counts).
+
+    Example:
+      >>> len(resolve_devices(None, 20))
+      1
     """
-    if not devices or len(devices) < 2 or population % len(devices):
+    local = jax.local_devices()
+    if devices is None:
+        return (local[0],)
+    if isinstance(devices, (int, np.integer)):
+        if devices < 1:
+            raise ValueError(f"devices must be >= 1, got {devices}.")
+        if devices > len(local):
+            raise ValueError(
+                f"devices={devices}, but only {len(local)} local device(s) exist: "
+                f"{', '.join(str(d) for d in local)}. Use --devices <= {len(local)} (on CPU, more "
+                f"devices can be emulated with jax.config.update('jax_num_cpu_devices', N) before "
+                f"JAX starts).")
+        devs = tuple(local[: int(devices)])
+    else:
+        devs = tuple(devices)
+        if not devs:
+            raise ValueError("devices is an empty sequence; pass None, a count or devices.")
+        if len(set(devs)) != len(devs):
+            raise ValueError(f"devices contains repeated devices: {devs}.")
+    if population is not None and population % len(devs):
+        if not strict:
+            d = max(k for k in range(1, len(devs) + 1) if population % k == 0)
+            return devs[:d]
+        valid = [k for k in range(1, len(local) + 1) if population % k == 0]
+        raise ValueError(
+            f"{len(devs)} devices do not divide the {population} teachers of a population "
+            f"(each device trains an equal share); valid device counts for {population} teachers "
+            f"and {len(local)} local devices: {valid}.")
+    return devs
+
+
+def teacher_mesh(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
+    """1-D mesh (axis :data:`TEACHER_AXIS`, ``AxisType.Auto``) over ``devices``."""
+    return jax.make_mesh((len(devices),), (TEACHER_AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,), devices=list(devices))
+
+
+def population_sharding(population: int, devices: int | Sequence[jax.Device] | None):
+    """``NamedSharding(mesh, P("teachers"))`` splitting a population over devices, or ``None``.
+
+    Args:
+      population: number of teachers (the leading axis).
+      devices: as in :func:`resolve_devices` (strict).
+
+    Returns:
+      The sharding, or ``None`` for a single device.
+
+    Raises:
+      ValueError: see :func:`resolve_devices`.
+    """
+    devs = resolve_devices(devices, population)
+    if len(devs) < 2:
         return None
-    mesh = jax.sharding.Mesh(np.asarray(list(devices)), ("population",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("population"))
+    return jax.sharding.NamedSharding(teacher_mesh(devs),
+                                      jax.sharding.PartitionSpec(TEACHER_AXIS))
 
 
 def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array, y: jax.Array,
                      keys: jax.Array, recipe: TrainRecipe, *, progress: bool = True,
-                     desc: str = "teachers", devices: Sequence[jax.Device] | None = None,
+                     desc: str = "teachers", devices: int | Sequence[jax.Device] | None = None,
                      strategy: str | None = None) -> PopulationResult:
     """Trains P teachers of one architecture together (one jitted call per epoch for all).
 
@@ -279,17 +361,21 @@ def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array,
       recipe: optimisation recipe (``epochs`` included).
       progress: show a tqdm bar over epochs.
       desc: progress-bar label.
-      devices: optional devices to split a vectorised population over (e.g. several GPUs, or
-        emulated CPU devices that each run on their own thread). Used only with
-        ``strategy="vmap"`` and when P is a multiple of their number.
+      devices: split the teacher axis over devices (``jax.shard_map`` on a 1-D ``"teachers"``
+        mesh; parameters, optimiser states and data are placed with
+        ``NamedSharding(mesh, P("teachers"))``): a count (the first N local devices) or a sequence
+        of devices; must divide P. ``None``: one device. Each device runs ``strategy`` on its
+        share; the result equals the single-device one up to float reassociation.
       strategy: ``"vmap"`` (vectorised population) or ``"map"`` (loop over teachers inside the
         compiled epoch); default :func:`default_strategy` (``"map"`` on CPU, where it is faster).
 
     Returns:
-      :class:`PopulationResult` with the final (last-epoch) weights.
+      :class:`PopulationResult` with the final (last-epoch) weights (sharded like the inputs when
+      ``devices`` split them).
 
     Raises:
-      ValueError: inconsistent population sizes or shapes.
+      ValueError: inconsistent population sizes or shapes, unknown strategy, a device count that
+        does not divide P or exceeds the local devices.
     """
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.int32)
@@ -307,14 +393,14 @@ def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array,
     strategy = strategy or default_strategy()
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown population strategy {strategy!r}; valid: {', '.join(STRATEGIES)}.")
-    # a loop over a sharded axis would gather it: devices only split vectorised populations
-    sharding = population_sharding(P, devices) if strategy == "vmap" else None
-    dev_key = tuple(devices) if sharding is not None else ()
+    devs = resolve_devices(devices, P)
+    dev_key = devs if len(devs) > 1 else ()
     # the compiled epoch does not depend on the number of epochs: keep it out of the cache key
     epoch_fn, tx = _epoch_fn(fm.apply, dataclasses.replace(recipe, epochs=0), n, P, dev_key,
                              strategy)
     opt = jax.vmap(tx.init)(params)
-    if sharding is not None:
+    if len(devs) > 1:
+        sharding = population_sharding(P, devs)
         params, state, opt, x, y, keys = jax.device_put((params, state, opt, x, y, keys), sharding)
     losses = []
     bar = tqdm(range(recipe.epochs), desc=desc, disable=not progress, leave=False)

@@ -10,6 +10,10 @@ Examples::
     python experiments/build_api_pool.py --dataset glyphs --scenario SH \
         --arch conv4,resnet10,resnet18 --width resnet10=16,resnet18=16 --num-apis 10 --workdir DIR
 
+    # split every population of 20 over 4 devices (GPUs, or emulated CPU devices: one thread each)
+    python experiments/build_api_pool.py --dataset glyphs --scenario SS --arch conv4 \
+        --num-apis 20 --workdir DIR --cpu-devices 4 --devices 4
+
 The pool is written to ``WORKDIR/NAME`` (NAME defaults to ``<scenario>-<datasets>-<archs>-<n>``);
 a progress bar follows the training and a table of held-out accuracies is printed at the end.
 Load it with ``dfml_jax.pool.load_pool(path, output=...)``.
@@ -66,8 +70,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-population", type=int, default=20,
                     help="teachers trained together in one vmapped population (memory bound)")
+    ap.add_argument("--devices", type=int, default=None,
+                    help="devices to split each population's teachers over (must divide every "
+                         "population size; default: all local devices, lowered per population to "
+                         "the largest count that divides it)")
     ap.add_argument("--cpu-devices", type=int, default=1,
-                    help="emulated CPU devices to split each population over (one thread each)")
+                    help="number of emulated CPU devices to create (CPU only; one thread each)")
     ap.add_argument("--strategy", default=None, choices=["vmap", "map"],
                     help="population strategy (default: map on CPU, vmap on accelerators)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing pool")
@@ -77,7 +85,6 @@ def main(argv=None) -> int:
     import jax
     if args.cpu_devices > 1:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    devices = jax.devices() if args.cpu_devices > 1 else None
     datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
     archs = [a.strip() for a in args.arch.split(",")] if args.arch else None
     name = args.name or "-".join([args.scenario.lower(), "+".join(datasets),
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
             model_kwargs=_widths(args.width, archs or ["conv4", "resnet10", "resnet18"]),
             recipe_overrides=recipe, dataset_kwargs=dataset_kwargs,
             max_population=args.max_population, overwrite=args.overwrite,
-            progress=not args.no_progress, devices=devices, strategy=args.strategy)
+            progress=not args.no_progress, devices=args.devices, strategy=args.strategy)
     except ValueError as e:
         print(f"build_api_pool: error: {e}", file=sys.stderr)
         return 2

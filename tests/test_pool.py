@@ -16,9 +16,9 @@ import pytest
 from dfml_jax.blackbox import APIGroup, BlackBoxAPI, BlackBoxGradientError
 from dfml_jax.data import get_class_splits
 from dfml_jax.models import create_model, functional, normalize, stack_trees, unstack_tree
-from dfml_jax.pool import (PoolError, build_pool, format_summary, load_pool,
+from dfml_jax.pool import (PoolError, build_pool, check_devices, format_summary, load_pool,
                            load_white_box_teachers, read_manifest, train_group, write_pool)
-from dfml_jax.train_teacher import recipe_for, train_population
+from dfml_jax.train_teacher import TEACHER_AXIS, recipe_for, train_population
 
 RECIPE = dict(epochs=8, batch_size=16)
 
@@ -136,6 +136,48 @@ def test_train_population_validates_and_is_reproducible():
         train_population(fms[0], params, state, x[:1], y[:1], keys[:1], r, progress=False)
     with pytest.raises(ValueError, match="No training recipe.*valid: conv4"):
         recipe_for("vgg")
+
+
+def test_sharded_population_equals_one_device():
+    """The teacher axis split over 4 or 2 of the 8 emulated devices trains the same teachers."""
+    P = 4
+    fms = [functional(create_model("conv4", num_classes=3, input_shape=(8, 8, 1), rngs_or_key=i,
+                                   width=4, depth=2)) for i in range(P)]
+    params = stack_trees([f.params for f in fms])
+    state = stack_trees([f.state for f in fms])
+    x = jax.random.uniform(jax.random.key(0), (P, 10, 8, 8, 1))
+    y = jnp.tile(jnp.arange(10) % 3, (P, 1))
+    keys = jax.random.split(jax.random.key(1), P)
+    # SGD: float reassociation stays at round-off level (Adam would amplify it where a true
+    # gradient is ~0, see test_population_training_equals_individual_training)
+    r = recipe_for("conv4", epochs=2, batch_size=5, optimizer="sgd", lr=0.05, momentum=0.9)
+    ref = train_population(fms[0], params, state, x, y, keys, r, progress=False, strategy="map")
+    for devices, strategy in ((4, "map"), (jax.devices()[2:4], "vmap")):
+        out = train_population(fms[0], params, state, x, y, keys, r, progress=False,
+                               devices=devices, strategy=strategy)
+        k = out.params["classifier"]["kernel"]
+        assert k.sharding.spec == jax.sharding.PartitionSpec(TEACHER_AXIS)
+        assert len(k.sharding.device_set) == (4 if devices == 4 else 2)
+        np.testing.assert_allclose(out.losses, ref.losses, rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves((out.params, out.state)),
+                        jax.tree.leaves((ref.params, ref.state))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"3 devices do not divide the 4 teachers.*\[1, 2, 4\]"):
+        train_population(fms[0], params, state, x, y, keys, r, progress=False, devices=3)
+    with pytest.raises(ValueError, match="devices=9, but only 8 local device.*cpu:7"):
+        train_population(fms[0], params, state, x, y, keys, r, progress=False, devices=9)
+
+
+def test_pool_device_counts_are_checked_before_training():
+    check_devices(None, 20, 20)  # default: all local devices, lowered per population
+    check_devices(4, 20, 20)
+    with pytest.raises(ValueError, match=r"8 devices do not divide the 20 teachers.*\[1, 2, 4, 5\]"):
+        check_devices(8, 20, 20)
+    with pytest.raises(ValueError, match=r"2 devices do not divide the 3 teachers.*"
+                                         r"\[8, 8, 3\].*: \[1\]"):
+        check_devices(2, 19, 8)
+    with pytest.raises(ValueError, match="only 8 local device"):
+        check_devices(16, 16, 16)
 
 
 def test_save_load_roundtrip_gives_identical_outputs(pool_dir, split, conv4_group, mlp_group):
@@ -326,3 +368,5 @@ def test_build_api_pool_cli(glyph_cache, tmp_path, monkeypatch, capsys):
     assert "overwrite" in capsys.readouterr().err
     assert cli.main(["--dataset", "glyphs", "--scenario", "XX", "--workdir", str(tmp_path)]) == 2
     assert "valid: SS, SH, MH" in capsys.readouterr().err
+    assert cli.main(args[:-2] + ["q", "--devices", "3", "--no-progress"]) == 2
+    assert "3 devices do not divide the 2 teachers" in capsys.readouterr().err
