@@ -5,9 +5,16 @@ clip 50) and the same number of epochs:
 
 * ``population_vmap``: the 20 teachers vectorised with ``jax.vmap`` in one jitted epoch;
 * ``population_map``: one jitted epoch looping over the teachers (``lax.map``);
-* ``population_vmap_sharded`` (with ``--cpu-devices N``): the vectorised population split over
-  N emulated CPU devices;
-* ``sequential``: one teacher at a time (an unbatched program, compiled once and reused).
+* ``population_map_sharded`` / ``population_vmap_sharded`` (with ``--cpu-devices N``): the
+  teacher axis split over N emulated CPU devices (``train_population(devices=N)``: ``shard_map``
+  on a ``"teachers"`` mesh, each device looping / vectorising over its 20/N teachers in its own
+  thread);
+* ``sequential``: one teacher at a time (an unbatched program, compiled once and reused);
+* ``sequential_lax`` (with ``--lax-reference``): the same with ``lax.conv`` instead of the default
+  im2col convolution. A single jitted ``lax.conv`` train step is faster than the im2col one on
+  CPU (``bench_conv.py``), but inside the trainer's compiled epoch (a ``lax.scan`` over
+  mini-batches) XLA:CPU runs the ``lax.conv`` gradients several times slower (measured 5.5x
+  slower than im2col sequential below), so im2col sequential is the reference.
 
 Each mode is first compiled with a 1-epoch warm-up; the timed runs then train from the same
 initial weights. Reported: medians of ``--reps`` runs, compile times, speed-ups over sequential
@@ -22,23 +29,43 @@ Example::
 
     python experiments/bench_pool.py --epochs 10 --reps 3 --cpu-devices 2
 
-Measured (jax 0.10.2, 2 CPU cores shared with other jobs, load average 7.5-8.7; 20 teachers,
-10 epochs, medians of 3; seconds, speed-up over sequential in brackets):
+Measured (jax 0.10.2, 2 CPU cores shared with other jobs, load average 21.6 at the start and
+25.3 at the end; 20 teachers, 10 epochs, width 32, Glyphs, medians of 3 in the same run; seconds,
+speed-up over sequential in brackets)::
 
-=====================  =================  =================
-mode                   width 32 (spec)    width 8
-=====================  =================  =================
-sequential             31.4               4.78
-population_map         23.3  (1.35x)      4.56  (1.05x)
-population_vmap        39.0  (0.80x)      8.41  (0.57x)
-vmap over 2 devices    39.9  (0.79x)      7.99  (0.60x)
-=====================  =================  =================
+    python experiments/bench_pool.py --epochs 10 --reps 3 --cpu-devices 2 --lax-reference
 
-The 3x goal is NOT met on this machine: each teacher step (80 images) is compute-bound, so a
-population has no per-call overhead to amortise, and XLA:CPU runs the batched matmuls made by
-``vmap`` 2-6x slower per FLOP than unbatched ones (a loop inside the compiled epoch avoids that,
-hence ``"map"`` is the CPU default). Compilation: 8-17 s per mode, paid once. Training losses of
-all modes agree (max difference 0.011 after 10 Adam epochs at width 32, 0.0 at width 8).
+=================================  ===============  ==========================
+mode                               time             compile + 1 epoch
+=================================  ===============  ==========================
+sequential (im2col, reference)     39.6             14.5
+population_map (CPU default)       25.7  (1.54x)    12.5   (1.42x incl. compile)
+population_map_sharded, 2 devices  25.7  (1.54x)    15.5   (1.32x incl. compile)
+population_vmap                    66.9  (0.59x)    34.0
+population_vmap_sharded, 2 devs    32.8  (1.21x)    17.8
+sequential_lax                     216.7 (0.18x)    21.9
+=================================  ===============  ==========================
+
+Max difference of the training losses between modes: 0.011 (Adam amplifying float reassociation).
+An earlier run (load 7.5-8.7) gave sequential 31.4, map 23.3 (1.35x), vmap 39.0 (0.80x).
+
+The 3x goal is NOT met on this machine. Profile (``jax.profiler`` trace of one teacher step, 80
+images 28x28, width 32, 1.37 GFLOP by XLA's cost analysis): the step is 130-200 ms of XLA:CPU
+kernels against ~1-3 ms of dispatch, so a population has no per-call overhead to amortise. Per
+teacher-step (load 43, so inflated): matmul/YNN fusions 64 ms, im2col concatenation/padding and
+its gradient 30 ms, other elementwise fusions (BatchNorm, ReLU, max-pool and their gradients)
+39 ms, layout copies/transposes 15 ms; inside the population's compiled loop 51 / 23 / 21 / 16 ms
+(120 ms in all, the 1.5x of ``population_map``). Achieved 7-10 GFLOP/s vs 50-100 GFLOP/s for a
+large matmul on this CPU. Two thirds of the step are memory-bound fusions that do the same work
+per teacher whether the teachers run one at a time, in a compiled loop or vectorised; ``vmap``
+makes them and the matmuls batched, which XLA:CPU runs slower per byte and per FLOP (grouped
+convolutions, batched dots with transposes). A wide network of stacked channels (im2col +
+per-teacher einsum) was 1.6-3x slower per teacher than sequential, ``lax.conv`` with
+``feature_group_count=20`` did not compile and run a few steps within 5 minutes, and a
+Python-unrolled population (20 independent programs in one jit, so that XLA may run teachers
+concurrently) gave 0.94-0.98x at 160-190 s compile time. Splitting the population over 2 emulated
+devices (one thread each) cannot add speed while the 2 cores are saturated by other jobs (load
+20-25); on an idle machine it is the way to use both cores.
 """
 from __future__ import annotations
 
@@ -88,6 +115,10 @@ def main(argv=None):
     ap.add_argument("--conv-impl", default=None, help="im2col (default) or lax")
     ap.add_argument("--cpu-devices", type=int, default=1,
                     help="also time the population split over this many emulated CPU devices")
+    ap.add_argument("--lax-reference", action="store_true",
+                    help="also time sequential training with lax.conv (best unbatched program)")
+    ap.add_argument("--modes", default=None,
+                    help="comma-separated subset of modes to run (sequential always runs)")
     args = ap.parse_args(argv)
     if args.cpu_devices > 1:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -107,17 +138,20 @@ def main(argv=None):
     warm = recipe_for("conv4", epochs=1)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
 
-    def population(r, strategy, devices=None):
+    def population(r, strategy, devices=None):  # devices: a count
         out = train_population(fm, params, state, xj, yj, keys, r, progress=False, devices=devices,
                                strategy=strategy)
         jax.block_until_ready(out.params)
         return out.losses
 
-    def sequential(r):
+    fm_lax = functional(create_model("conv4", num_classes=way, input_shape=shape, rngs_or_key=0,
+                                     **{**kw, "conv_impl": "lax"}))
+
+    def sequential(r, f=fm):
         losses = []
         for i in range(P):
             sl = lambda t: jax.tree.map(lambda a: a[i:i + 1], t)  # noqa: E731
-            out = train_population(fm, sl(params), sl(state), xj[i:i + 1], yj[i:i + 1],
+            out = train_population(f, sl(params), sl(state), xj[i:i + 1], yj[i:i + 1],
                                    keys[i:i + 1], r, progress=False)
             jax.block_until_ready(out.params)
             losses.append(out.losses[:, 0])
@@ -132,8 +166,15 @@ def main(argv=None):
     modes = [("population_vmap", lambda r: population(r, "vmap")),
              ("population_map", lambda r: population(r, "map"))]
     if args.cpu_devices > 1:
-        modes += [("population_vmap_sharded", lambda r: population(r, "vmap", jax.devices()))]
+        modes += [("population_map_sharded", lambda r: population(r, "map", args.cpu_devices)),
+                  ("population_vmap_sharded", lambda r: population(r, "vmap", args.cpu_devices))]
+    if args.modes:
+        keep = set(args.modes.split(","))
+        modes = [m for m in modes if m[0] in keep]
+    if args.lax_reference:
+        modes.append(("sequential_lax", lambda r: sequential(r, fm_lax)))
     modes.append(("sequential", sequential))
+    res["modes"] = [m[0] for m in modes]
     for name, fn in modes:
         t0 = time.perf_counter()
         fn(warm)

@@ -36,10 +36,11 @@ def split(glyph_cache):
 
 @pytest.fixture(scope="module")
 def conv4_group(split):
-    # vectorised population (the CPU default is the "map" strategy; both are tested)
+    # vectorised population on one device (the CPU default is the "map" strategy on all local
+    # devices, as mlp_group below: 3 of the 8 emulated devices, one teacher each)
     return train_group(split, dataset="glyphs", arch="conv4", num_apis=3, seed=0, group_index=0,
                        model_kwargs={"width": 8}, recipe=recipe_for("conv4", **RECIPE),
-                       progress=False, strategy="vmap")
+                       progress=False, strategy="vmap", devices=1)
 
 
 @pytest.fixture(scope="module")
