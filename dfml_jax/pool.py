@@ -14,7 +14,9 @@ accuracy. Scenarios:
 code's ``--APInum`` (an SH pool with 3 architectures and ``num_apis=100`` holds 300 teachers).
 Teachers of one group train together as a population, one jitted epoch for up to
 ``max_population`` of them (:func:`dfml_jax.train_teacher.train_population`; vectorised with
-``vmap`` on accelerators, a compiled loop on CPU where that is faster).
+``vmap`` on accelerators, a compiled loop on CPU where that is faster). ``devices`` splits each
+population's teacher axis over several devices (``shard_map`` on a ``"teachers"`` mesh; default:
+all local devices, lowered per population to the largest count that divides it).
 
 On disk (``directory/``)::
 

@@ -55,7 +55,8 @@ kernels against ~1-3 ms of dispatch, so a population has no per-call overhead to
 teacher-step (load 43, so inflated): matmul/YNN fusions 64 ms, im2col concatenation/padding and
 its gradient 30 ms, other elementwise fusions (BatchNorm, ReLU, max-pool and their gradients)
 39 ms, layout copies/transposes 15 ms; inside the population's compiled loop 51 / 23 / 21 / 16 ms
-(120 ms in all, the 1.5x of ``population_map``). Achieved 7-10 GFLOP/s vs 50-100 GFLOP/s for a
+(120 ms in all, the 1.5x of ``population_map``); vectorised (``vmap``) 104 / 67 / 73 / 39 ms
+(360 ms per teacher-step: every category about twice as slow as unbatched). Achieved 7-10 GFLOP/s vs 50-100 GFLOP/s for a
 large matmul on this CPU. Two thirds of the step are memory-bound fusions that do the same work
 per teacher whether the teachers run one at a time, in a compiled loop or vectorised; ``vmap``
 makes them and the matmuls batched, which XLA:CPU runs slower per byte and per FLOP (grouped
