@@ -39,8 +39,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXIS", "P", "make_mesh", "mesh_size", "check_divisible", "valid_device_counts",
            "largest_valid_count", "batch_sharding", "replicated_sharding", "shard_batch",
-           "replicate", "constrain_batch", "shard_over", "shard_offset", "initialize_multihost",
-           "global_batch", "resolve_devices"]
+           "replicate", "constrain_batch", "shard_over", "shard_offset", "sharded_group_query",
+           "initialize_multihost", "global_batch", "resolve_devices"]
 
 AXIS = "data"
 
@@ -170,6 +170,20 @@ def shard_over(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
     carry no varying-manual-axes information.
     """
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def sharded_group_query(group, mesh: Mesh, axis: str = AXIS) -> Callable:
+    """``query(index, x, operand)``: an :class:`~dfml_jax.blackbox.APIGroup` answering ``x``
+    (leading axis sharded over ``axis``) with one host call per device shard, jitted once.
+
+    Unlike an eager ``api(x)`` (which gathers ``x`` to the host), this also works when ``x`` spans
+    several hosts: each host answers its own devices' rows.
+    """
+    def local(index, x, operand):
+        return group(index, x, operand)
+
+    specs = (P(), P(axis), P())
+    return jax.jit(shard_over(local, mesh, specs, P(axis)))
 
 
 def shard_offset(local_size: int, axis: str = AXIS) -> jax.Array:

@@ -265,6 +265,19 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
     def aug(x, k):
         return _augment(x, k, cfg.inv_pad, pool.image_size, tuple(mean), tuple(std))
 
+    askers: Dict[int, Callable] = {}
+
+    def ask(i: int, x):
+        """API ``i``'s answer on ``x``: eager on one device; with a mesh, one host call per device
+        shard (works across hosts)."""
+        if mesh is None:
+            return pool.apis[i](x)
+        from dfml_jax.parallel import sharded_group_query
+        g, m = locate[i]
+        if g not in askers:
+            askers[g] = sharded_group_query(groups[g], mesh)
+        return askers[g](m, x, groups[g].operand)
+
     def kd_visit(params, key) -> tuple:
         """Visits one API: support inversion, adaptation, boundary query inversion, memory write."""
         k_pick, k_s, k_sa, k_q, k_qa = jax.random.split(key, 5)
@@ -276,12 +289,12 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
         with api.reserve(cost), surface_api_errors():
             s = inv(k_s, None)
             s_aug = aug(s.images, k_sa)
-            s_p = teacher_probs(api(s_aug), api.output, api.num_classes)
+            s_p = teacher_probs(ask(i, s_aug), api.output, api.num_classes)
             boundary = host["iteration"] >= cfg.boundary_start
             fast = steps.adapt_support(params, s_aug, s_p) if boundary else None
             qr = inv(k_q, fast)
             q_aug = aug(qr.images, k_qa)
-            q_p = teacher_probs(api(q_aug), api.output, api.num_classes)
+            q_p = teacher_probs(ask(i, q_aug), api.output, api.num_classes)
             jax.block_until_ready((s, qr, s_p, q_p))  # the ledger is exact once results exist
         mem_rows = jnp.asarray(row_of_classes(memory_classes, pool.classes[i]))
         new_mem = state.memory
@@ -332,7 +345,7 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
                     s_i = jax.tree.map(lambda a: a[n], s)
                     s_aug = aug(s_i.images, keys[i][1])
                     parts[i] = dict(s=s_i, s_aug=s_aug,
-                                    s_p=teacher_probs(api(s_aug), api.output, api.num_classes))
+                                    s_p=teacher_probs(ask(i, s_aug), api.output, api.num_classes))
                 if boundary:
                     fast = jax.tree.map(lambda *a: jnp.stack(a), *[
                         steps.adapt_support(params, parts[i]["s_aug"], parts[i]["s_p"]) for i in members])
@@ -344,7 +357,7 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
                     q_i = jax.tree.map(lambda a: a[n], qr)
                     q_aug = aug(q_i.images, keys[i][3])
                     parts[i].update(q=q_i, q_aug=q_aug,
-                                    q_p=teacher_probs(api(q_aug), api.output, api.num_classes))
+                                    q_p=teacher_probs(ask(i, q_aug), api.output, api.num_classes))
             jax.block_until_ready([(p["s_p"], p["q_p"], p["q"].images) for p in parts.values()])
         new_mem = state.memory
         for i in picked:
