@@ -34,7 +34,6 @@ import os
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXIS", "P", "make_mesh", "mesh_size", "check_divisible", "valid_device_counts",
@@ -177,7 +176,8 @@ def sharded_group_query(group, mesh: Mesh, axis: str = AXIS) -> Callable:
     (leading axis sharded over ``axis``) with one host call per device shard, jitted once.
 
     Unlike an eager ``api(x)`` (which gathers ``x`` to the host), this also works when ``x`` spans
-    several hosts: each host answers its own devices' rows.
+    several hosts: each host answers its own devices' rows. Pass ``operand`` already on the mesh
+    (:func:`replicate`), as every argument of one jitted call must live on the same devices.
     """
     def local(index, x, operand):
         return group(index, x, operand)

@@ -247,6 +247,16 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
         ckpt.save(host["iteration"], state, host)
 
     groups, locate = group_apis(pool.apis) if pool is not None else ([], [])
+    operands: Dict[int, Any] = {}
+
+    def operand(g: int):
+        """Group ``g``'s operand (stacked in-graph teachers), replicated once on the mesh."""
+        if mesh is None:
+            return groups[g].operand
+        if g not in operands:
+            from dfml_jax.parallel import replicate
+            operands[g] = replicate(groups[g].operand, mesh)
+        return operands[g]
     inverters: Dict[tuple, Callable] = {}
 
     def inverter(i: int):
@@ -259,7 +269,7 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
                                            std=std, image_size=pool.image_size,
                                            student_apply=meta_apply, teacher_fn=wb_fn, mesh=mesh)
         inv = inverters[key]
-        return lambda k, student: inv(k, m, gen_init(jax.random.fold_in(k, 7)), groups[g].operand,
+        return lambda k, student: inv(k, m, gen_init(jax.random.fold_in(k, 7)), operand(g),
                                       student, wb_params)
 
     def aug(x, k):
@@ -276,7 +286,7 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
         g, m = locate[i]
         if g not in askers:
             askers[g] = sharded_group_query(groups[g], mesh)
-        return askers[g](m, x, groups[g].operand)
+        return askers[g](m, x, operand(g))
 
     def kd_visit(params, key) -> tuple:
         """Visits one API: support inversion, adaptation, boundary query inversion, memory write."""
@@ -339,7 +349,7 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
             for g, members in by_group.items():
                 idx = jnp.asarray([locate[i][1] for i in members], jnp.int32)
                 ks = lambda j: jnp.stack([keys[i][j] for i in members])
-                s = many_inverter(g, False)(ks(0), idx, new_gens(ks(0)), groups[g].operand)
+                s = many_inverter(g, False)(ks(0), idx, new_gens(ks(0)), operand(g))
                 for n, i in enumerate(members):
                     api = pool.apis[i]
                     s_i = jax.tree.map(lambda a: a[n], s)
@@ -349,9 +359,9 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
                 if boundary:
                     fast = jax.tree.map(lambda *a: jnp.stack(a), *[
                         steps.adapt_support(params, parts[i]["s_aug"], parts[i]["s_p"]) for i in members])
-                    qr = many_inverter(g, True)(ks(2), idx, new_gens(ks(2)), groups[g].operand, fast)
+                    qr = many_inverter(g, True)(ks(2), idx, new_gens(ks(2)), operand(g), fast)
                 else:
-                    qr = many_inverter(g, False)(ks(2), idx, new_gens(ks(2)), groups[g].operand)
+                    qr = many_inverter(g, False)(ks(2), idx, new_gens(ks(2)), operand(g))
                 for n, i in enumerate(members):
                     api = pool.apis[i]
                     q_i = jax.tree.map(lambda a: a[n], qr)
