@@ -613,6 +613,10 @@ class APIGroup:
       the members' parameters are stacked into :attr:`operand` (an opaque pytree the algorithm
       passes along without reading) and the forward pass gathers the selected member's slice.
 
+    ``jax.vmap`` over the index queries several members at once (one host call in which each
+    member answers, and is charged for, its own samples): how BiDf-MKD visits several APIs per
+    step.
+
     Args:
       apis: members; same ``input_shape``, ``num_classes``, ``output``, ``k``, ``decimals``.
 
@@ -685,19 +689,43 @@ class APIGroup:
             raise ValueError("APIGroup index must be a scalar (vmap over it if needed)")
         return self._call(index, x, operand)
 
-    def _member(self, idx: np.ndarray) -> BlackBoxAPI:
-        i = np.unique(np.asarray(idx))
-        if len(i) != 1:
-            raise BlackBoxError(f"one APIGroup call must address one member, got indices {i.tolist()}")
-        if not 0 <= int(i[0]) < len(self.apis):
-            raise BlackBoxError(f"APIGroup index {int(i[0])} out of range [0, {len(self.apis)})")
-        return self.apis[int(i[0])]
+    def _member_at(self, i) -> BlackBoxAPI:
+        if not 0 <= int(i) < len(self.apis):
+            raise BlackBoxError(f"APIGroup index {int(i)} out of range [0, {len(self.apis)})")
+        return self.apis[int(i)]
+
+    def _dispatch(self, idx, arr, tail_ndim: int, answer: Callable, out_tail: tuple, dtype):
+        """Route each sample of one host call to its member (a vmapped index may address several
+        members at once: ``vmap`` over the index adds leading axes to ``idx`` and ``arr``).
+        Every member answers its own samples in one call and charges its own ledger."""
+        idx = np.asarray(idx)
+        lead = arr.shape[: arr.ndim - tail_ndim]
+        try:
+            members = np.unique(idx)
+            if len(members) == 1:
+                return answer(self._member_at(members[0]), arr)
+            if idx.ndim > len(lead):
+                raise BlackBoxError(f"APIGroup index of shape {idx.shape} does not match a batch "
+                                    f"of shape {lead}")
+            idx_b = np.broadcast_to(idx.reshape(idx.shape + (1,) * (len(lead) - idx.ndim)), lead)
+            for m in members:
+                self._member_at(m)
+        except BlackBoxError as e:
+            record_api_error(e)
+            raise
+        out = np.empty(lead + out_tail, dtype)
+        for m in members:
+            mask = idx_b == m
+            out[mask] = answer(self.apis[int(m)], arr[mask])
+        return out
 
     def _host_dispatch(self, idx, x):
-        return self._member(idx)._host_answer(x)
+        return self._dispatch(idx, x, len(self.input_shape), lambda a, v: a._host_answer(v),
+                              self.output_shape, np.dtype(self.output_dtype))
 
     def _charge_dispatch(self, idx, out):
-        return self._member(idx)._charge_outputs(out)
+        return self._dispatch(idx, out, len(self.output_shape), lambda a, v: a._charge_outputs(v),
+                              self.output_shape, out.dtype)
 
     def _build(self):
         group = self

@@ -29,13 +29,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the expected structure."""
 
 
-def _abstract(tree):
+def _abstract(tree, sharding=None):
     def leaf(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return x
-        if isinstance(x, np.ndarray) or np.isscalar(x):
-            x = jax.numpy.asarray(x)
-        return ocp.utils.to_shape_dtype_struct(x)
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            if isinstance(x, np.ndarray) or np.isscalar(x):
+                x = jax.numpy.asarray(x)
+            x = ocp.utils.to_shape_dtype_struct(x)
+        if sharding is not None:
+            x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return x
 
     return jax.tree.map(leaf, tree)
 
@@ -73,13 +75,18 @@ class RunCheckpointer:
     def latest_step(self) -> Optional[int]:
         return self._mngr.latest_step()
 
-    def restore(self, step: int, like: Any):
-        """Restores checkpoint ``step``.
+    def restore(self, step: int, like: Any, sharding=None):
+        """Restores checkpoint ``step``, on the current devices whatever wrote it.
+
+        Arrays come back with the shardings of ``like`` (or ``sharding``): a checkpoint written
+        on 8 devices restores on 1, or on a mesh of another size (orbax reshards on read).
 
         Args:
           step: the step to restore.
           like: a pytree with the structure, shapes and dtypes of the saved arrays (concrete
-            arrays or ``jax.ShapeDtypeStruct``s).
+            arrays or ``jax.ShapeDtypeStruct``s); their shardings are the restore targets.
+          sharding: optional :class:`jax.sharding.Sharding` for every array instead (e.g.
+            ``dfml_jax.parallel.replicated_sharding(mesh)``).
 
         Returns:
           ``(arrays, meta)``.
@@ -92,7 +99,8 @@ class RunCheckpointer:
                                   f"available: {sorted(self._mngr.all_steps())}")
         try:
             out = self._mngr.restore(int(step), args=ocp.args.Composite(
-                arrays=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()))
+                arrays=ocp.args.StandardRestore(_abstract(like, sharding)),
+                meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises many types for structure mismatches / corruption
             raise CheckpointError(
                 f"could not restore step {step} from {self.directory}: {type(e).__name__}: {e}. "
@@ -100,12 +108,12 @@ class RunCheckpointer:
                 "the directory to start over.") from e
         return out["arrays"], dict(out["meta"])
 
-    def restore_latest(self, like: Any):
+    def restore_latest(self, like: Any, sharding=None):
         """Returns ``(step, arrays, meta)`` of the newest checkpoint, or None if there is none."""
         step = self.latest_step
         if step is None:
             return None
-        arrays, meta = self.restore(step, like)
+        arrays, meta = self.restore(step, like, sharding)
         return step, arrays, meta
 
     def close(self) -> None:

@@ -102,12 +102,15 @@ def _fixed_tasks(ts: Taskset, key, n: int):
 
 
 def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = True,
-                   pool_urls: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+                   pool_urls: Optional[Sequence[str]] = None, mesh=None) -> Dict[str, Any]:
     """Runs (or resumes, or just reports) a BiDf-MKD experiment in ``workdir``.
 
     ``pool_urls``: query a pool of remote teachers (one ``python -m dfml_jax.serve --pool DIR
     --api I`` per URL, key from ``$DFML_API_KEY``) instead of ``cfg.pool_dir``; black-box only
     (no ``average`` / ``white_box`` methods). See :func:`dfml_jax.remote.load_remote_pool`.
+
+    ``mesh``: optional device mesh (:func:`dfml_jax.parallel.make_mesh`) for the meta-trained
+    methods (sharded inversions and meta-batches; see :func:`~.train.train_bidf_mkd`).
 
     Returns:
       The ``results.json`` content.
@@ -181,7 +184,8 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
                 ts_train = Taskset(train_split, cfg.ways, cfg.shots, cfg.query)
                 real = lambda k: _fixed_tasks(ts_train, k, cfg.meta_batch)
             res = train_bidf_mkd(lc, pool=None if method == "maml_real" else teacher_pool,
-                                 real_tasks=real, checkpoint_dir=run.file(f"ckpt_{method}"), **common)
+                                 real_tasks=real, checkpoint_dir=run.file(f"ckpt_{method}"),
+                                 mesh=mesh, **common)
             rec.update(test_eval(res.best_params), api_queries=res.api_queries if method != "maml_real" else 0,
                        visits=res.visits, history=res.history, stopped_by_budget=res.stopped_by_budget)
             if res.paper_best_test is not None:

@@ -110,7 +110,7 @@ def per_sample_objective(outputs: jax.Array, targets: jax.Array, output_mode: st
 def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: InversionConfig,
                   mean: Sequence[float], std: Sequence[float], image_size: int,
                   student_apply: Optional[Callable] = None,
-                  teacher_fn: Optional[Callable] = None):
+                  teacher_fn: Optional[Callable] = None, mesh=None, axis: str = "data"):
     """Builds the jitted inversion for a group of same-signature APIs.
 
     Args:
@@ -123,13 +123,22 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
       image_size: side of the APIs' input (crop size).
       student_apply: ``(student_params, x) -> logits`` for the boundary term.
       teacher_fn: white-box ``(teacher_params, x) -> logits`` (upper-bound baseline only).
+      mesh: optional device mesh (:func:`dfml_jax.parallel.make_mesh`). The ``B`` samples are
+        sharded over ``axis``: every API query and the zero-order estimate run inside
+        ``jax.shard_map``, so each device's host callback answers only its ``B / n`` samples (in
+        parallel) and draws the directions one device would draw for them (``sample_offset``);
+        the generator, its batch-norm statistics and the Adam update on ``(w, Z)`` run under
+        ``jit`` with the latents sharded and the compiler all-reducing what needs it. Results
+        equal the single-device ones up to float reduction order; query counts are identical.
+        ``B`` must divide by the device count (a clear error names the valid counts).
+      axis: the mesh axis to shard over.
 
     Returns:
       ``invert(key, index, gen_params, operand, student_params=None, teacher_params=None)
       -> InversionResult``: ``index`` selects the API of the group (traced: one compile serves
       every member), ``gen_params`` is the freshly initialised generator (the spec re-initialises
       it every call), ``operand`` is ``group.operand``. With ``student_params`` the boundary term
-      is on. Compiled once per boundary on/off.
+      is on. Compiled once per boundary on/off. ``invert.batch_size`` is ``B``.
     """
     if isinstance(group, BlackBoxAPI):
         group = APIGroup([group])
@@ -138,13 +147,66 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
         raise ValueError(f"InversionConfig.select must be 'clean_ce' or 'surrogate', got {cfg.select!r}")
     k = group.num_classes
     b = k * cfg.per_class
+    if mesh is not None:
+        from dfml_jax.parallel import check_divisible
+
+        check_divisible(b, mesh, what=f"the inversion batch B = classes x per_class = {k} x "
+                        f"{cfg.per_class}", axis=axis,
+                        fix="choose inv_per_class so that B is a multiple of the device count")
     targets = jnp.tile(jnp.arange(k, dtype=jnp.int32), cfg.per_class)  # interleaved [0..K-1]*30
     tx = optax.adam(cfg.lr, b1=0.5, b2=0.999)
 
+    def answer(index, operand, xs, tgt, s, k_zo, sample_offset):
+        """The black-box part on (a shard of) the batch: clean outputs, ZO image gradient."""
+        api = lambda x: group(index, x, operand)
+
+        def objective(outputs):
+            return per_sample_objective(outputs, tgt, group.output, s, cfg.boundary_weight)
+
+        out0 = api(xs)  # the clean answer (charged by the API's ledger)
+        if teacher_fn is not None:
+            return out0, None, jnp.float32(0.0)
+        r = zo_gradient(lambda xp: objective(api(xp)), xs, k_zo, estimator=cfg.estimator,
+                        num_directions=cfg.num_directions, smoothing=cfg.smoothing,
+                        chunk_size=cfg.chunk_size, fx=objective(out0),
+                        on_zero_differences="ignore", sample_offset=sample_offset)
+        return out0, r.grad, r.zero_difference_fraction
+
+    if mesh is None:
+        def black_box(index, operand, xs, tgt, s, k_zo):
+            return answer(index, operand, xs, tgt, s, k_zo, 0)
+    else:
+        from dfml_jax.parallel import P, shard_offset, shard_over
+
+        def black_box(index, operand, xs, tgt, s, k_zo):
+            # Only non-None arguments enter shard_map; per-sample ones are sharded.
+            args = {"index": index, "xs": xs, "tgt": tgt, "k_zo": k_zo}
+            specs = {"index": P(), "xs": P(axis), "tgt": P(axis), "k_zo": P()}
+            if operand is not None:
+                args["operand"], specs["operand"] = operand, P()
+            if s is not None:
+                args["s"], specs["s"] = s, P(axis)
+
+            def local(a):
+                off = shard_offset(a["xs"].shape[0], axis)
+                out0, g, zf = answer(a["index"], a.get("operand"), a["xs"], a["tgt"], a.get("s"),
+                                     a["k_zo"], off)
+                zf = jax.lax.pmean(zf, axis)  # equal shards: mean of means = global mean
+                return (out0, zf) if g is None else (out0, g, zf)
+
+            out_specs = (P(axis), P()) if teacher_fn is not None else (P(axis), P(axis), P())
+            res = shard_over(local, mesh, (specs,), out_specs)(args)
+            return (res[0], None, res[1]) if teacher_fn is not None else res
+
+    def constrain(x):
+        if mesh is None:
+            return x
+        from dfml_jax.parallel import constrain_batch
+        return constrain_batch(x, mesh, axis)
+
     def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
         k_z, k_loop = jax.random.split(key)
-        api = lambda x: group(index, x, operand)
-        params = {"w": gen_params, "z": jax.random.normal(k_z, (b, nz))}
+        params = {"w": gen_params, "z": constrain(jax.random.normal(k_z, (b, nz)))}
         opt = tx.init(params)
 
         def synth(p, k_aug):
@@ -161,20 +223,11 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
             s = None
             if student_params is not None:
                 s = jax.lax.stop_gradient(student_apply(student_params, xs))
-
-            def objective(outputs):
-                return per_sample_objective(outputs, targets, group.output, s, cfg.boundary_weight)
-
-            out0 = api(xs)  # the clean answer (charged by the API's ledger)
+            out0, g, zero_frac = black_box(index, operand, xs, targets, s, k_zo)
             if teacher_fn is not None:  # white-box upper bound: true gradient through the teacher
-                g = jax.grad(lambda x: objective(teacher_fn(teacher_params, x)).sum())(xs)
-                zero_frac = jnp.float32(0.0)
-            else:
-                r = zo_gradient(lambda xp: objective(api(xp)), xs, k_zo, estimator=cfg.estimator,
-                                num_directions=cfg.num_directions, smoothing=cfg.smoothing,
-                                chunk_size=cfg.chunk_size, fx=objective(out0),
-                                on_zero_differences="ignore")
-                g, zero_frac = r.grad, r.zero_difference_fraction
+                g = jax.grad(lambda x: per_sample_objective(
+                    teacher_fn(teacher_params, x), targets, group.output, s,
+                    cfg.boundary_weight).sum())(xs)
             ce = jnp.mean(per_sample_objective(out0, targets, group.output))
             acc = jnp.mean(jnp.argmax(out0, -1) == targets)
             (grads,) = vjp_fn(g / b)
@@ -191,4 +244,20 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
         (_, _, best, _), (ce, acc, zf) = jax.lax.scan(step, init, jnp.arange(cfg.iterations))
         return InversionResult(best, targets, ce, acc, zf)
 
-    return jax.jit(run)
+    jitted = jax.jit(run)
+    if mesh is None:
+        jitted.batch_size = b
+        return jitted
+
+    from dfml_jax.parallel import replicate
+
+    def invert(key, index, gen_params, operand, student_params=None, teacher_params=None):
+        # Everything enters replicated on the mesh's devices (the mesh may be a subset of the
+        # process's devices); the compiler then shards the latents and the images over `axis`.
+        args = replicate((key, jnp.asarray(index, jnp.int32), gen_params, operand,
+                          student_params, teacher_params), mesh)
+        return jitted(*args)
+
+    invert.batch_size = b
+    invert.mesh = mesh
+    return invert

@@ -89,17 +89,18 @@ class MetaSteps(NamedTuple):
 
 @functools.lru_cache(maxsize=32)
 def cached_meta_steps(apply_fn: Callable, outer_lr: float, *, replay_steps: int, kd_steps: int,
-                      inner_lr: float, kd_loss: str = "kl", first_order: bool = False) -> MetaSteps:
+                      inner_lr: float, kd_loss: str = "kl", first_order: bool = False,
+                      mesh=None) -> MetaSteps:
     """:func:`make_meta_steps` with Adam(``outer_lr``), memoised so that runs in one process
     (baselines, resumed runs, tests) share the compiled steps of the same model function."""
     return make_meta_steps(apply_fn, optax.adam(outer_lr), replay_steps=replay_steps,
                            kd_steps=kd_steps, inner_lr=inner_lr, kd_loss=kd_loss,
-                           first_order=first_order)
+                           first_order=first_order, mesh=mesh)
 
 
 def make_meta_steps(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
                     replay_steps: int, kd_steps: int, inner_lr: float, kd_loss: str = "kl",
-                    first_order: bool = False) -> MetaSteps:
+                    first_order: bool = False, mesh=None, axis: str = "data") -> MetaSteps:
     """Builds the jitted meta-update steps.
 
     Args:
@@ -110,20 +111,42 @@ def make_meta_steps(apply_fn: Callable, optimizer: optax.GradientTransformation,
       inner_lr: inner SGD learning rate (0.01).
       kd_loss: ``"kl"`` (standard) or ``"paper"`` (the official code's softmax quirk).
       first_order: first-order MAML in every inner loop.
+      mesh: optional device mesh (:func:`dfml_jax.parallel.make_mesh`): the replay tasks of a
+        meta-batch are sharded over ``axis`` (each device adapts its tasks), parameters and
+        optimiser state are replicated, and the compiler all-reduces the summed outer loss's
+        gradient, so the step equals the single-device one up to float reduction order. No host
+        callback runs here (the KD task's API outputs are computed beforehand), so plain ``jit``
+        with sharding constraints is enough. A task count that does not divide the device count
+        is padded by the compiler (the KD step's ``meta_batch - 1`` replay tasks).
+      axis: the mesh axis to shard over.
 
     Returns:
       :class:`MetaSteps`; each step returns the summed loss and the per-task training accuracies
-      (KD task first when present).
+      (KD task first when present). ``kd_replay`` also takes a stack of KD tasks (every field
+      with a leading axis ``k``: several APIs visited at once); their losses are summed.
     """
+    def shard_tasks(tasks):
+        if mesh is None:
+            return tasks
+        from dfml_jax.parallel import constrain_batch
+        return constrain_batch(tasks, mesh, axis)
+
     def replay_total(params, tasks):
+        tasks = shard_tasks(tasks)
         return replay_loss(apply_fn, params, tasks, steps=replay_steps, lr=inner_lr,
                            first_order=first_order)
 
     def kd_total(params, kd: KDTask, tasks):
-        l_kd, a_kd = kd_task_loss(apply_fn, params, kd, steps=kd_steps, lr=inner_lr,
-                                  kd_loss=kd_loss, first_order=first_order)
+        one = lambda t: kd_task_loss(apply_fn, params, t, steps=kd_steps, lr=inner_lr,
+                                     kd_loss=kd_loss, first_order=first_order)
+        if kd.support_x.ndim == 5:  # several API visits at once: a stack of KD tasks, summed
+            l_kd, a_kd = jax.vmap(one)(shard_tasks(kd))
+            l_kd = l_kd.sum()
+        else:
+            l_kd, a_kd = one(kd)
+            a_kd = a_kd[None]
         l_r, a_r = replay_total(params, tasks)
-        return l_kd + l_r, jnp.concatenate([a_kd[None], a_r])
+        return l_kd + l_r, jnp.concatenate([a_kd, a_r])
 
     def update(params, opt_state, grads):
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -146,4 +169,12 @@ def make_meta_steps(apply_fn: Callable, optimizer: optax.GradientTransformation,
         return adapt_on_support(apply_fn, params, support_x, support_p, steps=kd_steps,
                                 lr=inner_lr, kd_loss=kd_loss)
 
-    return MetaSteps(replay, kd_replay, adapt_support)
+    if mesh is None:
+        return MetaSteps(replay, kd_replay, adapt_support)
+
+    from dfml_jax.parallel import replicate
+
+    def on_mesh(fn):  # inputs replicated on the mesh's devices; the step shards the tasks
+        return functools.wraps(fn)(lambda *args: fn(*replicate(args, mesh)))
+
+    return MetaSteps(on_mesh(replay), on_mesh(kd_replay), on_mesh(adapt_support))

@@ -17,6 +17,7 @@ inversion: the white-box upper bound.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -74,6 +75,7 @@ class BiDfMKDConfig:
     # memory and schedule
     memory_slots: int = 20
     plateau_patience: int = 200
+    apis_per_visit: int = 1         # >1: visit (invert) this many distinct APIs at once
     replay_source: str = "memory"   # or "real": MAML on the real meta-train split
     # evaluation
     eval_every: int = 500
@@ -159,13 +161,19 @@ def _validate(cfg: BiDfMKDConfig, pool: Optional[TeacherPool]):
                 raise ValueError(f"API {i} has {api.num_classes} classes < ways={cfg.ways}")
             if len(cls) != api.num_classes:
                 raise ValueError(f"API {i}: {len(cls)} class ids for {api.num_classes} outputs")
+        if not 1 <= cfg.apis_per_visit <= len(pool.apis):
+            raise ValueError(f"apis_per_visit={cfg.apis_per_visit} must be between 1 and the "
+                             f"pool size {len(pool.apis)}")
+        if cfg.apis_per_visit > 1 and (cfg.white_box or len({a.num_classes for a in pool.apis}) > 1):
+            raise ValueError("apis_per_visit > 1 needs black-box inversion (white_box=False) and "
+                             "APIs with the same number of classes; visit one API at a time")
 
 
 def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params,
                    gen_init: Callable, gen_apply: Callable, pool: Optional[TeacherPool],
                    val_tasks, test_tasks=None, real_tasks: Optional[Callable] = None,
                    checkpoint_dir: Optional[str] = None, progress: bool = True,
-                   stop_after: Optional[int] = None) -> TrainResult:
+                   stop_after: Optional[int] = None, mesh=None) -> TrainResult:
     """Runs (or resumes) BiDf-MKD meta-training.
 
     Args:
@@ -181,6 +189,10 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
       progress: show a tqdm bar.
       stop_after: stop (after checkpointing) once this meta-iteration is reached: for tests that
         simulate a kill.
+      mesh: optional device mesh (:func:`dfml_jax.parallel.make_mesh`): every inversion shards
+        its samples (and API queries) over the devices, the meta-batch shards its tasks, the loop
+        state is replicated. Checkpoints restore on any device count. None: one device, the
+        unchanged single-device computation.
 
     Returns:
       :class:`TrainResult`.
@@ -192,7 +204,7 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
     optimizer = optax.adam(cfg.outer_lr)
     steps = cached_meta_steps(meta_apply, cfg.outer_lr, replay_steps=cfg.replay_inner_steps,
                               kd_steps=cfg.kd_inner_steps, inner_lr=cfg.inner_lr,
-                              kd_loss=cfg.kd_loss, first_order=cfg.first_order)
+                              kd_loss=cfg.kd_loss, first_order=cfg.first_order, mesh=mesh)
     inv_cfg = cfg.inversion()
     image_shape = tuple(val_tasks[0].shape[2:])
     real = cfg.replay_source == "real"
@@ -220,6 +232,9 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
             if pool is not None and host["ledgers"]:
                 for api, led in zip(pool.apis, host["ledgers"]):
                     api.ledger.load_state_dict(led)
+    if mesh is not None:  # the state lives replicated on the mesh (whatever wrote the checkpoint)
+        from dfml_jax.parallel import replicate
+        state = replicate(state, mesh)
 
     def total_queries():
         return 0 if pool is None else int(sum(a.queries for a in pool.apis))
@@ -232,6 +247,16 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
         ckpt.save(host["iteration"], state, host)
 
     groups, locate = group_apis(pool.apis) if pool is not None else ([], [])
+    operands: Dict[int, Any] = {}
+
+    def operand(g: int):
+        """Group ``g``'s operand (stacked in-graph teachers), replicated once on the mesh."""
+        if mesh is None:
+            return groups[g].operand
+        if g not in operands:
+            from dfml_jax.parallel import replicate
+            operands[g] = replicate(groups[g].operand, mesh)
+        return operands[g]
     inverters: Dict[tuple, Callable] = {}
 
     def inverter(i: int):
@@ -242,13 +267,26 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
         if key not in inverters:
             inverters[key] = make_inverter(groups[g], gen_apply, nz=cfg.nz, cfg=inv_cfg, mean=mean,
                                            std=std, image_size=pool.image_size,
-                                           student_apply=meta_apply, teacher_fn=wb_fn)
+                                           student_apply=meta_apply, teacher_fn=wb_fn, mesh=mesh)
         inv = inverters[key]
-        return lambda k, student: inv(k, m, gen_init(jax.random.fold_in(k, 7)), groups[g].operand,
+        return lambda k, student: inv(k, m, gen_init(jax.random.fold_in(k, 7)), operand(g),
                                       student, wb_params)
 
     def aug(x, k):
         return _augment(x, k, cfg.inv_pad, pool.image_size, tuple(mean), tuple(std))
+
+    askers: Dict[int, Callable] = {}
+
+    def ask(i: int, x):
+        """API ``i``'s answer on ``x``: eager on one device; with a mesh, one host call per device
+        shard (works across hosts)."""
+        if mesh is None:
+            return pool.apis[i](x)
+        from dfml_jax.parallel import sharded_group_query
+        g, m = locate[i]
+        if g not in askers:
+            askers[g] = sharded_group_query(groups[g], mesh)
+        return askers[g](m, x, operand(g))
 
     def kd_visit(params, key) -> tuple:
         """Visits one API: support inversion, adaptation, boundary query inversion, memory write."""
@@ -261,12 +299,12 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
         with api.reserve(cost), surface_api_errors():
             s = inv(k_s, None)
             s_aug = aug(s.images, k_sa)
-            s_p = teacher_probs(api(s_aug), api.output, api.num_classes)
+            s_p = teacher_probs(ask(i, s_aug), api.output, api.num_classes)
             boundary = host["iteration"] >= cfg.boundary_start
             fast = steps.adapt_support(params, s_aug, s_p) if boundary else None
             qr = inv(k_q, fast)
             q_aug = aug(qr.images, k_qa)
-            q_p = teacher_probs(api(q_aug), api.output, api.num_classes)
+            q_p = teacher_probs(ask(i, q_aug), api.output, api.num_classes)
             jax.block_until_ready((s, qr, s_p, q_p))  # the ledger is exact once results exist
         mem_rows = jnp.asarray(row_of_classes(memory_classes, pool.classes[i]))
         new_mem = state.memory
@@ -277,6 +315,77 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
                 "query_api_acc": float(qr.api_acc[-1]), "boundary": bool(boundary),
                 "zero_diff_frac": float(s.zero_fraction.mean())}
         return KDTask(s_aug, s_p, q_aug, q_p, qr.targets), new_mem, info
+
+    def many_inverter(g: int, boundary: bool):
+        """All picked members of group ``g`` inverted at once (vmapped over the API index)."""
+        key = ("many", g, boundary)
+        if key not in inverters:
+            inv = make_inverter(groups[g], gen_apply, nz=cfg.nz, cfg=inv_cfg, mean=mean, std=std,
+                                image_size=pool.image_size, student_apply=meta_apply, mesh=mesh)
+            axes = (0, 0, 0, None) + ((0,) if boundary else ())
+            inverters[key] = jax.jit(jax.vmap(inv, in_axes=axes))
+        return inverters[key]
+
+    def kd_visit_many(params, key) -> tuple:
+        """Visits ``apis_per_visit`` distinct APIs at once: the inversions of the picked members
+        of a group run as ONE vmapped call over the API index (each member answers and is
+        charged for its own samples); every visited API adds one KD task to the meta-batch."""
+        k_pick, k_each = jax.random.split(key)
+        picked = [int(i) for i in np.asarray(jax.random.choice(
+            k_pick, len(pool.apis), (cfg.apis_per_visit,), replace=False))]
+        keys = {i: jax.random.split(jax.random.fold_in(k_each, i), 4) for i in picked}
+        boundary = host["iteration"] >= cfg.boundary_start
+        by_group: Dict[int, list] = {}
+        for i in picked:
+            by_group.setdefault(locate[i][0], []).append(i)
+        parts: Dict[int, dict] = {}
+        new_gens = lambda ks: jax.vmap(lambda k: gen_init(jax.random.fold_in(k, 7)))(ks)
+        with contextlib.ExitStack() as stack:
+            for i in picked:
+                api = pool.apis[i]
+                b = api.num_classes * cfg.inv_per_class
+                stack.enter_context(api.reserve(2 * (inversion_queries(inv_cfg, api.num_classes) + b)))
+            stack.enter_context(surface_api_errors())
+            for g, members in by_group.items():
+                idx = jnp.asarray([locate[i][1] for i in members], jnp.int32)
+                ks = lambda j: jnp.stack([keys[i][j] for i in members])
+                s = many_inverter(g, False)(ks(0), idx, new_gens(ks(0)), operand(g))
+                for n, i in enumerate(members):
+                    api = pool.apis[i]
+                    s_i = jax.tree.map(lambda a: a[n], s)
+                    s_aug = aug(s_i.images, keys[i][1])
+                    parts[i] = dict(s=s_i, s_aug=s_aug,
+                                    s_p=teacher_probs(ask(i, s_aug), api.output, api.num_classes))
+                if boundary:
+                    fast = jax.tree.map(lambda *a: jnp.stack(a), *[
+                        steps.adapt_support(params, parts[i]["s_aug"], parts[i]["s_p"]) for i in members])
+                    qr = many_inverter(g, True)(ks(2), idx, new_gens(ks(2)), operand(g), fast)
+                else:
+                    qr = many_inverter(g, False)(ks(2), idx, new_gens(ks(2)), operand(g))
+                for n, i in enumerate(members):
+                    api = pool.apis[i]
+                    q_i = jax.tree.map(lambda a: a[n], qr)
+                    q_aug = aug(q_i.images, keys[i][3])
+                    parts[i].update(q=q_i, q_aug=q_aug,
+                                    q_p=teacher_probs(ask(i, q_aug), api.output, api.num_classes))
+            jax.block_until_ready([(p["s_p"], p["q_p"], p["q"].images) for p in parts.values()])
+        new_mem = state.memory
+        for i in picked:
+            api = pool.apis[i]
+            mem_rows = jnp.asarray(row_of_classes(memory_classes, pool.classes[i]))
+            for res in (parts[i]["s"], parts[i]["q"]):
+                per_class = res.images.reshape((cfg.inv_per_class, api.num_classes) + res.images.shape[1:])
+                new_mem = write(new_mem, mem_rows, jnp.swapaxes(per_class, 0, 1))
+        stacked = lambda name: jnp.stack([parts[i][name] for i in picked])
+        kd = KDTask(stacked("s_aug"), stacked("s_p"), stacked("q_aug"), stacked("q_p"),
+                    jnp.stack([parts[i]["q"].targets for i in picked]))
+        info = {"api": picked, "support_ce": [float(parts[i]["s"].clean_ce[-1]) for i in picked],
+                "support_api_acc": [float(parts[i]["s"].api_acc[-1]) for i in picked],
+                "query_api_acc": [float(parts[i]["q"].api_acc[-1]) for i in picked],
+                "boundary": bool(boundary),
+                "zero_diff_frac": float(np.mean([float(parts[i]["s"].zero_fraction.mean())
+                                                 for i in picked]))}
+        return kd, new_mem, info
 
     def sample_memory(m, k, n):
         return _sample_memory(m, k, n, cfg.ways, cfg.shots, cfg.query)
@@ -306,13 +415,14 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
             kd = None
             if host["need_api"]:
                 try:
-                    kd, new_mem, info = kd_visit(state.params, k_visit)
+                    visit = kd_visit if cfg.apis_per_visit == 1 else kd_visit_many
+                    kd, new_mem, info = visit(state.params, k_visit)
                 except QueryBudgetExceeded as e:
                     host["stopped_by_budget"] = True
                     tqdm.write(f"query budget exhausted at meta-iteration {it}: {e}")
                     break
                 state = state._replace(memory=new_mem)
-                host["visits"] += 1
+                host["visits"] += cfg.apis_per_visit
                 host["need_api"] = False
                 info.update(iteration=it, queries=total_queries())
                 host["history"].append({"event": "visit", **info})
@@ -320,7 +430,7 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
                 host["stopped_by_budget"] = True
                 break
             if kd is not None:
-                tasks = replay_batch(k_rep, cfg.meta_batch - 1)
+                tasks = replay_batch(k_rep, max(cfg.meta_batch - cfg.apis_per_visit, 1))
                 params, opt, loss, accs = steps.kd_replay(state.params, state.opt_state, kd, tasks)
             else:
                 tasks = replay_batch(k_rep, cfg.meta_batch)

@@ -66,6 +66,7 @@ class ZOProbe:
       chunk_size: chunking used (static; blockwise families need it to regenerate directions).
       sample_shape: shape of one input sample (static).
       num_queries: samples this probe cost (static Python int).
+      sample_offset: global index of the first sample (device shards of a batch).
     """
 
     outputs: jax.Array
@@ -78,6 +79,7 @@ class ZOProbe:
     chunk_size: Optional[int] = dataclasses.field(metadata=dict(static=True), default=None)
     sample_shape: tuple = dataclasses.field(metadata=dict(static=True), default=())
     num_queries: int = dataclasses.field(metadata=dict(static=True), default=0)
+    sample_offset: jax.Array = 0
 
     @property
     def num_directions(self) -> int:
@@ -108,7 +110,8 @@ def _query_fn(api):
 def zo_api_outputs(api, x: jax.Array, key: jax.Array, *, estimator="sphere-forward",
                    num_directions: int, smoothing, chunk_size: Optional[int] = None,
                    outputs: Optional[jax.Array] = None, on_zero_differences: str = "warn",
-                   zero_difference_threshold: float = DEFAULT_THRESHOLD) -> ZOProbe:
+                   zero_difference_threshold: float = DEFAULT_THRESHOLD,
+                   sample_offset=0) -> ZOProbe:
     """Query ``api`` around every sample of ``x`` once; return the outputs as a :class:`ZOProbe`.
 
     Cost (``probe.num_queries``, what the ledger charges): ``B`` clean queries (skipped when
@@ -129,6 +132,10 @@ def zo_api_outputs(api, x: jax.Array, key: jax.Array, *, estimator="sphere-forwa
       on_zero_differences: ``"warn"``, ``"raise"`` or ``"ignore"`` when the fraction of unchanged
         output vectors reaches ``zero_difference_threshold``.
       zero_difference_threshold: see above.
+      sample_offset: global index of ``x[0]`` in the whole batch (may be traced; a device holding
+        a shard passes its offset and draws the single-device directions). Gradients from the
+        probe must then be contracted with the same offset (:func:`probe_grad` reads it from the
+        probe).
 
     Returns:
       A :class:`ZOProbe`.
@@ -148,7 +155,7 @@ def zo_api_outputs(api, x: jax.Array, key: jax.Array, *, estimator="sphere-forwa
     y0 = y0.astype(jnp.float32)
 
     def body(carry, ci, start, count):
-        u = sample_directions(spec.family, key, ci, start, count, b, d)
+        u = sample_directions(spec.family, key, ci, start, count, b, d, sample_offset)
         return carry, jax.vmap(query)(perturbed_points(xf, u, mu, spec.scheme, shape, x.dtype))
 
     _, ys = for_each_chunk(q, chunk_size, body, None)    # (q, B, K) or per-chunk [plus; minus]
@@ -163,7 +170,8 @@ def zo_api_outputs(api, x: jax.Array, key: jax.Array, *, estimator="sphere-forwa
     report_zero_differences(zero_frac, mu, action=on_zero_differences,
                             threshold=zero_difference_threshold, context=f"{spec.name} API probe")
     cost = num_queries(spec, b, q, include_clean=False) + (b if outputs is None else 0)
-    return ZOProbe(y0, plus, minus, key, mu, zero_frac, spec.name, chunk_size, shape, cost)
+    return ZOProbe(y0, plus, minus, key, mu, zero_frac, spec.name, chunk_size, shape, cost,
+                   jnp.asarray(sample_offset, jnp.int32))
 
 
 def _split_central(ys, q, chunk_size):
@@ -205,7 +213,8 @@ def probe_differences(probe: ZOProbe, loss_fn: Callable, *loss_args) -> jax.Arra
 
 def _contract(probe: ZOProbe, weights: jax.Array) -> jax.Array:
     return contract_directions(probe.key, weights, estimator=probe.estimator,
-                               sample_shape=probe.sample_shape, chunk_size=probe.chunk_size)
+                               sample_shape=probe.sample_shape, chunk_size=probe.chunk_size,
+                               sample_offset=probe.sample_offset)
 
 
 def probe_vjp(probe: ZOProbe, cotangent: jax.Array) -> jax.Array:

@@ -172,7 +172,8 @@ def perturbed_points(xf: jax.Array, u: jax.Array, mu, scheme: str, sample_shape,
 
 
 def contract_directions(key: jax.Array, weights: jax.Array, *, estimator="sphere-forward",
-                        sample_shape, chunk_size: Optional[int] = None) -> jax.Array:
+                        sample_shape, chunk_size: Optional[int] = None,
+                        sample_offset=0) -> jax.Array:
     """``(d / q) * sum_j weights[:, j] * u_j``, regenerating the directions ``u_j`` from ``key``.
 
     This is the second half of every estimator: given per-sample, per-direction weights (finite
@@ -186,6 +187,7 @@ def contract_directions(key: jax.Array, weights: jax.Array, *, estimator="sphere
       estimator: registry name (its direction family matters).
       sample_shape: shape of one sample.
       chunk_size: the chunking used when querying (matters for blockwise families only).
+      sample_offset: global index of the first sample (may be traced; see :func:`zo_gradient`).
 
     Returns:
       ``(B, *sample_shape)`` float32.
@@ -197,7 +199,7 @@ def contract_directions(key: jax.Array, weights: jax.Array, *, estimator="sphere
     w = jnp.swapaxes(weights.astype(jnp.float32), 0, 1)   # (q, B)
 
     def body(acc, ci, start, count):
-        u = sample_directions(spec.family, key, ci, start, count, b, d)
+        u = sample_directions(spec.family, key, ci, start, count, b, d, sample_offset)
         wc = jax.lax.dynamic_slice_in_dim(w, start, count, axis=0) if count < q else w
         return acc + jnp.einsum("cb,cbd->bd", wc, u), None
 
@@ -209,7 +211,8 @@ def zo_gradient(f: Callable[[jax.Array], jax.Array], x: jax.Array, key: jax.Arra
                 estimator="sphere-forward", num_directions: int, smoothing,
                 chunk_size: Optional[int] = None, fx: Optional[jax.Array] = None,
                 on_zero_differences: str = "warn",
-                zero_difference_threshold: float = DEFAULT_THRESHOLD) -> ZOGradient:
+                zero_difference_threshold: float = DEFAULT_THRESHOLD,
+                sample_offset=0) -> ZOGradient:
     """Zero-order estimate of the per-sample gradients of ``f`` at ``x``, with diagnostics.
 
     One pass: each chunk draws its directions, evaluates ``f`` on all perturbed points of the chunk
@@ -229,6 +232,10 @@ def zo_gradient(f: Callable[[jax.Array], jax.Array], x: jax.Array, key: jax.Arra
       on_zero_differences: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when the fraction of
         exactly-zero differences reaches ``zero_difference_threshold`` (an in-graph check).
       zero_difference_threshold: see above.
+      sample_offset: global index of ``x[0]`` in the whole batch (may be traced, e.g.
+        ``lax.axis_index("data") * B`` inside ``jax.shard_map``): a device holding a shard of a
+        batch draws exactly the directions one device would draw for those samples, so the
+        sharded estimate equals the single-device one.
 
     Returns:
       A :class:`ZOGradient`.
@@ -258,7 +265,7 @@ def zo_gradient(f: Callable[[jax.Array], jax.Array], x: jax.Array, key: jax.Arra
         f0 = f0.astype(jnp.float32)
 
     def body(acc, ci, start, count):
-        u = sample_directions(spec.family, key, ci, start, count, b, d)      # (c, B, d)
+        u = sample_directions(spec.family, key, ci, start, count, b, d, sample_offset)  # (c, B, d)
         vals = jax.vmap(f)(perturbed_points(xf, u, mu, spec.scheme, shape, x.dtype))
         if vals.shape != (u.shape[0] * (1 if forward else 2), b):
             raise ValueError(f"f must map (B, *shape) to per-sample values (B,) = ({b},); got "
