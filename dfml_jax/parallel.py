@@ -51,13 +51,21 @@ def _describe(devices) -> str:
     return ", ".join(f"{len(ids)} {k} (ids {ids[0]}..{ids[-1]})" for k, ids in kinds.items())
 
 
-def resolve_devices(devices: Union[None, int, Sequence[Any]] = None) -> list:
+def resolve_devices(devices: Union[None, int, Sequence[Any]] = None, *, local: bool = False) -> list:
     """The devices a run uses: all (None), the first ``n`` (an int) or an explicit list.
 
+    Args:
+      devices: None, a count or a list of devices.
+      local: choose among this host's devices (``jax.local_devices()``) instead of all hosts'.
+
+    Returns:
+      A list of distinct devices.
+
     Raises:
-      ValueError: ``n < 1``, or more devices asked for than exist (the message lists them).
+      ValueError: ``n < 1``, more devices asked for than exist (the message lists them), an empty
+        list or a repeated device.
     """
-    have = jax.devices()
+    have = jax.local_devices() if local else jax.devices()
     if devices is None:
         return list(have)
     if isinstance(devices, int) or (hasattr(devices, "__index__") and not hasattr(devices, "__len__")):
@@ -72,7 +80,9 @@ def resolve_devices(devices: Union[None, int, Sequence[Any]] = None) -> list:
         return list(have[:n])
     devs = list(devices)
     if not devs:
-        raise ValueError("the device list is empty")
+        raise ValueError("the device list is empty; pass None (all devices), a count or devices")
+    if len(set(devs)) != len(devs):
+        raise ValueError(f"the device list repeats a device: {devs}")
     return devs
 
 

@@ -45,6 +45,7 @@ import optax
 from tqdm.auto import tqdm
 
 from dfml_jax.models import FunctionalModel
+from dfml_jax import parallel
 
 __all__ = ["TrainRecipe", "RECIPES", "recipe_for", "make_optimizer", "PopulationResult",
            "train_population", "evaluate_population", "predict_population",
@@ -290,22 +291,7 @@ def resolve_devices(devices: int | Sequence[jax.Device] | None, population: int 
     local = jax.local_devices()
     if devices is None:
         return (local[0],)
-    if isinstance(devices, (int, np.integer)):
-        if devices < 1:
-            raise ValueError(f"devices must be >= 1, got {devices}.")
-        if devices > len(local):
-            raise ValueError(
-                f"devices={devices}, but only {len(local)} local device(s) exist: "
-                f"{', '.join(str(d) for d in local)}. Use --devices <= {len(local)} (on CPU, more "
-                f"devices can be emulated with jax.config.update('jax_num_cpu_devices', N) before "
-                f"JAX starts).")
-        devs = tuple(local[: int(devices)])
-    else:
-        devs = tuple(devices)
-        if not devs:
-            raise ValueError("devices is an empty sequence; pass None, a count or devices.")
-        if len(set(devs)) != len(devs):
-            raise ValueError(f"devices contains repeated devices: {devs}.")
+    devs = tuple(parallel.resolve_devices(devices, local=True))
     if population is not None and population % len(devs):
         if not strict:
             d = max(k for k in range(1, len(devs) + 1) if population % k == 0)
@@ -320,8 +306,7 @@ def resolve_devices(devices: int | Sequence[jax.Device] | None, population: int 
 
 def teacher_mesh(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
     """1-D mesh (axis :data:`TEACHER_AXIS`, ``AxisType.Auto``) over ``devices``."""
-    return jax.make_mesh((len(devices),), (TEACHER_AXIS,),
-                         axis_types=(jax.sharding.AxisType.Auto,), devices=list(devices))
+    return parallel.make_mesh(list(devices), axis=TEACHER_AXIS)
 
 
 def population_sharding(population: int, devices: int | Sequence[jax.Device] | None):
