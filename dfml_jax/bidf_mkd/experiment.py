@@ -164,10 +164,10 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
             if cfg.finetune_lrs:
                 lr, table = select_finetune_lr(meta.apply_batchstats, params, *norm_tasks(lr_sets[s]),
                                                lrs=cfg.finetune_lrs, steps=cfg.finetune_steps,
-                                               batch_size=50)
+                                               batch_size=25)
                 out[f"{s}-shot_val_by_lr"] = {str(k): round(v.mean, 3) for k, v in table.items()}
             r = evaluate_tasks(meta.apply_batchstats, params, *norm_tasks(tasks),
-                               steps=cfg.finetune_steps, lr=lr, batch_size=50)
+                               steps=cfg.finetune_steps, lr=lr, batch_size=25)
             out[f"{s}-shot"] = (r.mean, r.ci95)
             out[f"{s}-shot_lr"] = lr
         return out
