@@ -34,6 +34,12 @@ def test_smoke_run_end_to_end(tmp_path):
             assert 0 <= mean <= 100 and ci >= 0
     q = {r["method"]: r["API queries"] for r in out["rows"]}
     assert q["bidf_mkd"] > 0 and q["white_box"] > 0 and q["random"] == q["average"] == q["maml_real"] == 0
+    # the fine-tuning lr of every method and shot is the best of the grid on meta-validation
+    for m, r in out["methods"].items():
+        for s in cfg.test_shots:
+            table = r[f"{s}-shot_val_by_lr"]
+            assert set(table) == {str(v) for v in cfg.finetune_lrs}, m
+            assert r[f"{s}-shot_lr"] == max(sorted(cfg.finetune_lrs), key=lambda v: table[str(v)]), m
     md = open(os.path.join(work, "results.md")).read()
     assert "| bidf_mkd |" in md and "±" in md
     assert os.path.exists(os.path.join(work, "val_acc_vs_iteration.png"))

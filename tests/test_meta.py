@@ -72,6 +72,23 @@ def test_evaluate_tasks_shapes_ci_and_padding():
     np.testing.assert_allclose(res.ci95, 1.96 * res.accuracies.std() / np.sqrt(7))
 
 
+def test_select_finetune_lr_picks_best_validation_lr_without_retracing():
+    p = mlp_params(jax.random.key(0))
+    keys = jax.random.split(jax.random.key(1), 6)
+    sx, sy = jax.vmap(task)(keys)
+    meta._eval_chunks_jit.clear_cache()
+    best, table = meta.select_finetune_lr(mlp_apply, p, sx, sy, sx, sy, lrs=(0.0, 0.5, 0.001),
+                                          steps=10, batch_size=3)
+    assert set(table) == {0.0, 0.5, 0.001}
+    assert best == max(table, key=lambda v: table[v].mean) == 0.5  # adapting beats not adapting
+    for lr, r in table.items():  # each entry is exactly evaluate_tasks at that lr
+        ref = meta.evaluate_tasks(mlp_apply, p, sx, sy, sx, sy, steps=10, lr=lr, batch_size=3)
+        np.testing.assert_allclose(r.accuracies, ref.accuracies)
+    assert meta._eval_chunks_jit._cache_size() == 1  # the learning rate is traced: one compile
+    with pytest.raises(ValueError, match="learning rates"):
+        meta.select_finetune_lr(mlp_apply, p, sx, sy, sx, sy, lrs=())
+
+
 def test_kd_losses():
     s = jax.random.normal(jax.random.key(0), (4, 5))
     t = jax.nn.softmax(jax.random.normal(jax.random.key(1), (4, 5)))
