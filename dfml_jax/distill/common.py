@@ -48,6 +48,9 @@ __all__ = [
     "make_supervised_epoch",
     "train_supervised",
     "make_pool_pass",
+    "POOL_LOSSES",
+    "pool_class_prior",
+    "balanced_loss",
     "Evaluator",
     "PoolStore",
     "quantize_uint8",
@@ -326,8 +329,51 @@ def train_supervised(fm, tx, x, y, *, epochs: int, batch_size: int, key: jax.Arr
 
 
 # ----------------------------------------------------------------------------- pool pass
+#: Losses of the pool pass on hard labels: plain cross-entropy, or a form that corrects for the
+#: pool's class imbalance (class frequencies of the labels in the pool, recomputed every pass).
+POOL_LOSSES = ("ce", "balanced_ce", "logit_adjusted")
+
+
+def pool_class_prior(pool_y: jax.Array, n, num_classes: int) -> jax.Array:
+    """Class frequencies of the first ``n`` hard labels of a capacity-padded pool (traceable).
+
+    >>> pool_class_prior(jnp.array([0, 0, 1, 2, 9]), 4, 3).tolist()
+    [0.5, 0.25, 0.25]
+    """
+    valid = (jnp.arange(pool_y.shape[0]) < n).astype(jnp.float32)
+    counts = jnp.sum(jax.nn.one_hot(pool_y, num_classes) * valid[:, None], axis=0)
+    return counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def balanced_loss(kind: str, logits: jax.Array, labels: jax.Array, prior: jax.Array) -> jax.Array:
+    """Cross-entropy on hard labels corrected for a class ``prior`` (the pool's label frequencies).
+
+    ``"ce"``: plain mean cross-entropy. ``"balanced_ce"``: every sample weighted by the inverse
+    frequency of its label (weighted mean; each class then counts equally). ``"logit_adjusted"``:
+    cross-entropy of ``logits + log prior`` (Menon et al. 2021; the class-count-aware "max-margin"
+    loss left commented out in the released IDEAL code): the student learns the balanced
+    posterior, and predicts with its plain logits.
+
+    >>> lg, y, pr = jnp.zeros((2, 2)), jnp.array([0, 1]), jnp.array([0.5, 0.5])
+    >>> [round(float(balanced_loss(k, lg, y, pr)), 4) for k in POOL_LOSSES]
+    [0.6931, 0.6931, 0.6931]
+    """
+    if kind == "ce":
+        return cross_entropy(logits, labels)
+    logprior = jnp.log(jnp.maximum(prior, 1e-8))
+    if kind == "logit_adjusted":
+        return cross_entropy(logits + logprior, labels)
+    if kind == "balanced_ce":
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+        w = jnp.exp(-logprior)[labels]
+        return jnp.sum(w * nll) / jnp.sum(w)
+    raise ValueError(f"pool loss must be one of {POOL_LOSSES}, got {kind!r}")
+
+
 def make_pool_pass(fm, tx, *, batch_size: int, augment: str = "none", pad: int = 4,
-                   targets_kind: str = "hard", max_batches: Optional[int] = None) -> Callable:
+                   targets_kind: str = "hard", max_batches: Optional[int] = None,
+                   pool_loss: str = "ce", num_classes: Optional[int] = None) -> Callable:
     """Jitted ``pool_pass(state, pool_x, pool_y, n, key) -> (state, mean_loss, num_steps)``.
 
     One shuffled pass over the first ``n`` samples of a capacity-padded pool (minibatches of
@@ -344,15 +390,31 @@ def make_pool_pass(fm, tx, *, batch_size: int, augment: str = "none", pad: int =
       max_batches: optional cap on the minibatches per pass (a CPU-scaling knob; None = the whole
         pool, the paper's protocol). With a cap, the minibatches are a uniformly random subset of
         the pool.
+      pool_loss: one of :data:`POOL_LOSSES` (hard labels only; ``"ce"`` is the paper's loss).
+      num_classes: K (needed by the class-balanced losses).
     """
-    loss_fn = _loss_for(targets_kind)
+    if pool_loss not in POOL_LOSSES:
+        raise ValueError(f"pool_loss must be one of {POOL_LOSSES}, got {pool_loss!r}")
+    if pool_loss != "ce":
+        if targets_kind != "hard" or not num_classes:
+            raise ValueError(f"pool_loss={pool_loss!r} needs hard labels and num_classes")
+        kind, k = pool_loss, int(num_classes)
+
+        def loss_factory(pool_y, n):
+            prior = pool_class_prior(pool_y, n, k)
+            return lambda logits, y: balanced_loss(kind, logits, y, prior)
+    else:
+        loss_fn = _loss_for(targets_kind)
+
+        def loss_factory(pool_y, n):
+            return loss_fn
     return memoize_builder("pool_pass", (fm.apply, tx), (batch_size, augment, pad, targets_kind,
-                                                         max_batches),
-                           lambda: _build_pool_pass(fm, tx, batch_size, augment, pad, loss_fn,
-                                                    max_batches))
+                                                         max_batches, pool_loss, num_classes),
+                           lambda: _build_pool_pass(fm, tx, batch_size, augment, pad,
+                                                    loss_factory, max_batches))
 
 
-def _build_pool_pass(fm, tx, batch_size, augment, pad, loss_fn, max_batches):
+def _build_pool_pass(fm, tx, batch_size, augment, pad, loss_factory, max_batches):
     @jax.jit
     def pool_pass(state: StudentState, pool_x, pool_y, n, key):
         cap = pool_x.shape[0]
@@ -363,6 +425,7 @@ def _build_pool_pass(fm, tx, batch_size, augment, pad, loss_fn, max_batches):
         nb = n // batch_size
         if max_batches is not None:
             nb = jnp.minimum(nb, max_batches)
+        loss_fn = loss_factory(pool_y, n)
 
         def body(i, carry):
             st, total = carry

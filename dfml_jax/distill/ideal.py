@@ -40,9 +40,9 @@ import jax.numpy as jnp
 import optax
 
 from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
-from dfml_jax.distill.common import (AUGMENTATIONS, Evaluator, PoolStore, RunTracker,
-                                     StudentState, augment_images, config_dict, dequantize,
-                                     init_student, make_generator, make_pool_pass,
+from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, PoolStore,
+                                     RunTracker, StudentState, augment_images, config_dict,
+                                     dequantize, init_student, make_generator, make_pool_pass,
                                      memoize_builder, torch_sgd)
 from dfml_jax.losses import cross_entropy, teacher_probs
 
@@ -79,6 +79,10 @@ class IDEALConfig:
       synth: ``"generator"`` (IDEAL) or ``"noise"`` (NaiveKD: uniform noise in [0, 1]).
       lr_s, momentum_s, weight_decay_s: student SGD (0.01, 0.9, 5e-4; constant).
       student_batch: distillation minibatch (None: ``batch_size``).
+      pool_loss: the student's loss on the pool (:data:`~dfml_jax.distill.common.POOL_LOSSES`):
+        ``"ce"`` (the paper and the code), ``"balanced_ce"`` (inverse label-frequency weights) or
+        ``"logit_adjusted"`` (the code's commented-out class-count-aware loss); the frequencies
+        are those of the teacher's labels in the pool, recomputed every pass. Hard labels only.
       distill_augment: augmentation of pool minibatches (the code: ``"flip"`` for MNIST/SVHN,
         ``"crop_flip"`` for CIFAR); pad of the crop is ``aug_pad``.
       aug_pad: crop padding (4).
@@ -112,6 +116,7 @@ class IDEALConfig:
     momentum_s: float = 0.9
     weight_decay_s: float = 5e-4
     student_batch: Optional[int] = None
+    pool_loss: str = "ce"
     distill_augment: str = "flip"
     aug_pad: int = 4
     max_student_batches: Optional[int] = None
@@ -138,6 +143,11 @@ class IDEALConfig:
                 f"classes ({num_classes}); got batch_size={self.batch_size} (the released code "
                 "crashes here too). Use e.g. batch_size="
                 f"{max(num_classes, self.batch_size // num_classes * num_classes)} or targets='random'.")
+        if self.pool_loss not in POOL_LOSSES:
+            raise ValueError(f"pool_loss must be one of {POOL_LOSSES}, got {self.pool_loss!r}")
+        if self.pool_loss != "ce" and self.soft_labels:
+            raise ValueError(f"pool_loss={self.pool_loss!r} corrects hard-label cross-entropy; "
+                             "use pool_loss='ce' with soft_labels=True")
         sb = self.student_batch or self.batch_size
         if sb > self.batch_size:
             raise ValueError(f"student_batch ({sb}) must not exceed batch_size ({self.batch_size})")
@@ -304,7 +314,8 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
     targets_kind = "soft" if cfg.soft_labels else "hard"
     pool_pass = make_pool_pass(student_fm, tx, batch_size=sb, augment=cfg.distill_augment,
                                pad=cfg.aug_pad, targets_kind=targets_kind,
-                               max_batches=cfg.max_student_batches)
+                               max_batches=cfg.max_student_batches, pool_loss=cfg.pool_loss,
+                               num_classes=k)
     phase = None
     if cfg.synth == "generator":
         gen_fm = (generator or make_generator(cfg, image_shape))[1]

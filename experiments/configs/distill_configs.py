@@ -67,6 +67,7 @@ class DistillExperimentConfig:
     ideal_gen_augment: str = "crop_flip"
     ideal_lr_s: float = 0.01
     ideal_student_batch: Optional[int] = None
+    ideal_pool_loss: str = "ce"                # "balanced_ce" / "logit_adjusted": see IDEALConfig
     ideal_distill_augment: str = "none"
     ideal_aug_pad: int = 4
     ideal_max_student_batches: Optional[int] = 40
