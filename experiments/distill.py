@@ -9,9 +9,13 @@ Command lines (configs and their notes: ``experiments/configs/distill_configs.py
 
     python experiments/distill.py --method all --config smoke --workdir /tmp/distill_smoke
     python experiments/distill.py --method all --config default --workdir runs/distill_default
+    python experiments/distill.py --method all --config default --workdir runs/distill_s1 --seed 1
     python experiments/distill.py --method ideal --config default --workdir runs/distill_default
     python experiments/distill.py --method dfme --config default --workdir runs/d1 \\
         --set dfme_grad_m=2 --seed 1
+
+Measured results of ``default`` (3 seeds) and why IDEAL does not reliably beat DFME at 25K: the
+docstring of ``get_config`` in ``experiments/configs/distill_configs.py`` and the README.
 
 The reported accuracy at a budget is the test accuracy of the student selected on the validation
 split (carved from the training images), never on the test set; the papers' best-over-test number

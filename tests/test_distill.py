@@ -91,6 +91,28 @@ def test_info_loss_forms():
         info_loss(p, "dafl")
 
 
+def test_class_balanced_pool_losses():
+    from dfml_jax.distill.common import balanced_loss, pool_class_prior
+
+    y = jnp.array([1, 1, 1, 2, 0, 7])                    # slot 5 is capacity padding
+    prior = pool_class_prior(y, 5, 3)
+    np.testing.assert_allclose(prior, [0.2, 0.6, 0.2], rtol=1e-6)
+    logits = jax.random.normal(jax.random.key(0), (5, 3))
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:5, None], 1)[:, 0]
+    per_class = [float(jnp.mean(nll[y[:5] == c])) for c in range(3)]
+    # inverse-frequency weights: every class counts equally
+    np.testing.assert_allclose(balanced_loss("balanced_ce", logits, y[:5], prior),
+                               np.mean(per_class), rtol=1e-5)
+    np.testing.assert_allclose(balanced_loss("ce", logits, y[:5], prior), jnp.mean(nll), rtol=1e-6)
+    adj = -jnp.take_along_axis(jax.nn.log_softmax(logits + jnp.log(prior)), y[:5, None], 1)
+    np.testing.assert_allclose(balanced_loss("logit_adjusted", logits, y[:5], prior),
+                               jnp.mean(adj), rtol=1e-5)
+    with pytest.raises(ValueError, match="pool_loss"):
+        IDEALConfig(pool_loss="focal").validate(K)
+    with pytest.raises(ValueError, match="soft_labels"):
+        IDEALConfig(pool_loss="balanced_ce", soft_labels=True).validate(K)
+
+
 def test_crop_flip_is_per_sample_shift():
     x = jnp.broadcast_to(jnp.arange(64.0).reshape(1, 8, 8, 1), (16, 8, 8, 1))
     y = np.asarray(random_crop_flip(x, jax.random.key(3), pad=2))
@@ -193,7 +215,9 @@ def test_ideal_resume_equals_uninterrupted(student, teacher_w, tmp_path):
 def test_naive_kd_labels_noise(student, teacher_w):
     rec = Recorder(teacher_w)
     api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=100)
-    res = run_naive_kd(api, student, IDEAL_CFG, seed=0)
+    # (with the class-balanced pool loss, which changes the student's training only)
+    res = run_naive_kd(api, student, dataclasses.replace(IDEAL_CFG, pool_loss="balanced_ce"),
+                       seed=0)
     assert res.queries == 100 and len(rec.rows) == 100 and res.stopped == "budget"
     assert float(rec.rows.std()) > 0.2                       # uniform noise, not a generator
 

@@ -13,8 +13,12 @@
 * :class:`PoolStore`: the label cache of IDEAL / NaiveKD. Every synthetic sample is written, with
   the teacher's answer, to an append-only on-disk log the moment it is bought, so the teacher is
   queried exactly once per sample, even across a kill and a resume.
-* :class:`Curve` helpers: ``(queries, val_acc, test_acc)`` points, validation-based model selection
-  within a budget (:func:`select_within_budget`).
+* :class:`RunTracker`: the bookkeeping every budgeted, resumable run loop shares (IDEAL / NaiveKD
+  rounds, DFME iterations): orbax checkpoints with the curve and the query ledger, restore after a
+  kill, the curve of evaluated ``(queries, val_acc, test_acc)`` points with evaluation at budget
+  crossings, the tqdm bar and ``result.json``.
+* :func:`make_generator`: the DCGAN generator both IDEAL and DFME use.
+* Validation-based model selection within a budget (:func:`select_within_budget`).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dfml_jax.checkpoint import RunCheckpointer
 from dfml_jax.losses import cross_entropy, kd_kl
 
 __all__ = [
@@ -43,6 +48,9 @@ __all__ = [
     "make_supervised_epoch",
     "train_supervised",
     "make_pool_pass",
+    "POOL_LOSSES",
+    "pool_class_prior",
+    "balanced_loss",
     "Evaluator",
     "PoolStore",
     "quantize_uint8",
@@ -52,6 +60,9 @@ __all__ = [
     "atomic_write_json",
     "memoize_builder",
     "uncommitted",
+    "RunTracker",
+    "make_generator",
+    "config_dict",
 ]
 
 
@@ -318,8 +329,51 @@ def train_supervised(fm, tx, x, y, *, epochs: int, batch_size: int, key: jax.Arr
 
 
 # ----------------------------------------------------------------------------- pool pass
+#: Losses of the pool pass on hard labels: plain cross-entropy, or a form that corrects for the
+#: pool's class imbalance (class frequencies of the labels in the pool, recomputed every pass).
+POOL_LOSSES = ("ce", "balanced_ce", "logit_adjusted")
+
+
+def pool_class_prior(pool_y: jax.Array, n, num_classes: int) -> jax.Array:
+    """Class frequencies of the first ``n`` hard labels of a capacity-padded pool (traceable).
+
+    >>> pool_class_prior(jnp.array([0, 0, 1, 2, 9]), 4, 3).tolist()
+    [0.5, 0.25, 0.25]
+    """
+    valid = (jnp.arange(pool_y.shape[0]) < n).astype(jnp.float32)
+    counts = jnp.sum(jax.nn.one_hot(pool_y, num_classes) * valid[:, None], axis=0)
+    return counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def balanced_loss(kind: str, logits: jax.Array, labels: jax.Array, prior: jax.Array) -> jax.Array:
+    """Cross-entropy on hard labels corrected for a class ``prior`` (the pool's label frequencies).
+
+    ``"ce"``: plain mean cross-entropy. ``"balanced_ce"``: every sample weighted by the inverse
+    frequency of its label (weighted mean; each class then counts equally). ``"logit_adjusted"``:
+    cross-entropy of ``logits + log prior`` (Menon et al. 2021; the class-count-aware "max-margin"
+    loss left commented out in the released IDEAL code): the student learns the balanced
+    posterior, and predicts with its plain logits.
+
+    >>> lg, y, pr = jnp.zeros((2, 2)), jnp.array([0, 1]), jnp.array([0.5, 0.5])
+    >>> [round(float(balanced_loss(k, lg, y, pr)), 4) for k in POOL_LOSSES]
+    [0.6931, 0.6931, 0.6931]
+    """
+    if kind == "ce":
+        return cross_entropy(logits, labels)
+    logprior = jnp.log(jnp.maximum(prior, 1e-8))
+    if kind == "logit_adjusted":
+        return cross_entropy(logits + logprior, labels)
+    if kind == "balanced_ce":
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+        w = jnp.exp(-logprior)[labels]
+        return jnp.sum(w * nll) / jnp.sum(w)
+    raise ValueError(f"pool loss must be one of {POOL_LOSSES}, got {kind!r}")
+
+
 def make_pool_pass(fm, tx, *, batch_size: int, augment: str = "none", pad: int = 4,
-                   targets_kind: str = "hard", max_batches: Optional[int] = None) -> Callable:
+                   targets_kind: str = "hard", max_batches: Optional[int] = None,
+                   pool_loss: str = "ce", num_classes: Optional[int] = None) -> Callable:
     """Jitted ``pool_pass(state, pool_x, pool_y, n, key) -> (state, mean_loss, num_steps)``.
 
     One shuffled pass over the first ``n`` samples of a capacity-padded pool (minibatches of
@@ -336,15 +390,31 @@ def make_pool_pass(fm, tx, *, batch_size: int, augment: str = "none", pad: int =
       max_batches: optional cap on the minibatches per pass (a CPU-scaling knob; None = the whole
         pool, the paper's protocol). With a cap, the minibatches are a uniformly random subset of
         the pool.
+      pool_loss: one of :data:`POOL_LOSSES` (hard labels only; ``"ce"`` is the paper's loss).
+      num_classes: K (needed by the class-balanced losses).
     """
-    loss_fn = _loss_for(targets_kind)
+    if pool_loss not in POOL_LOSSES:
+        raise ValueError(f"pool_loss must be one of {POOL_LOSSES}, got {pool_loss!r}")
+    if pool_loss != "ce":
+        if targets_kind != "hard" or not num_classes:
+            raise ValueError(f"pool_loss={pool_loss!r} needs hard labels and num_classes")
+        kind, k = pool_loss, int(num_classes)
+
+        def loss_factory(pool_y, n):
+            prior = pool_class_prior(pool_y, n, k)
+            return lambda logits, y: balanced_loss(kind, logits, y, prior)
+    else:
+        loss_fn = _loss_for(targets_kind)
+
+        def loss_factory(pool_y, n):
+            return loss_fn
     return memoize_builder("pool_pass", (fm.apply, tx), (batch_size, augment, pad, targets_kind,
-                                                         max_batches),
-                           lambda: _build_pool_pass(fm, tx, batch_size, augment, pad, loss_fn,
-                                                    max_batches))
+                                                         max_batches, pool_loss, num_classes),
+                           lambda: _build_pool_pass(fm, tx, batch_size, augment, pad,
+                                                    loss_factory, max_batches))
 
 
-def _build_pool_pass(fm, tx, batch_size, augment, pad, loss_fn, max_batches):
+def _build_pool_pass(fm, tx, batch_size, augment, pad, loss_factory, max_batches):
     @jax.jit
     def pool_pass(state: StudentState, pool_x, pool_y, n, key):
         cap = pool_x.shape[0]
@@ -355,6 +425,7 @@ def _build_pool_pass(fm, tx, batch_size, augment, pad, loss_fn, max_batches):
         nb = n // batch_size
         if max_batches is not None:
             nb = jnp.minimum(nb, max_batches)
+        loss_fn = loss_factory(pool_y, n)
 
         def body(i, carry):
             st, total = carry
@@ -573,3 +644,165 @@ def split_validation(x: np.ndarray, y: np.ndarray, val_size: int, seed: int = 0)
 def config_dict(cfg) -> Dict[str, Any]:
     """A JSON-friendly dict of a dataclass config."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+# ----------------------------------------------------------------------------- generator
+def make_generator(cfg, image_shape: Sequence[int], *, key: Any = 0, head: Optional[str] = None,
+                   conv_impl: Optional[str] = None):
+    """The DCGAN generator for ``image_shape`` (square, side a multiple of 4) and its functional view.
+
+    Its initialisation is redone from a key whenever it is used (``functional.init``), so the
+    module is shared between calls with the same settings (and an int ``key``).
+
+    Args:
+      cfg: any config with ``nz`` and ``ngf`` (and optionally IDEAL's ``gen_head``).
+      image_shape: ``(H, W, C)`` of the API's inputs.
+      key: initialisation key or int seed of the module.
+      head: the generator's output head (``"sigmoid"`` or ``"tanh_bn"``); None: from
+        ``cfg.gen_head`` (IDEAL's ``"bn_sigmoid"`` builds the ``tanh_bn`` module, whose
+        pre-activation output IDEAL passes through a sigmoid).
+      conv_impl: convolution back-end (default: the library default).
+
+    Returns:
+      ``(module, functional_model)``.
+    """
+    from dfml_jax.models import create_model, functional, get_default_conv_impl
+
+    conv_impl = conv_impl or get_default_conv_impl()
+    h, w, c = image_shape
+    if h != w or h % 4:
+        raise ValueError(f"the DCGAN generator makes square images with a side that is a multiple of "
+                         f"4; the API expects {tuple(image_shape)}")
+    head = head or ("tanh_bn" if getattr(cfg, "gen_head", "sigmoid") == "bn_sigmoid" else "sigmoid")
+
+    def build():
+        gen = create_model("dcgan", nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c, head=head,
+                           conv_impl=conv_impl, rngs_or_key=key)
+        return gen, functional(gen)
+
+    if isinstance(key, int):
+        return memoize_builder("generator", (), (cfg.nz, cfg.ngf, h, c, head, key, conv_impl),
+                               build)
+    return build()
+
+
+# ----------------------------------------------------------------------------- run bookkeeping
+class RunTracker:
+    """Bookkeeping of a budgeted, resumable distillation loop (the algorithm stays in the loop).
+
+    IDEAL / NaiveKD (steps are rounds) and DFME (steps are iterations) share it: checkpoints under
+    ``workdir/checkpoints`` that carry the curve and the API's query ledger with the arrays, the
+    restore after a kill, the curve of evaluated points (evaluation also when a step crosses one of
+    ``eval_budgets``, so each budget gets its own model selection), the tqdm bar and
+    ``result.json``.
+
+    Args:
+      api: the teacher API whose ledger is checkpointed and restored.
+      workdir: run directory (None: nothing on disk, no resume).
+      evaluator: an :class:`Evaluator` (None: no curve).
+      eval_budgets: query counts at which the student is evaluated as well.
+      step_key: name of the step counter in the curve's points (``"round"``, ``"iteration"``).
+
+    >>> from dfml_jax.blackbox import BlackBoxAPI
+    >>> api = BlackBoxAPI.from_host(lambda x: x.reshape(len(x), -1), (2, 2, 1), 4)
+    >>> t = RunTracker(api, workdir=None, evaluator=None, eval_budgets=(100,), step_key="round")
+    >>> t.crosses_budget(step_cost=40), t.start
+    (False, 0)
+    """
+
+    def __init__(self, api, *, workdir: Optional[str], evaluator: Optional[Evaluator],
+                 eval_budgets: Sequence[int] = (), step_key: str = "step"):
+        self.api = api
+        self.workdir = workdir
+        self.evaluator = evaluator
+        self.budgets = sorted(int(b) for b in eval_budgets)
+        self.step_key = step_key
+        self.ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints")) if workdir else None
+        self.curve: List[Dict[str, Any]] = []
+        self.start = 0                   # first step to run (after a restore: the next one)
+        self.last_eval = -1              # index of the last evaluated step
+        self.bar = None
+
+    def restore(self, template: Any):
+        """Restores the latest checkpoint, if any.
+
+        Args:
+          template: pytree with the structure of the saved arrays.
+
+        Returns:
+          ``(arrays, meta)`` with fresh uncommitted arrays, or None (nothing saved). The curve,
+          the API's ledger and :attr:`start` are restored as a side effect.
+        """
+        if self.ckpt is None:
+            return None
+        restored = self.ckpt.restore_latest(template)
+        if restored is None:
+            return None
+        step, arrays, meta = restored
+        self.curve = meta["curve"]
+        self.api.ledger.load_state_dict(meta["ledger"])
+        self.start = step + 1
+        self.last_eval = self.curve[-1][self.step_key] - 1 if self.curve else -1
+        return uncommitted(arrays), meta
+
+    def open_progress(self, enabled: bool, total: Optional[int], desc: str, unit: str) -> None:
+        """Opens a tqdm bar at :attr:`start` when ``enabled``."""
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=self.start, desc=desc, unit=unit, leave=True)
+
+    def crosses_budget(self, step_cost: int) -> bool:
+        """Whether the next step (``step_cost`` queries) cannot be bought within an eval budget.
+
+        True when the queries spent so far are within one of ``eval_budgets`` and one more step
+        would pass it: the current student is the last one of that budget.
+        """
+        q = self.api.queries
+        return any(q <= b < q + step_cost for b in self.budgets)
+
+    def evaluate(self, step: int, params, bn, **fields) -> Dict[str, Any]:
+        """Appends the point of step index ``step`` (``step + 1`` steps done) to the curve."""
+        point = {self.step_key: step + 1, "queries": self.api.queries, **fields}
+        point.update(self.evaluator(params, bn))
+        self.curve.append(point)
+        self.last_eval = step
+        return point
+
+    def save(self, step: int, arrays: Any, **meta) -> None:
+        """Checkpoints step index ``step``: the arrays, the curve, the ledger and ``meta``."""
+        if self.ckpt is not None:
+            self.ckpt.save(step, arrays, {"curve": self.curve,
+                                          "ledger": self.api.ledger.state_dict(), **meta})
+
+    def tick(self, point: Optional[Dict[str, Any]], **post) -> None:
+        """Advances the bar by one step, showing ``post`` and the point's accuracies."""
+        if self.bar is None:
+            return
+        if point is not None:
+            post["val"] = f"{point.get('val_acc', float('nan')):.3f}"
+            post["test"] = f"{point.get('test_acc', float('nan')):.3f}"
+        self.bar.set_postfix(post)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        """Closes the bar and the checkpointer."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.ckpt is not None:
+            self.ckpt.close()
+
+    def evaluate_end(self, steps_done: int, stopped: str, params, bn, **fields) -> None:
+        """Evaluates the last completed step unless it was evaluated or the run was interrupted
+        (a budget stop is found out only when the next step cannot be bought)."""
+        if (self.evaluator is not None and steps_done > 0 and self.last_eval != steps_done - 1
+                and stopped != "interrupted"):
+            self.evaluate(steps_done - 1, params, bn, **fields)
+
+    def write_result(self, summary: Dict[str, Any], finished: bool, cfg, seed: int,
+                     name: str) -> None:
+        """Writes ``workdir/result.json`` for a finished run (an interrupted one writes nothing)."""
+        if self.workdir and finished:
+            atomic_write_json(os.path.join(self.workdir, "result.json"),
+                              {**summary, "config": config_dict(cfg), "seed": seed,
+                               "method": name})

@@ -36,11 +36,9 @@ import jax.numpy as jnp
 import optax
 
 from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
-from dfml_jax.checkpoint import RunCheckpointer
-from dfml_jax.distill.common import (Evaluator, StudentState, atomic_write_json, config_dict,
-                                     init_student, memoize_builder, multistep_schedule, torch_sgd,
-                                     uncommitted)
-from dfml_jax.distill.ideal import make_generator
+from dfml_jax.distill.common import (Evaluator, RunTracker, StudentState, atomic_write_json,
+                                     config_dict, init_student, make_generator, memoize_builder,
+                                     multistep_schedule, torch_sgd)
 
 __all__ = ["DFMEConfig", "DFMEState", "cost_per_iteration", "num_iterations", "make_dfme_iteration",
            "recover_logits", "run_dfme", "DFMERunResult", "init_dfme_state"]
@@ -331,35 +329,25 @@ def run_dfme(api: BlackBoxAPI, student_fm, cfg: DFMEConfig, *, seed: int,
     base = jax.random.key(seed)
     state = init_dfme_state(student_fm, gen_fm, cfg, total, base)
 
-    curve: List[Dict[str, Any]] = []
-    start, requeried = 0, 0
-    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints")) if workdir else None
+    tracker = RunTracker(api, workdir=workdir, evaluator=evaluator, eval_budgets=eval_budgets,
+                         step_key="iteration")
+    requeried = 0
+    restored = tracker.restore({"state": state})
+    if restored is not None:
+        arrays, meta = restored
+        s = arrays["state"]
+        state = DFMEState(StudentState(*s[0]), s[1], s[2])
+        requeried = int(meta.get("requeried", 0))
     log_path = os.path.join(workdir, "queries_log.json") if workdir else None
-    if ckpt is not None:
-        restored = ckpt.restore_latest({"state": state})
-        if restored is not None:
-            step, arrays, meta = restored
-            s = uncommitted(arrays["state"])
-            state = DFMEState(StudentState(*s[0]), s[1], s[2])
-            curve = meta["curve"]
-            requeried = int(meta.get("requeried", 0))
-            api.ledger.load_state_dict(meta["ledger"])
-            start = step + 1
-        if log_path and os.path.exists(log_path):
-            with open(log_path) as f:
-                logged = json.load(f)["answered"]
-            # Everything bought beyond the checkpoint's trajectory was lost and is bought again.
-            requeried = max(requeried, logged - api.queries)
+    if log_path and os.path.exists(log_path):
+        with open(log_path) as f:
+            logged = json.load(f)["answered"]
+        # Everything bought beyond the checkpoint's trajectory was lost and is bought again.
+        requeried = max(requeried, logged - api.queries)
+    tracker.open_progress(progress, total, name, "it")
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=start, desc=name, unit="it", leave=True)
-    budgets = sorted(int(x) for x in eval_budgets)
-    stopped, it = "iterations", start
+    stopped, it = "iterations", tracker.start
     metrics = {}
-    last_eval = curve[-1]["iteration"] - 1 if curve else -1
     try:
         while True:
             if it >= total:
@@ -382,45 +370,26 @@ def run_dfme(api: BlackBoxAPI, student_fm, cfg: DFMEConfig, *, seed: int,
                 break
             if log_path:
                 atomic_write_json(log_path, {"answered": api.queries + requeried, "iteration": it})
-            q = api.queries
             last = it + 1 >= total
-            crosses = any(q <= bud < q + cost for bud in budgets)
             point = None
-            if evaluator is not None and ((it + 1) % cfg.eval_every == 0 or crosses or last):
-                point = {"iteration": it + 1, "queries": q,
-                         "loss_G": float(metrics["loss_G"]), "loss_S": float(metrics["loss_S"])}
-                point.update(evaluator(state.student.params, state.student.bn))
-                curve.append(point)
-                last_eval = it
-            if ckpt is not None and ((it + 1) % cfg.checkpoint_every == 0 or point is not None
-                                     or last):
-                ckpt.save(it, {"state": state}, {"curve": curve, "ledger": api.ledger.state_dict(),
-                                                 "requeried": requeried,
-                                                 "config": config_dict(cfg)})
-            if bar is not None:
-                post = {"queries": q, "loss_S": f"{float(metrics['loss_S']):.3f}"}
-                if point is not None:
-                    post["val"] = f"{point.get('val_acc', float('nan')):.3f}"
-                bar.set_postfix(post)
-                bar.update(1)
+            if evaluator is not None and ((it + 1) % cfg.eval_every == 0
+                                          or tracker.crosses_budget(cost) or last):
+                point = tracker.evaluate(it, state.student.params, state.student.bn,
+                                         loss_G=float(metrics["loss_G"]),
+                                         loss_S=float(metrics["loss_S"]))
+            if (it + 1) % cfg.checkpoint_every == 0 or point is not None or last:
+                tracker.save(it, {"state": state}, requeried=requeried, config=config_dict(cfg))
+            tracker.tick(point, queries=api.queries, loss_S=f"{float(metrics['loss_S']):.3f}")
             it += 1
     finally:
-        if bar is not None:
-            bar.close()
-        if ckpt is not None:
-            ckpt.close()
-    if evaluator is not None and it > 0 and last_eval != it - 1 and stopped != "interrupted":
-        point = {"iteration": it, "queries": api.queries,
-                 "loss_G": float(metrics.get("loss_G", float("nan"))),
-                 "loss_S": float(metrics.get("loss_S", float("nan")))}
-        point.update(evaluator(state.student.params, state.student.bn))
-        curve.append(point)
-    result = DFMERunResult(curve=curve, queries=api.queries, iterations=it, stopped=stopped,
-                           finished=stopped != "interrupted", params=state.student.params,
-                           bn=state.student.bn, cost_per_iteration=cost, requeried=requeried,
+        tracker.close()
+    tracker.evaluate_end(it, stopped, state.student.params, state.student.bn,
+                         loss_G=float(metrics.get("loss_G", float("nan"))),
+                         loss_S=float(metrics.get("loss_S", float("nan"))))
+    result = DFMERunResult(curve=tracker.curve, queries=api.queries, iterations=it,
+                           stopped=stopped, finished=stopped != "interrupted",
+                           params=state.student.params, bn=state.student.bn,
+                           cost_per_iteration=cost, requeried=requeried,
                            seconds=time.perf_counter() - t0)
-    if workdir and result.finished:
-        atomic_write_json(os.path.join(workdir, "result.json"),
-                          {**result.summary(), "config": config_dict(cfg), "seed": seed,
-                           "method": name})
+    tracker.write_result(result.summary(), result.finished, cfg, seed, name)
     return result

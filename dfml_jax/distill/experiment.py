@@ -204,12 +204,13 @@ def run_method(method, cfg, run, data, teacher, student, ev, log, progress=True,
 def build_rows(cfg, results, teacher_meta, reference):
     rows = [{"method": "teacher (real data, all training images)", "budget": "-", "queries": 0,
              "test_acc": 100 * teacher_meta["test_acc"], "val_acc": "-", "final_test_acc": "-",
-             "best_test_acc (paper protocol)": "-", "seed": cfg.teacher_seed},
+             "best_test_acc (paper protocol)": "-", "seed": cfg.teacher_seed,
+             "run_wall_s": _seconds(teacher_meta)},
             {"method": "student on real data (reference)", "budget": "-", "queries": 0,
              "test_acc": 100 * reference["test_acc"], "val_acc": 100 * reference["val_acc"],
              "final_test_acc": "-",
              "best_test_acc (paper protocol)": 100 * reference["best_test_acc"],
-             "seed": reference["seed"]}]
+             "seed": reference["seed"], "run_wall_s": _seconds(reference)}]
     for run_name, res in results.items():
         method = run_name.split("@")[0]
         for b in res["budgets"]:
@@ -221,8 +222,13 @@ def build_rows(cfg, results, teacher_meta, reference):
                          "test_acc": 100 * s["test_acc"], "val_acc": 100 * s["val_acc"],
                          "final_test_acc": 100 * sel["final"]["test_acc"],
                          "best_test_acc (paper protocol)": 100 * sel["best_on_test"],
-                         "seed": res["seed"]})
+                         "seed": res["seed"], "run_wall_s": _seconds(res)})
     return rows
+
+
+def _seconds(meta):
+    s = meta.get("seconds")
+    return "-" if s is None else round(float(s))
 
 
 def report(cfg, run, results, teacher_meta, reference, seconds):
@@ -244,6 +250,8 @@ def report(cfg, run, results, teacher_meta, reference, seconds):
         f"DFME: one run per budget (its LR schedule depends on the budget); {dcost} queries per "
         f"iteration = {cfg.dfme_batch_size} x ({cfg.dfme_g_iter} x ({cfg.dfme_grad_m} + 1) + "
         f"{cfg.dfme_d_iter}); teacher probabilities, logits recovered as log p - mean log p.",
+        "run_wall_s: wall seconds of the run that produced the row (IDEAL and NaiveKD: the whole "
+        "run up to the largest budget; a resumed run: the last invocation only).",
         f"student {cfg.student_arch} {cfg.student_kw}; seed {cfg.seed} (teacher seed "
         f"{cfg.teacher_seed}); wall time of this invocation {seconds:.0f}s.",
     ]

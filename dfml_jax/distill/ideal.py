@@ -40,11 +40,10 @@ import jax.numpy as jnp
 import optax
 
 from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
-from dfml_jax.checkpoint import RunCheckpointer
-from dfml_jax.distill.common import (AUGMENTATIONS, Evaluator, PoolStore, StudentState,
-                                     atomic_write_json, augment_images, config_dict, dequantize,
-                                     init_student, make_pool_pass, memoize_builder, torch_sgd,
-                                     uncommitted)
+from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, PoolStore,
+                                     RunTracker, StudentState, augment_images, config_dict,
+                                     dequantize, init_student, make_generator, make_pool_pass,
+                                     memoize_builder, torch_sgd)
 from dfml_jax.losses import cross_entropy, teacher_probs
 
 __all__ = ["IDEALConfig", "INFO_LOSSES", "info_loss", "make_generator", "make_generation_phase",
@@ -80,6 +79,10 @@ class IDEALConfig:
       synth: ``"generator"`` (IDEAL) or ``"noise"`` (NaiveKD: uniform noise in [0, 1]).
       lr_s, momentum_s, weight_decay_s: student SGD (0.01, 0.9, 5e-4; constant).
       student_batch: distillation minibatch (None: ``batch_size``).
+      pool_loss: the student's loss on the pool (:data:`~dfml_jax.distill.common.POOL_LOSSES`):
+        ``"ce"`` (the paper and the code), ``"balanced_ce"`` (inverse label-frequency weights) or
+        ``"logit_adjusted"`` (the code's commented-out class-count-aware loss); the frequencies
+        are those of the teacher's labels in the pool, recomputed every pass. Hard labels only.
       distill_augment: augmentation of pool minibatches (the code: ``"flip"`` for MNIST/SVHN,
         ``"crop_flip"`` for CIFAR); pad of the crop is ``aug_pad``.
       aug_pad: crop padding (4).
@@ -113,6 +116,7 @@ class IDEALConfig:
     momentum_s: float = 0.9
     weight_decay_s: float = 5e-4
     student_batch: Optional[int] = None
+    pool_loss: str = "ce"
     distill_augment: str = "flip"
     aug_pad: int = 4
     max_student_batches: Optional[int] = None
@@ -139,6 +143,11 @@ class IDEALConfig:
                 f"classes ({num_classes}); got batch_size={self.batch_size} (the released code "
                 "crashes here too). Use e.g. batch_size="
                 f"{max(num_classes, self.batch_size // num_classes * num_classes)} or targets='random'.")
+        if self.pool_loss not in POOL_LOSSES:
+            raise ValueError(f"pool_loss must be one of {POOL_LOSSES}, got {self.pool_loss!r}")
+        if self.pool_loss != "ce" and self.soft_labels:
+            raise ValueError(f"pool_loss={self.pool_loss!r} corrects hard-label cross-entropy; "
+                             "use pool_loss='ce' with soft_labels=True")
         sb = self.student_batch or self.batch_size
         if sb > self.batch_size:
             raise ValueError(f"student_batch ({sb}) must not exceed batch_size ({self.batch_size})")
@@ -160,37 +169,6 @@ def info_loss(probs: jax.Array, kind: str) -> jax.Array:
     if kind == "none":
         return jnp.zeros((), probs.dtype)
     raise ValueError(f"info_loss must be one of {INFO_LOSSES}, got {kind!r}")
-
-
-def make_generator(cfg, image_shape: Sequence[int], *, key: Any = 0, head: Optional[str] = None,
-                   conv_impl: Optional[str] = None):
-    """The DCGAN generator for ``image_shape`` (square, side a multiple of 4) and its functional view.
-
-    Its initialisation is redone from a key whenever it is used (``functional.init``), so the
-    module is shared between calls with the same settings (and an int ``key``).
-
-    Returns:
-      ``(module, functional_model)``. IDEAL's ``gen_head="bn_sigmoid"`` builds the ``tanh_bn``
-      module and applies the sigmoid to its pre-activation output.
-    """
-    from dfml_jax.models import create_model, functional, get_default_conv_impl
-
-    conv_impl = conv_impl or get_default_conv_impl()
-    h, w, c = image_shape
-    if h != w or h % 4:
-        raise ValueError(f"the DCGAN generator makes square images with a side that is a multiple of "
-                         f"4; the API expects {tuple(image_shape)}")
-    head = head or ("tanh_bn" if getattr(cfg, "gen_head", "sigmoid") == "bn_sigmoid" else "sigmoid")
-
-    def build():
-        gen = create_model("dcgan", nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c, head=head,
-                           conv_impl=conv_impl, rngs_or_key=key)
-        return gen, functional(gen)
-
-    if isinstance(key, int):
-        return memoize_builder("generator", (), (cfg.nz, cfg.ngf, h, c, head, key, conv_impl),
-                               build)
-    return build()
 
 
 def _gen_images(gen_fm, cfg, params, z):
@@ -336,7 +314,8 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
     targets_kind = "soft" if cfg.soft_labels else "hard"
     pool_pass = make_pool_pass(student_fm, tx, batch_size=sb, augment=cfg.distill_augment,
                                pad=cfg.aug_pad, targets_kind=targets_kind,
-                               max_batches=cfg.max_student_batches)
+                               max_batches=cfg.max_student_batches, pool_loss=cfg.pool_loss,
+                               num_classes=k)
     phase = None
     if cfg.synth == "generator":
         gen_fm = (generator or make_generator(cfg, image_shape))[1]
@@ -356,30 +335,18 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
                      directory=os.path.join(workdir, "pool") if workdir else None,
                      initial_capacity=init_cap)
 
-    curve: List[Dict[str, Any]] = []
-    start = 0
-    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints")) if workdir else None
-    if ckpt is not None:
-        restored = ckpt.restore_latest({"student": state})
-        if restored is not None:
-            step, arrays, meta = restored
-            state = StudentState(*uncommitted(arrays["student"]))
-            curve = meta["curve"]
-            pool.reload(meta["pool_rounds"])
-            api.ledger.load_state_dict(meta["ledger"])
-            start = step + 1
+    tracker = RunTracker(api, workdir=workdir, evaluator=evaluator, eval_budgets=eval_budgets,
+                         step_key="round")
+    restored = tracker.restore({"student": state})
+    if restored is not None:
+        arrays, meta = restored
+        state = StudentState(*arrays["student"])
+        pool.reload(meta["pool_rounds"])
+    total = cfg.rounds if cfg.rounds is not None else (
+        (max_samples // b) if max_samples is not None else None)
+    tracker.open_progress(progress, total, name, "round")
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = cfg.rounds if cfg.rounds is not None else (
-            (max_samples // b) if max_samples is not None else None)
-        bar = tqdm(total=total, initial=start, desc=name, unit="round", leave=True)
-
-    budgets = sorted(int(x) for x in eval_budgets)
-    stopped, r = "rounds", start
-    last_eval_round = curve[-1]["round"] - 1 if curve else -1
+    stopped, r = "rounds", tracker.start
     try:
         while True:
             if cfg.rounds is not None and r >= cfg.rounds:
@@ -425,51 +392,30 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
                 pool.append(r, x_st, answers, answered)
             state, loss, nsteps = pool_pass(state, pool.x, pool.y, jnp.int32(pool.size), kpass)
             # Evaluate on schedule, at budget crossings and at the end of the run.
-            q = api.queries
             next_unaffordable = (
                 (cfg.rounds is not None and r + 1 >= cfg.rounds)
                 or (api.remaining is not None and api.remaining < b and
                     (cfg.stop_gen is None or r + 1 < cfg.stop_gen)))
-            crosses = any(q <= bud < q + b for bud in budgets)
             point = None
-            if evaluator is not None and ((r + 1) % cfg.eval_every == 0 or crosses
+            if evaluator is not None and ((r + 1) % cfg.eval_every == 0
+                                          or tracker.crosses_budget(b)
                                           or next_unaffordable or r == 0):
-                point = {"round": r + 1, "queries": q, "pool_size": pool.size,
-                         "loss": float(loss), "gen_loss": gen_loss, "student_steps": int(nsteps),
-                         "pool_histogram": pool.class_histogram(k)}
-                point.update(evaluator(state.params, state.bn))
-                curve.append(point)
-                last_eval_round = r
-            if ckpt is not None and ((r + 1) % cfg.checkpoint_every == 0 or point is not None
-                                     or next_unaffordable):
-                ckpt.save(r, {"student": state}, {
-                    "curve": curve, "pool_rounds": pool.rounds,
-                    "ledger": api.ledger.state_dict(), "config": config_dict(cfg)})
-            if bar is not None:
-                post = {"queries": q}
-                if point is not None:
-                    post["val"] = f"{point.get('val_acc', float('nan')):.3f}"
-                    post["test"] = f"{point.get('test_acc', float('nan')):.3f}"
-                bar.set_postfix(post)
-                bar.update(1)
+                point = tracker.evaluate(r, state.params, state.bn, pool_size=pool.size,
+                                         loss=float(loss), gen_loss=gen_loss,
+                                         student_steps=int(nsteps),
+                                         pool_histogram=pool.class_histogram(k))
+            if (r + 1) % cfg.checkpoint_every == 0 or point is not None or next_unaffordable:
+                tracker.save(r, {"student": state}, pool_rounds=pool.rounds,
+                             config=config_dict(cfg))
+            tracker.tick(point, queries=api.queries)
             r += 1
     finally:
-        if bar is not None:
-            bar.close()
-        if ckpt is not None:
-            ckpt.close()
-    # The last completed round is always evaluated (a budget stop found out only now).
-    if evaluator is not None and r > 0 and last_eval_round != r - 1 and stopped != "interrupted":
-        point = {"round": r, "queries": api.queries, "pool_size": pool.size, "loss": float("nan"),
-                 "gen_loss": float("nan"), "student_steps": 0}
-        point.update(evaluator(state.params, state.bn))
-        curve.append(point)
-    result = PoolRunResult(curve=curve, queries=api.queries, rounds=r, stopped=stopped,
+        tracker.close()
+    tracker.evaluate_end(r, stopped, state.params, state.bn, pool_size=pool.size,
+                         loss=float("nan"), gen_loss=float("nan"), student_steps=0)
+    result = PoolRunResult(curve=tracker.curve, queries=api.queries, rounds=r, stopped=stopped,
                            finished=stopped != "interrupted", params=state.params, bn=state.bn,
                            class_histogram=pool.class_histogram(k),
                            seconds=time.perf_counter() - t0)
-    if workdir and result.finished:
-        atomic_write_json(os.path.join(workdir, "result.json"),
-                          {**result.summary(), "config": config_dict(cfg), "seed": seed,
-                           "method": name})
+    tracker.write_result(result.summary(), result.finished, cfg, seed, name)
     return result
