@@ -20,7 +20,9 @@ methods only)::
 Devices: ``--devices N`` runs every inversion (its samples, API queries and zero-order directions)
 and every meta-batch sharded over N devices (default: all local devices, reduced to the largest
 count that divides the inversion batch ``ways * inv_per_class``; an explicit N that does not divide
-it is an error naming the valid counts). Results equal the 1-device run up to float reduction
+it is an error naming the valid counts). ``--set inv_shard=directions`` splits the ``q`` zero-order
+directions of each inversion instead of its samples (for small batches with many directions; the
+device count must then divide ``q``). Results equal the 1-device run up to float reduction
 order, with identical query counts. To try it on a CPU, emulate devices::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
@@ -39,7 +41,6 @@ shards; ``--devices`` then counts devices over all hosts. On a TPU VM slice::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -58,19 +59,22 @@ def choose_mesh(devices, cfg):
 
     from dfml_jax.parallel import check_divisible, largest_valid_count, make_mesh
 
-    batch = cfg.ways * cfg.inv_per_class
     have = len(jax.devices())
+    if cfg.inv_shard == "directions":
+        size, what, fix = cfg.q, f"the zero-order directions q = {cfg.q}", "--set q=..."
+    else:
+        size = cfg.ways * cfg.inv_per_class
+        what = f"the inversion batch ways x inv_per_class = {cfg.ways} x {cfg.inv_per_class}"
+        fix = "--set inv_per_class=..."
     if devices is None:
-        n = largest_valid_count([batch], have)
+        n = largest_valid_count([size], have)
         if n < have:
-            print(f"[devices] using {n} of {have} devices: the inversion batch ways x "
-                  f"inv_per_class = {batch} splits evenly over {n} at most (set inv_per_class "
-                  f"to a multiple of {have // math.gcd(have, cfg.ways)} to use all)")
+            print(f"[devices] using {n} of {have} devices: {what} splits evenly over {n} at most "
+                  f"(change it with {fix} to use all)")
     else:
         n = devices
         make_mesh(n)  # more devices than exist: an error listing them
-        check_divisible(batch, n, what=f"the inversion batch ways x inv_per_class = {cfg.ways} x "
-                        f"{cfg.inv_per_class}", fix="change --devices or --set inv_per_class=...")
+        check_divisible(size, n, what=what, fix=f"change --devices or {fix}")
     return None if n == 1 else make_mesh(n)
 
 

@@ -45,10 +45,10 @@ class HostTeachers:
         return answer
 
 
-def invert(mesh, teachers=None):
+def invert(mesh, teachers=None, cfg=INV, shard="samples"):
     t = teachers or HostTeachers()
-    inv = make_inverter(APIGroup(t.apis), GEN.apply_batchstats, nz=8, cfg=INV, mean=(0.5,),
-                        std=(0.5,), image_size=SIZE, mesh=mesh)
+    inv = make_inverter(APIGroup(t.apis), GEN.apply_batchstats, nz=8, cfg=cfg, mean=(0.5,),
+                        std=(0.5,), image_size=SIZE, mesh=mesh, shard=shard)
     res = jax.block_until_ready(inv(jax.random.key(1), 0, GEN.init(jax.random.key(2))[0], None))
     return t, res
 
@@ -65,6 +65,27 @@ def test_sharded_inversion_equals_one_device_and_callbacks_get_shards():
     assert r8.images.sharding.spec[0] == "data"  # the recovered batch stays sharded
     for a, c in zip(r1, r8):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-4)
+
+
+def test_direction_sharded_inversion_equals_one_device():
+    """q = 8 directions over 4 devices: each device's callback answers B x 2 perturbed samples
+    (its own directions), the clean batch is queried once per iteration, results match 1 device."""
+    cfg = InversionConfig(iterations=2, per_class=4, lr=0.05, num_directions=8, smoothing=0.01,
+                          chunk_size=2, pad=1)
+    b = K * cfg.per_class
+    t1, r1 = invert(None, cfg=cfg)
+    t4, r4 = invert(make_mesh(4), cfg=cfg, shard="directions")
+    assert t1.apis[0].queries == t4.apis[0].queries == inversion_queries(cfg, K)
+    assert Counter(n for _, n in t1.calls) == {b: 2, 2 * b: 8}
+    assert Counter(n for _, n in t4.calls) == {b: 2, 2 * b: 8}   # 1 chunk call per device
+    for a, c in zip(r1, r4):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"zero-order directions q of 8 .* 3 devices"):
+        invert(make_mesh(3), cfg=cfg, shard="directions")
+    ortho = InversionConfig(iterations=1, per_class=4, num_directions=8, estimator=
+                            "orthogonal-forward", chunk_size=None, pad=1)
+    with pytest.raises(ValueError, match="chunk_size that divides num_directions"):
+        invert(make_mesh(4), cfg=ortho, shard="directions")
 
 
 def test_several_apis_inverted_at_once_charge_each_member():
@@ -209,3 +230,8 @@ def test_script_device_choice():
         choose_mesh(8, cfg)
     with pytest.raises(ValueError, match="asked for 16 devices but only 8 exist"):
         choose_mesh(16, cfg)
+    import dataclasses
+    by_dirs = dataclasses.replace(cfg, inv_shard="directions")   # q = 4 directions
+    assert choose_mesh(None, by_dirs).shape["data"] == 4
+    with pytest.raises(ValueError, match=r"directions q = 4 of 4 .* 8 devices|directions q = 4"):
+        choose_mesh(8, by_dirs)

@@ -110,7 +110,8 @@ def per_sample_objective(outputs: jax.Array, targets: jax.Array, output_mode: st
 def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: InversionConfig,
                   mean: Sequence[float], std: Sequence[float], image_size: int,
                   student_apply: Optional[Callable] = None,
-                  teacher_fn: Optional[Callable] = None, mesh=None, axis: str = "data"):
+                  teacher_fn: Optional[Callable] = None, mesh=None, axis: str = "data",
+                  shard: str = "samples"):
     """Builds the jitted inversion for a group of same-signature APIs.
 
     Args:
@@ -132,6 +133,13 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
         equal the single-device ones up to float reduction order; query counts are identical.
         ``B`` must divide by the device count (a clear error names the valid counts).
       axis: the mesh axis to shard over.
+      shard: with a mesh, what is split over the devices: ``"samples"`` (above) or
+        ``"directions"``: every device estimates the gradient of the whole batch from its
+        ``q / n`` of the ``q`` zero-order directions (the ones one device would draw:
+        ``direction_offset``), its host callback answers ``B x q / n`` perturbed samples, and the
+        estimates are averaged (``pmean``); the clean answers are queried once. For small batches
+        with many directions. ``q`` must divide by the device count (blockwise estimators also need
+        ``chunk_size`` dividing ``q / n``).
 
     Returns:
       ``invert(key, index, gen_params, operand, student_params=None, teacher_params=None)
@@ -147,7 +155,16 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
         raise ValueError(f"InversionConfig.select must be 'clean_ce' or 'surrogate', got {cfg.select!r}")
     k = group.num_classes
     b = k * cfg.per_class
-    if mesh is not None:
+    if shard not in ("samples", "directions"):
+        raise ValueError(f"shard must be 'samples' or 'directions', got {shard!r}")
+    by_directions = mesh is not None and shard == "directions"
+    if by_directions:
+        from dfml_jax.parallel import check_divisible
+
+        q_local = check_divisible(
+            cfg.num_directions, mesh, what="the zero-order directions q", axis=axis,
+            fix="choose num_directions (q) as a multiple of the device count, or shard='samples'")
+    elif mesh is not None:
         from dfml_jax.parallel import check_divisible
 
         check_divisible(b, mesh, what=f"the inversion batch B = classes x per_class = {k} x "
@@ -175,6 +192,34 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
     if mesh is None:
         def black_box(index, operand, xs, tgt, s, k_zo):
             return answer(index, operand, xs, tgt, s, k_zo, 0)
+    elif by_directions:
+        from dfml_jax.parallel import P, shard_over
+
+        def black_box(index, operand, xs, tgt, s, k_zo):
+            out0 = group(index, xs, operand)  # clean answers: one host call, charged once
+            if teacher_fn is not None:
+                return out0, None, jnp.float32(0.0)
+            args = {"index": index, "xs": xs, "tgt": tgt, "k_zo": k_zo, "out0": out0}
+            if operand is not None:
+                args["operand"] = operand
+            if s is not None:
+                args["s"] = s
+
+            def local(a):
+                objective = lambda o: per_sample_objective(  # noqa: E731
+                    o, a["tgt"], group.output, a.get("s"), cfg.boundary_weight)
+                api = lambda x: group(a["index"], x, a.get("operand"))  # noqa: E731
+                off = jax.lax.axis_index(axis) * q_local
+                r = zo_gradient(lambda xp: objective(api(xp)), a["xs"], a["k_zo"],
+                                estimator=cfg.estimator, num_directions=q_local,
+                                smoothing=cfg.smoothing, chunk_size=cfg.chunk_size,
+                                fx=objective(a["out0"]), on_zero_differences="ignore",
+                                direction_offset=off)
+                return jax.lax.pmean(r.grad, axis), jax.lax.pmean(r.zero_difference_fraction, axis)
+
+            specs = jax.tree.map(lambda _: P(), args)
+            g, zf = shard_over(local, mesh, (specs,), (P(), P()))(args)
+            return out0, g, zf
     else:
         from dfml_jax.parallel import P, shard_offset, shard_over
 
@@ -199,7 +244,7 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
             return (res[0], None, res[1]) if teacher_fn is not None else res
 
     def constrain(x):
-        if mesh is None:
+        if mesh is None or by_directions:
             return x
         from dfml_jax.parallel import constrain_batch
         return constrain_batch(x, mesh, axis)

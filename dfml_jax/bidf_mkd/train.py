@@ -76,6 +76,7 @@ class BiDfMKDConfig:
     memory_slots: int = 20
     plateau_patience: int = 200
     apis_per_visit: int = 1         # >1: visit (invert) this many distinct APIs at once
+    inv_shard: str = "samples"      # with a mesh: split "samples" or "directions" of an inversion
     replay_source: str = "memory"   # or "real": MAML on the real meta-train split
     # evaluation
     eval_every: int = 500
@@ -267,7 +268,8 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
         if key not in inverters:
             inverters[key] = make_inverter(groups[g], gen_apply, nz=cfg.nz, cfg=inv_cfg, mean=mean,
                                            std=std, image_size=pool.image_size,
-                                           student_apply=meta_apply, teacher_fn=wb_fn, mesh=mesh)
+                                           student_apply=meta_apply, teacher_fn=wb_fn, mesh=mesh,
+                                           shard=cfg.inv_shard)
         inv = inverters[key]
         return lambda k, student: inv(k, m, gen_init(jax.random.fold_in(k, 7)), operand(g),
                                       student, wb_params)
@@ -321,7 +323,8 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
         key = ("many", g, boundary)
         if key not in inverters:
             inv = make_inverter(groups[g], gen_apply, nz=cfg.nz, cfg=inv_cfg, mean=mean, std=std,
-                                image_size=pool.image_size, student_apply=meta_apply, mesh=mesh)
+                                image_size=pool.image_size, student_apply=meta_apply, mesh=mesh,
+                                shard=cfg.inv_shard)
             axes = (0, 0, 0, None) + ((0,) if boundary else ())
             inverters[key] = jax.jit(jax.vmap(inv, in_axes=axes))
         return inverters[key]

@@ -212,7 +212,7 @@ def zo_gradient(f: Callable[[jax.Array], jax.Array], x: jax.Array, key: jax.Arra
                 chunk_size: Optional[int] = None, fx: Optional[jax.Array] = None,
                 on_zero_differences: str = "warn",
                 zero_difference_threshold: float = DEFAULT_THRESHOLD,
-                sample_offset=0) -> ZOGradient:
+                sample_offset=0, direction_offset=0) -> ZOGradient:
     """Zero-order estimate of the per-sample gradients of ``f`` at ``x``, with diagnostics.
 
     One pass: each chunk draws its directions, evaluates ``f`` on all perturbed points of the chunk
@@ -236,6 +236,12 @@ def zo_gradient(f: Callable[[jax.Array], jax.Array], x: jax.Array, key: jax.Arra
         ``lax.axis_index("data") * B`` inside ``jax.shard_map``): a device holding a shard of a
         batch draws exactly the directions one device would draw for those samples, so the
         sharded estimate equals the single-device one.
+      direction_offset: global index of this call's first direction (may be traced) when the
+        ``Q`` directions of one estimate are split over ``n`` devices, each estimating with
+        ``num_directions = Q / n`` from ``direction_offset = device * Q / n``: each device draws
+        exactly its share of the single-device directions, and the mean of the ``n`` estimates is
+        the ``Q``-direction estimate. Blockwise families (orthogonal, coordinate) need
+        ``chunk_size`` to divide ``num_directions`` so that chunks line up.
 
     Returns:
       A :class:`ZOGradient`.
@@ -264,8 +270,20 @@ def zo_gradient(f: Callable[[jax.Array], jax.Array], x: jax.Array, key: jax.Arra
             raise ValueError(f"f must map (B, *shape) to per-sample values (B,) = ({b},); got {f0.shape}")
         f0 = f0.astype(jnp.float32)
 
+    chunk = q if chunk_size is None else min(chunk_size, q)
+    if isinstance(direction_offset, int) and direction_offset == 0:
+        chunk_offset = 0
+    else:
+        if DIRECTION_FAMILIES[spec.family].blockwise and (chunk_size is None or q % chunk_size):
+            raise ValueError(
+                f"direction_offset with the blockwise estimator {spec.name!r} needs a chunk_size "
+                f"that divides num_directions (got chunk_size={chunk_size}, num_directions={q}) "
+                "so that chunks line up across devices")
+        chunk_offset = direction_offset // chunk
+
     def body(acc, ci, start, count):
-        u = sample_directions(spec.family, key, ci, start, count, b, d, sample_offset)  # (c, B, d)
+        u = sample_directions(spec.family, key, ci + chunk_offset, start + direction_offset, count,
+                              b, d, sample_offset)                                  # (c, B, d)
         vals = jax.vmap(f)(perturbed_points(xf, u, mu, spec.scheme, shape, x.dtype))
         if vals.shape != (u.shape[0] * (1 if forward else 2), b):
             raise ValueError(f"f must map (B, *shape) to per-sample values (B,) = ({b},); got "
