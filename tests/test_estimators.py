@@ -416,9 +416,13 @@ def test_lowres_directions_estimate_the_projected_gradient():
     assert one.num_queries == b * (q + 1)              # the full-resolution estimate's cost
     # piecewise constant on 4x4 blocks: the estimate lies in the upsampled subspace
     np.testing.assert_allclose(one.grad, upsample(one.grad[:, ::4, ::4], (h, h)), atol=1e-6)
-    mean = jnp.mean(jax.vmap(est)(jax.random.split(jax.random.key(2), 2000)), axis=0)
-    # E[g_hat] = P g (d' = 8, q = 3: per-coordinate std / sqrt(2000) ~ 0.04 of |P g|)
-    assert float(jnp.linalg.norm(mean - pg) / jnp.linalg.norm(pg)) < 0.1
+    # q = d' distinct coordinates (central): the back-map gives exactly P g (scaling d'/q, 1/s^2)
+    exact = zo_gradient_lowres(f, x, jax.random.key(3), resolution=r, estimator="coordinate-central",
+                               num_directions=r * r * 2, smoothing=0.01)
+    np.testing.assert_allclose(exact.grad, pg, rtol=1e-3, atol=1e-3)
+    # sphere directions: E[g_hat] = P g (d' = 8, q = 3: relative error of a 300-mean ~ 0.09)
+    mean = jnp.mean(jax.vmap(est)(jax.random.split(jax.random.key(2), 300)), axis=0)
+    assert float(jnp.linalg.norm(mean - pg) / jnp.linalg.norm(pg)) < 0.25
     # E[u u^T] scaling: the perturbation of a unit low-res direction has length mu in image units
     v = jnp.zeros((1, r, r, 2)).at[0, 0, 0, 0].set(1.0)
     assert float(jnp.linalg.norm(upsample(v, (h, h)) / (h / r))) == pytest.approx(1.0)
