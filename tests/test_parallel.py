@@ -45,9 +45,9 @@ class HostTeachers:
         return answer
 
 
-def invert(mesh, teachers=None):
+def invert(mesh, teachers=None, cfg=INV):
     t = teachers or HostTeachers()
-    inv = make_inverter(APIGroup(t.apis), GEN.apply_batchstats, nz=8, cfg=INV, mean=(0.5,),
+    inv = make_inverter(APIGroup(t.apis), GEN.apply_batchstats, nz=8, cfg=cfg, mean=(0.5,),
                         std=(0.5,), image_size=SIZE, mesh=mesh)
     res = jax.block_until_ready(inv(jax.random.key(1), 0, GEN.init(jax.random.key(2))[0], None))
     return t, res
@@ -63,6 +63,15 @@ def test_sharded_inversion_equals_one_device_and_callbacks_get_shards():
     # 8 devices: the same calls, once per device, each on its B/8 samples only
     assert Counter(n for _, n in t8.calls) == {b // 8: 2 * 8, 2 * b // 8: 4 * 8}
     assert r8.images.sharding.spec[0] == "data"  # the recovered batch stays sharded
+    for a, c in zip(r1, r8):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_low_resolution_inversion_equals_one_device():
+    cfg = InversionConfig(**{**INV.__dict__, "direction_resolution": 4})
+    t1, r1 = invert(None, cfg=cfg)
+    t8, r8 = invert(make_mesh(8), cfg=cfg)
+    assert t1.apis[0].queries == t8.apis[0].queries == inversion_queries(INV, K)
     for a, c in zip(r1, r8):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-4)
 
