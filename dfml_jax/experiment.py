@@ -45,8 +45,12 @@ def apply_overrides(cfg, overrides: Iterable[str]):
     ...     lr: float = 0.1
     >>> apply_overrides(C(), ["steps=5", "lr=1e-2"])
     C(steps=5, lr=0.01)
+
+    Fields annotated ``Optional[...]`` also accept ``none`` / ``null``.
     """
     fields = {f.name for f in dataclasses.fields(cfg)}
+    optional = {f.name for f in dataclasses.fields(cfg) if "Optional" in str(f.type)
+                or "None" in str(f.type)}
     changes = {}
     for item in overrides or ():
         if "=" not in item:
@@ -54,6 +58,9 @@ def apply_overrides(cfg, overrides: Iterable[str]):
         key, raw = item.split("=", 1)
         if key not in fields:
             raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(fields)}")
+        if key in optional and raw.strip().lower() in ("none", "null"):
+            changes[key] = None
+            continue
         changes[key] = _parse_value(raw, getattr(cfg, key), key)
     return dataclasses.replace(cfg, **changes)
 

@@ -29,7 +29,25 @@ Example::
 
     python experiments/bench_pool.py --epochs 10 --reps 3 --cpu-devices 2
 
-Measured (jax 0.10.2, 2 CPU cores shared with other jobs, load average 21.6 at the start and
+Measured on a quiet machine (jax 0.10.2, 2 CPU cores, load average 1.5 at the start; 20 teachers,
+10 epochs, width 32, Glyphs, medians of 3 in the same run)::
+
+    python experiments/bench_pool.py --epochs 10 --reps 3 --cpu-devices 2 \
+        --modes sequential,population_map,population_map_sharded,population_vmap_sharded
+
+=================================  ===============  ==========================
+mode                               time (s)         compile + 1 epoch (s)
+=================================  ===============  ==========================
+sequential (im2col, reference)     10.78            7.1
+population_map (CPU default)       10.96 (0.98x)    6.1
+population_map_sharded, 2 devices  12.04 (0.90x)    6.9
+population_vmap_sharded, 2 devs    19.96 (0.54x)    7.1
+=================================  ===============  ==========================
+
+On quiet cores a population is no faster than one teacher at a time: the speed-ups measured under
+heavy load below (1.35-1.54x) came from the sequential run suffering more from the contention.
+
+Measured under load (jax 0.10.2, 2 CPU cores shared with other jobs, load average 21.6 at the start and
 25.3 at the end; 20 teachers, 10 epochs, width 32, Glyphs, medians of 3 in the same run; seconds,
 speed-up over sequential in brackets)::
 

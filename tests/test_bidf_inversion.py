@@ -1,4 +1,6 @@
 """Zero-order generator inversion: it recovers class-conditional data and costs what it says."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +101,15 @@ def test_one_compile_serves_every_api_of_a_group(parts):
     assert len(traces) == 2  # two call sites (initial batch, scan body) traced ONCE for 4 calls
     per_call = inversion_queries(cfg, K)
     assert [a.queries for a in apis] == [per_call, per_call, 2 * per_call]
+
+
+def test_low_resolution_directions_same_queries_and_progress(parts):
+    cfg = InversionConfig(iterations=40, per_class=4, lr=0.05, num_directions=16, smoothing=0.01,
+                          chunk_size=8, pad=1, direction_resolution=4)
+    api, res = run(parts, cfg)
+    assert api.queries == inversion_queries(cfg, K) == inversion_queries(CFG, K)
+    ce = np.asarray(res.clean_ce)
+    assert ce[-5:].mean() < 0.8 * ce[:5].mean()
+    with pytest.raises(ValueError, match="must divide image_size"):
+        make_inverter(api, parts[2], nz=16, cfg=dataclasses.replace(cfg, direction_resolution=3),
+                      mean=(0.5,), std=(0.5,), image_size=SIZE)

@@ -2,6 +2,8 @@
 import dataclasses
 import json
 
+from typing import Optional
+
 import pytest
 
 from dfml_jax.experiment import RunDir, apply_overrides, plot_curves, select_config, write_results
@@ -14,11 +16,17 @@ class Cfg:
     first_order: bool = False
     budgets: tuple = (5000, 25000)
     name: str = "x"
+    res: Optional[int] = 7
 
 
 def test_overrides_types_and_errors():
     c = apply_overrides(Cfg(), ["steps=7", "lr=0.5", "first_order=true", "budgets=[1,2,3]", "name=y"])
     assert c == Cfg(7, 0.5, True, (1, 2, 3), "y")
+    assert apply_overrides(Cfg(), ["res=None"]).res is None         # Optional fields accept none
+    assert apply_overrides(Cfg(), ["res=14"]).res == 14
+    assert apply_overrides(Cfg(), ["name=none"]).name == "none"     # not for plain str fields
+    with pytest.raises(ValueError, match="expected int"):
+        apply_overrides(Cfg(), ["steps=none"])
     with pytest.raises(ValueError, match="unknown config key 'stepz'.*steps"):
         apply_overrides(Cfg(), ["stepz=1"])
     with pytest.raises(ValueError, match="expected int"):

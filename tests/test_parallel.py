@@ -88,6 +88,18 @@ def test_direction_sharded_inversion_equals_one_device():
         invert(make_mesh(4), cfg=ortho, shard="directions")
 
 
+def test_sharded_low_resolution_inversion_equals_one_device():
+    cfg = InversionConfig(**{**INV.__dict__, "direction_resolution": 4})
+    t1, r1 = invert(None, cfg=cfg)
+    t8, r8 = invert(make_mesh(8), cfg=cfg)
+    t2, r2 = invert(make_mesh(2), cfg=cfg, shard="directions")
+    assert (t1.apis[0].queries == t8.apis[0].queries == t2.apis[0].queries
+            == inversion_queries(INV, K))
+    for a, c, e in zip(r1, r8, r2):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-4)
+
+
 def test_several_apis_inverted_at_once_charge_each_member():
     t = HostTeachers(3)
     g = APIGroup(t.apis)

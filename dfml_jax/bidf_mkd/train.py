@@ -69,6 +69,8 @@ class BiDfMKDConfig:
     boundary_start: int = 4000      # meta-iteration after which the boundary term is on
     inv_select: str = "clean_ce"    # "surrogate": the official code's choice
     inv_pad: int = 4
+    inv_direction_resolution: Optional[int] = None  # departure: low-res ZO directions (None: paper)
+    inv_direction_upsample: str = "nearest"
     nz: int = 256
     ngf: int = 64
     white_box: bool = False
@@ -92,7 +94,9 @@ class BiDfMKDConfig:
                                lr=self.inv_lr, estimator=self.estimator, num_directions=self.q,
                                smoothing=self.mu, chunk_size=self.chunk_size,
                                boundary_weight=self.boundary_weight, pad=self.inv_pad,
-                               select=self.inv_select)
+                               select=self.inv_select,
+                               direction_resolution=self.inv_direction_resolution,
+                               direction_upsample=self.inv_direction_upsample)
 
 
 class TeacherPool(NamedTuple):

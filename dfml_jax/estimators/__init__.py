@@ -13,6 +13,10 @@ Three levels, one set of directions (regenerated from a PRNG key, never stored):
   wrappers: ``jax.grad`` of ``loss(api, G(w, z))`` flows through ``G`` exactly and through the API by
   estimation (:mod:`.vjp`).
 
+Dimension-reduced directions for images (:mod:`.subspace`): :func:`zo_gradient_lowres` draws the
+directions at ``r x r`` per channel and upsamples them (AutoZOOM): same queries, a ``d' = r*r*C``
+search space, an estimate of the projected gradient (a departure from DFME / BiDf-MKD).
+
 Precision diagnostics (:mod:`.precision`): every path reports the fraction of finite differences
 that are exactly zero (smoothing step below the API's output precision) and warns or raises.
 
@@ -26,11 +30,13 @@ from .core import (ESTIMATOR_SPECS, ESTIMATORS, EstimatorSpec, ZOGradient, contr
 from .directions import DIRECTION_FAMILIES, DirectionFamily, sample_directions
 from .precision import (ZeroDifferenceError, ZeroDifferenceWarning, check_zero_differences,
                         report_zero_differences, smoothing_for_precision, zero_difference_fraction)
+from .subspace import UPSAMPLE_METHODS, upsample, zo_gradient_lowres
 from .vjp import zo_api, zo_objective
 
 __all__ = [
     "DIRECTION_FAMILIES",
     "DirectionFamily",
+    "UPSAMPLE_METHODS",
     "ESTIMATORS",
     "ESTIMATOR_SPECS",
     "EstimatorSpec",
@@ -53,9 +59,11 @@ __all__ = [
     "sample_directions",
     "smoothing_for_precision",
     "sphere_forward",
+    "upsample",
     "zero_difference_fraction",
     "zo_api",
     "zo_api_outputs",
     "zo_gradient",
+    "zo_gradient_lowres",
     "zo_objective",
 ]

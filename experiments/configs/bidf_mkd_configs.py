@@ -8,7 +8,14 @@ so any field can be overridden with ``--set key=value``. Names:
 * ``default``: the README's main job. Glyphs 28x28, an SS pool of 20 Conv4 teachers (built
   automatically into ``<workdir>/pool`` if missing), BiDf-MKD with every mechanism of the paper at
   CPU scale (ZO inversion with q=20 sphere directions, boundary query sets, second-order bi-level
-  KD, memory replay, plateau-triggered API visits), and the four baselines. Evaluation: 600
+  KD, memory replay, plateau-triggered API visits), and the four baselines. One departure from the
+  paper: the zero-order directions are drawn at 7x7 and upsampled to 28x28
+  (``inv_direction_resolution=7``, AutoZOOM; same queries per iteration). Measured on the
+  meta-VALIDATION side (pool APIs 1, 16, 17, 16 images per class, 30 iterations, q=20, one seed),
+  the fraction of recovered images the teacher assigns to their target class rose from 0.39
+  (full-resolution directions; CE 1.57, chance 1.61) to 0.58 (CE 1.10); white-box inversion
+  reaches 0.91. More iterations also help (full resolution 0.56 / 0.76 at 60 / 100 iterations,
+  7x7 0.69 / 0.77) at 2x / 3.3x the queries and inversion time. Evaluation: 600
   meta-test tasks per shot, 10 fine-tuning steps whose learning rate each method gets chosen for it
   on 100 meta-VALIDATION tasks per shot from (0.01, 0.03, 0.1, 0.3, 1.0) (a fixed 0.01 is far too
   small for every method at this scale and confounds the comparison; the paper fixes 0.01). About
@@ -43,7 +50,8 @@ _DEFAULT = BiDfExperimentConfig(
     name="default", num_apis=20, pool_epochs=60, pool_width=32, meta_width=32,
     shots=1, query=15, meta_iterations=300, meta_batch=4, replay_inner_steps=5, kd_inner_steps=10,
     inv_iterations=30, inv_per_class=16, q=20, mu=0.005, chunk_size=10, nz=64, ngf=16, inv_lr=0.01,
-    boundary_start=100, plateau_patience=20, memory_slots=10, eval_every=50, val_tasks=100,
+    inv_direction_resolution=7, boundary_start=100, plateau_patience=20, memory_slots=10,
+    eval_every=50, val_tasks=100,
     test_tasks=600, finetune_steps=10, checkpoint_every=25, seed=0,
     finetune_lrs=(0.01, 0.03, 0.1, 0.3, 1.0), lr_select_tasks=100)
 
