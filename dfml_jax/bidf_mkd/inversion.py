@@ -197,32 +197,29 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
     targets = jnp.tile(jnp.arange(k, dtype=jnp.int32), cfg.per_class)  # interleaved [0..K-1]*30
     tx = optax.adam(cfg.lr, b1=0.5, b2=0.999)
 
-    def answer(index, operand, xs, tgt, s, k_zo, sample_offset):
-        """The black-box part on (a shard of) the batch: clean outputs, ZO image gradient."""
-        api = lambda x: group(index, x, operand)
-
+    def zo_grad(index, operand, xs, tgt, s, k_zo, out0, *, sample_offset=0,
+                num_directions=cfg.num_directions, direction_offset=0):
+        """Zero-order image gradient on (a shard of) the batch, from its clean answers ``out0``;
+        full-resolution or low-resolution directions. Returns (gradient, zero-difference frac)."""
         def objective(outputs):
             return per_sample_objective(outputs, tgt, group.output, s, cfg.boundary_weight)
 
-        out0 = api(xs)  # the clean answer (charged by the API's ledger)
-        if teacher_fn is not None:
-            return out0, None, jnp.float32(0.0)
-        zo_kw = dict(estimator=cfg.estimator, num_directions=cfg.num_directions,
-                     smoothing=cfg.smoothing, chunk_size=cfg.chunk_size, fx=objective(out0),
-                     on_zero_differences="ignore", sample_offset=sample_offset)
-        r = estimate(lambda xp: objective(api(xp)), xs, k_zo, **zo_kw)
-        return out0, r.grad, r.zero_difference_fraction
-
-    def estimate(f, xs, key, **kw):
-        """The zero-order estimate: full-resolution or low-resolution directions."""
-        if cfg.direction_resolution is None:
-            return zo_gradient(f, xs, key, **kw)
-        return zo_gradient_lowres(f, xs, key, resolution=cfg.direction_resolution,
-                                  method=cfg.direction_upsample, **kw)
+        kw = dict(estimator=cfg.estimator, num_directions=num_directions,
+                  smoothing=cfg.smoothing, chunk_size=cfg.chunk_size, fx=objective(out0),
+                  on_zero_differences="ignore", sample_offset=sample_offset,
+                  direction_offset=direction_offset)
+        if cfg.direction_resolution is not None:
+            kw.update(resolution=cfg.direction_resolution, method=cfg.direction_upsample)
+        estimate = zo_gradient if cfg.direction_resolution is None else zo_gradient_lowres
+        r = estimate(lambda xp: objective(group(index, xp, operand)), xs, k_zo, **kw)
+        return r.grad, r.zero_difference_fraction
 
     if mesh is None:
         def black_box(index, operand, xs, tgt, s, k_zo):
-            return answer(index, operand, xs, tgt, s, k_zo, 0)
+            out0 = group(index, xs, operand)  # the clean answer (charged by the API's ledger)
+            if teacher_fn is not None:
+                return out0, None, jnp.float32(0.0)
+            return (out0,) + zo_grad(index, operand, xs, tgt, s, k_zo, out0)
     elif by_directions:
         from dfml_jax.parallel import P, shard_over
 
@@ -237,16 +234,10 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
                 args["s"] = s
 
             def local(a):
-                objective = lambda o: per_sample_objective(  # noqa: E731
-                    o, a["tgt"], group.output, a.get("s"), cfg.boundary_weight)
-                api = lambda x: group(a["index"], x, a.get("operand"))  # noqa: E731
-                off = jax.lax.axis_index(axis) * q_local
-                r = estimate(lambda xp: objective(api(xp)), a["xs"], a["k_zo"],
-                             estimator=cfg.estimator, num_directions=q_local,
-                             smoothing=cfg.smoothing, chunk_size=cfg.chunk_size,
-                             fx=objective(a["out0"]), on_zero_differences="ignore",
-                             direction_offset=off)
-                return jax.lax.pmean(r.grad, axis), jax.lax.pmean(r.zero_difference_fraction, axis)
+                g, zf = zo_grad(a["index"], a.get("operand"), a["xs"], a["tgt"], a.get("s"),
+                                a["k_zo"], a["out0"], num_directions=q_local,
+                                direction_offset=jax.lax.axis_index(axis) * q_local)
+                return jax.lax.pmean(g, axis), jax.lax.pmean(zf, axis)
 
             specs = jax.tree.map(lambda _: P(), args)
             g, zf = shard_over(local, mesh, (specs,), (P(), P()))(args)
@@ -264,11 +255,14 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
                 args["s"], specs["s"] = s, P(axis)
 
             def local(a):
-                off = shard_offset(a["xs"].shape[0], axis)
-                out0, g, zf = answer(a["index"], a.get("operand"), a["xs"], a["tgt"], a.get("s"),
-                                     a["k_zo"], off)
-                zf = jax.lax.pmean(zf, axis)  # equal shards: mean of means = global mean
-                return (out0, zf) if g is None else (out0, g, zf)
+                out0 = group(a["index"], a["xs"], a.get("operand"))  # this shard's clean answers
+                if teacher_fn is not None:
+                    return out0, jnp.float32(0.0)
+                g, zf = zo_grad(a["index"], a.get("operand"), a["xs"], a["tgt"], a.get("s"),
+                                a["k_zo"], out0,
+                                sample_offset=shard_offset(a["xs"].shape[0], axis))
+                # equal shards: mean of means = global mean
+                return out0, g, jax.lax.pmean(zf, axis)
 
             out_specs = (P(axis), P()) if teacher_fn is not None else (P(axis), P(axis), P())
             res = shard_over(local, mesh, (specs,), out_specs)(args)
