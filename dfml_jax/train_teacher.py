@@ -294,9 +294,8 @@ def resolve_devices(devices: int | Sequence[jax.Device] | None, population: int 
     devs = tuple(parallel.resolve_devices(devices, local=True))
     if population is not None and population % len(devs):
         if not strict:
-            d = max(k for k in range(1, len(devs) + 1) if population % k == 0)
-            return devs[:d]
-        valid = [k for k in range(1, len(local) + 1) if population % k == 0]
+            return devs[:parallel.largest_valid_count([population], len(devs))]
+        valid = parallel.valid_device_counts(population, len(local))
         raise ValueError(
             f"{len(devs)} devices do not divide the {population} teachers of a population "
             f"(each device trains an equal share); valid device counts for {population} teachers "
