@@ -61,22 +61,45 @@ def row_of_classes(memory_classes: Sequence[int], classes) -> np.ndarray:
     return rows.astype(np.int32)
 
 
-def write(mem: MemoryState, rows: jax.Array, images: jax.Array) -> MemoryState:
+def write(mem: MemoryState, rows: jax.Array, images: jax.Array,
+          keep: jax.Array | None = None) -> MemoryState:
     """Write one slot of images for each row.
 
     Args:
       mem: the memory.
       rows: (N,) memory rows (distinct).
       images: (N, per_slot, H, W, C) images in [0, 1].
+      keep: optional (N, per_slot) bool, the images worth keeping (e.g. those the API assigns to
+        their target class). A row's slot is then filled with its kept images only, repeated in
+        order to fill the ``per_slot`` positions (``[a, b, a, b, ...]``), so the layout and the
+        sampling stay static; a row with no kept image is written unfiltered. ``None``: keep all
+        (the official code).
 
     Returns:
       The updated memory (the oldest slot of each row overwritten).
+
+    >>> m = init_memory(1, 2, 4, (1, 1, 1))
+    >>> imgs = jnp.array([0.0, 0.2, 0.4, 0.6]).reshape(1, 4, 1, 1, 1)
+    >>> m = write(m, jnp.array([0]), imgs, keep=jnp.array([[False, True, False, True]]))
+    >>> m.images[0, 0, :, 0, 0, 0].tolist()   # 0.2 and 0.6, truncated to uint8, repeated
+    [51, 153, 51, 153]
     """
+    if keep is not None:
+        images = jax.vmap(_fill_with_kept)(images, jnp.asarray(keep, bool))
     q = (jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)  # truncation, like the PNG round-trip
     slot = mem.next_slot[rows]
     slots = mem.filled.shape[1]
     return MemoryState(mem.images.at[rows, slot].set(q), mem.filled.at[rows, slot].set(True),
                        mem.next_slot.at[rows].set((slot + 1) % slots))
+
+
+def _fill_with_kept(images: jax.Array, keep: jax.Array) -> jax.Array:
+    """(per_slot, ...) images -> the kept ones repeated cyclically (all of them if none is kept)."""
+    n = images.shape[0]
+    order = jnp.argsort(~keep, stable=True)          # kept images first, in their order
+    count = jnp.sum(keep)
+    idx = jnp.where(count > 0, order[jnp.arange(n) % jnp.maximum(count, 1)], jnp.arange(n))
+    return images[idx]
 
 
 def num_filled(mem: MemoryState) -> jax.Array:

@@ -102,3 +102,45 @@ def test_bad_config_is_refused():
     cfg = CFG.__class__(**{**CFG.__dict__, "inv_per_class": 2})
     with pytest.raises(ValueError, match="inv_per_class=2.*shots\\+query=4"):
         train_bidf_mkd(cfg, pool=make_pool(), val_tasks=tasks(jax.random.key(0)), progress=False, **parts())
+
+
+def test_memory_filter_keeps_only_images_the_api_agrees_with():
+    from dfml_jax.bidf_mkd.inversion import InversionResult
+    from dfml_jax.bidf_mkd.train import _store
+    from dfml_jax.memory import init_memory
+
+    per = 4
+    cfg = CFG.__class__(**{**CFG.__dict__, "inv_per_class": per, "memory_filter": "api_agree"})
+    targets = jnp.tile(jnp.arange(K), per)                      # interleaved, as an inversion
+    images = (jnp.arange(K * per, dtype=jnp.float32) / 255.0).reshape(K * per, 1, 1, 1)
+    answer = jnp.where(jnp.arange(K * per) % 3 == 0, targets, (targets + 1) % K)
+    answer = answer.at[jnp.arange(K * per) % K == 2].set(3)    # class 2: never agreed with
+    probs = jax.nn.one_hot(answer, K)
+    res = InversionResult(images, targets, None, None, None)
+    rows = jnp.arange(K)
+    mem, kept = _store(init_memory(K, 2, per, (1, 1, 1)), rows, res, probs, cfg)
+    slot = np.asarray(mem.images[:, 0, :, 0, 0, 0])           # (K, per) stored pixel values
+    for c in range(K):
+        own = np.arange(K * per)[np.asarray(targets) == c]      # this class's images, in order
+        agree = own[np.asarray(answer)[own] == c]
+        expect = own if len(agree) == 0 else agree[np.arange(per) % len(agree)]
+        np.testing.assert_array_equal(slot[c], expect)
+    assert kept == pytest.approx(float(np.mean(np.asarray(answer) == np.asarray(targets))))
+    plain, kept_all = _store(init_memory(K, 2, per, (1, 1, 1)), rows, res, probs,
+                             cfg.__class__(**{**cfg.__dict__, "memory_filter": None}))
+    assert kept_all == 1.0
+    np.testing.assert_array_equal(np.asarray(plain.images[:, 0, :, 0, 0, 0]),
+                                  np.arange(K * per).reshape(per, K).T)
+
+
+def test_memory_filter_in_the_loop_costs_no_queries():
+    cfg = CFG.__class__(**{**CFG.__dict__, "memory_filter": "api_agree", "meta_iterations": 4})
+    res = train_bidf_mkd(cfg, pool=make_pool(), val_tasks=tasks(jax.random.key(0)), progress=False,
+                         **parts())
+    visits = [h for h in res.history if h["event"] == "visit"]
+    assert visits and all(0.0 <= v["memory_kept"] <= 1.0 for v in visits)
+    assert res.api_queries == res.visits * 2 * (inversion_queries(cfg.inversion(), K) + K * 4)
+    bad = CFG.__class__(**{**CFG.__dict__, "memory_filter": "agree"})
+    with pytest.raises(ValueError, match="memory_filter must be None"):
+        train_bidf_mkd(bad, pool=make_pool(), val_tasks=tasks(jax.random.key(0)), progress=False,
+                       **parts())

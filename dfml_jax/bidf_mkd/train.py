@@ -76,6 +76,9 @@ class BiDfMKDConfig:
     white_box: bool = False
     # memory and schedule
     memory_slots: int = 20
+    # departure (None = the paper): "api_agree" stores only the recovered images whose KD query
+    # answer (already paid for) assigns them to their target class (memory.write's ``keep``)
+    memory_filter: Optional[str] = None
     plateau_patience: int = 200
     apis_per_visit: int = 1         # >1: visit (invert) this many distinct APIs at once
     inv_shard: str = "samples"      # with a mesh: split "samples" or "directions" of an inversion
@@ -143,12 +146,33 @@ def _augment(x, k, pad, size, mean, std):
     return batch_shared_augment(x, k, pad=pad, flip=True, out_size=size, mean=mean, std=std)
 
 
+def _store(mem: MemoryState, rows, res, probs, cfg: BiDfMKDConfig):
+    """Writes one recovered set (interleaved targets ``[0..K-1] * per_class``) into the memory,
+    grouped by class; with ``cfg.memory_filter == "api_agree"`` only the images whose API answer
+    ``probs`` (to the KD query of this set) has its maximum at the target are kept.
+
+    Returns:
+      ``(memory, fraction of the set kept)``.
+    """
+    k = probs.shape[-1]
+    per_class = res.images.reshape((cfg.inv_per_class, k) + res.images.shape[1:])
+    keep = None
+    if cfg.memory_filter == "api_agree":
+        agree = jnp.argmax(probs, axis=-1) == res.targets
+        keep = agree.reshape(cfg.inv_per_class, k).T
+    mem = write(mem, rows, jnp.swapaxes(per_class, 0, 1), keep)
+    return mem, 1.0 if keep is None else float(jnp.mean(keep))
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _sample_memory(m, k, n, ways, shots, query):
     return sample_tasks(m, k, n, ways=ways, shots=shots, query=query)
 
 
 def _validate(cfg: BiDfMKDConfig, pool: Optional[TeacherPool]):
+    if cfg.memory_filter not in (None, "api_agree"):
+        raise ValueError(f"memory_filter must be None (the paper: keep every recovered image) or "
+                         f"'api_agree', got {cfg.memory_filter!r}")
     if cfg.replay_source not in ("memory", "real"):
         raise ValueError(f"replay_source must be 'memory' or 'real', got {cfg.replay_source!r}")
     if cfg.replay_source == "memory":
@@ -314,12 +338,13 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
             jax.block_until_ready((s, qr, s_p, q_p))  # the ledger is exact once results exist
         mem_rows = jnp.asarray(row_of_classes(memory_classes, pool.classes[i]))
         new_mem = state.memory
-        for res in (s, qr):  # both recovered sets go to the memory, grouped by class
-            per_class = res.images.reshape((cfg.inv_per_class, api.num_classes) + res.images.shape[1:])
-            new_mem = write(new_mem, mem_rows, jnp.swapaxes(per_class, 0, 1))
+        kept = []
+        for res, probs in ((s, s_p), (qr, q_p)):  # both recovered sets go to the memory
+            new_mem, k = _store(new_mem, mem_rows, res, probs, cfg)
+            kept.append(k)
         info = {"api": i, "support_ce": float(s.clean_ce[-1]), "support_api_acc": float(s.api_acc[-1]),
                 "query_api_acc": float(qr.api_acc[-1]), "boundary": bool(boundary),
-                "zero_diff_frac": float(s.zero_fraction.mean())}
+                "zero_diff_frac": float(s.zero_fraction.mean()), "memory_kept": float(np.mean(kept))}
         return KDTask(s_aug, s_p, q_aug, q_p, qr.targets), new_mem, info
 
     def many_inverter(g: int, boundary: bool):
@@ -376,13 +401,12 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
                     parts[i].update(q=q_i, q_aug=q_aug,
                                     q_p=teacher_probs(ask(i, q_aug), api.output, api.num_classes))
             jax.block_until_ready([(p["s_p"], p["q_p"], p["q"].images) for p in parts.values()])
-        new_mem = state.memory
+        new_mem, kept = state.memory, []
         for i in picked:
-            api = pool.apis[i]
             mem_rows = jnp.asarray(row_of_classes(memory_classes, pool.classes[i]))
-            for res in (parts[i]["s"], parts[i]["q"]):
-                per_class = res.images.reshape((cfg.inv_per_class, api.num_classes) + res.images.shape[1:])
-                new_mem = write(new_mem, mem_rows, jnp.swapaxes(per_class, 0, 1))
+            for res, probs in ((parts[i]["s"], parts[i]["s_p"]), (parts[i]["q"], parts[i]["q_p"])):
+                new_mem, k = _store(new_mem, mem_rows, res, probs, cfg)
+                kept.append(k)
         stacked = lambda name: jnp.stack([parts[i][name] for i in picked])
         kd = KDTask(stacked("s_aug"), stacked("s_p"), stacked("q_aug"), stacked("q_p"),
                     jnp.stack([parts[i]["q"].targets for i in picked]))
@@ -391,7 +415,8 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
                 "query_api_acc": [float(parts[i]["q"].api_acc[-1]) for i in picked],
                 "boundary": bool(boundary),
                 "zero_diff_frac": float(np.mean([float(parts[i]["s"].zero_fraction.mean())
-                                                 for i in picked]))}
+                                                 for i in picked])),
+                "memory_kept": float(np.mean(kept))}
         return kd, new_mem, info
 
     def sample_memory(m, k, n):
