@@ -236,6 +236,28 @@ def test_ideal_soft_label_variant(student, teacher_w, tmp_path):
         run_pool_distillation(hard, student, cfg, seed=0)
 
 
+def test_pool_balancing_targets_favour_the_classes_the_pool_lacks():
+    from dfml_jax.distill.ideal import pool_balancing_targets
+
+    for seed in range(5):
+        counts = jnp.asarray(np.random.default_rng(seed).integers(0, 500, K), jnp.float32)
+        y = np.asarray(pool_balancing_targets(counts, 40))
+        assert y.shape == (40,) and np.all(np.diff(y) >= 0) and y.min() >= 0 and y.max() < K
+        share = np.bincount(y, minlength=K)
+        rare, common = int(np.argmin(counts)), int(np.argmax(counts))
+        assert share[rare] >= share[common] and share[rare] >= 40 // K
+    np.testing.assert_array_equal(pool_balancing_targets(jnp.zeros(K), 2 * K), np.arange(2 * K) // 2)
+
+
+def test_ideal_pool_balancing_run(student, teacher_w, tmp_path):
+    api = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output="label", budget=60)
+    cfg = dataclasses.replace(IDEAL_CFG, targets="pool_balancing", batch_size=30)
+    res = run_pool_distillation(api, student, cfg, seed=0, workdir=str(tmp_path))
+    assert res.queries == 60 and res.rounds == 2 and sum(res.class_histogram) == 60
+    with pytest.raises(ValueError, match="targets must be one of"):
+        run_pool_distillation(api, student, dataclasses.replace(IDEAL_CFG, targets="pool"), seed=0)
+
+
 def test_ideal_rejects_unbalanced_batch(student, teacher_w):
     api = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output="label")
     with pytest.raises(ValueError, match="multiple of the number of classes"):

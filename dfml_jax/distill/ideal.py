@@ -46,7 +46,7 @@ from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, Pool
                                      memoize_builder, torch_sgd)
 from dfml_jax.losses import cross_entropy, teacher_probs
 
-__all__ = ["IDEALConfig", "INFO_LOSSES", "info_loss", "make_generator", "make_generation_phase",
+__all__ = ["IDEALConfig", "INFO_LOSSES", "TARGETS", "pool_balancing_targets", "info_loss", "make_generator", "make_generation_phase",
            "run_pool_distillation", "PoolRunResult", "GEN_HEADS"]
 
 INFO_LOSSES = ("per_sample", "class_balance", "none")
@@ -54,6 +54,7 @@ INFO_LOSSES = ("per_sample", "class_balance", "none")
 _GENERATION_FIELDS = ("batch_size", "g_steps", "lr_g", "betas_g", "nz", "ngf", "gen_head",
                       "info_loss", "info_weight", "targets", "gen_augment", "aug_pad")
 GEN_HEADS = ("sigmoid", "bn_sigmoid")
+TARGETS = ("balanced", "random", "pool_balancing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,11 @@ class IDEALConfig:
         BN(affine=False) before the sigmoid, as in DFME's generator; spec section 10).
       info_loss: one of :data:`INFO_LOSSES`.
       info_weight: weight of ``L_info`` (5 in the code, DAFL's beta).
-      targets: ``"balanced"`` (``i mod K``, the code) or ``"random"`` (uniform class draws).
+      targets: ``"balanced"`` (``i mod K``, the code), ``"random"`` (uniform class draws) or
+        ``"pool_balancing"`` (a departure: the round's B targets are split over the classes in
+        inverse proportion to ``count_k + B/K``, where ``count_k`` is how often the teacher has
+        answered class k on the pool so far (already paid for, no extra query): the generator
+        aims more often at the classes the pool lacks; see :func:`pool_balancing_targets`).
       gen_augment: augmentation of the generated batch before the student (kornia crop(pad 4) +
         flip in the code: ``"crop_flip"``).
       synth: ``"generator"`` (IDEAL) or ``"noise"`` (NaiveKD: uniform noise in [0, 1]).
@@ -132,8 +137,8 @@ class IDEALConfig:
             raise ValueError(f"gen_head must be one of {GEN_HEADS}, got {self.gen_head!r}")
         if self.synth not in ("generator", "noise"):
             raise ValueError(f"synth must be 'generator' or 'noise', got {self.synth!r}")
-        if self.targets not in ("balanced", "random"):
-            raise ValueError(f"targets must be 'balanced' or 'random', got {self.targets!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
         for a in (self.gen_augment, self.distill_augment):
             if a not in AUGMENTATIONS:
                 raise ValueError(f"unknown augmentation {a!r}; valid: {sorted(AUGMENTATIONS)}")
@@ -153,6 +158,31 @@ class IDEALConfig:
             raise ValueError(f"student_batch ({sb}) must not exceed batch_size ({self.batch_size})")
         if self.stop_gen is not None and self.rounds is None:
             raise ValueError("stop_gen needs a finite number of rounds")
+
+
+def pool_balancing_targets(counts: jax.Array, batch_size: int) -> jax.Array:
+    """The generator's targets for one round, aimed at the classes the pool lacks.
+
+    Class k gets a share of the ``batch_size`` targets proportional to ``1 / (count_k + B/K)``
+    (``count_k``: the teacher's answers of class k in the pool; the ``B/K`` prior keeps an empty
+    pool balanced), rounded so that the shares add up to exactly ``batch_size`` (static shape).
+
+    Args:
+      counts: (K,) label counts of the pool.
+      batch_size: B.
+
+    Returns:
+      (B,) int32 targets, sorted by class.
+
+    >>> pool_balancing_targets(jnp.zeros(4), 8).tolist()       # empty pool: balanced
+    [0, 0, 1, 1, 2, 2, 3, 3]
+    >>> pool_balancing_targets(jnp.array([30., 2., 2., 6.]), 8).tolist()
+    [1, 1, 1, 2, 2, 2, 3, 3]
+    """
+    k = counts.shape[0]
+    w = 1.0 / (counts.astype(jnp.float32) + batch_size / k)
+    edges = jnp.round(jnp.cumsum(w / jnp.sum(w)) * batch_size)       # (K,), last = B
+    return jnp.searchsorted(edges, jnp.arange(batch_size) + 0.5).astype(jnp.int32)
 
 
 def info_loss(probs: jax.Array, kind: str) -> jax.Array:
@@ -199,13 +229,18 @@ def _build_generation_phase(student_fm, gen_fm, cfg, num_classes, image_shape):
     tx = optax.adam(cfg.lr_g, b1=cfg.betas_g[0], b2=cfg.betas_g[1])
 
     @jax.jit
-    def phase(student_params, student_bn, key):
+    def phase(student_params, student_bn, key, pool_counts=None):
         kinit, kz, ky, ksteps = jax.random.split(key, 4)
         gparams, _ = gen_fm.init(kinit)
         opt_state = tx.init(gparams)
         z = jax.random.normal(kz, (b, cfg.nz), jnp.float32)
         if cfg.targets == "balanced":
             y = jnp.arange(b, dtype=jnp.int32) % k
+        elif cfg.targets == "pool_balancing":
+            if pool_counts is None:
+                raise ValueError("targets='pool_balancing' needs the pool's label counts "
+                                 "(phase(..., pool_counts=...))")
+            y = pool_balancing_targets(pool_counts, b)
         else:
             y = jax.random.randint(ky, (b,), 0, k, jnp.int32)
 
@@ -371,7 +406,9 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
                         stopped = "budget"
                         break
                     if phase is not None:
-                        x, best_l, _ = phase(state.params, state.bn, kgen)
+                        counts = (jnp.asarray(pool.class_histogram(k), jnp.float32)
+                                  if cfg.targets == "pool_balancing" else None)
+                        x, best_l, _ = phase(state.params, state.bn, kgen, counts)
                         gen_loss = float(best_l)
                     else:
                         x = jax.random.uniform(kgen, (b,) + tuple(image_shape), jnp.float32)
