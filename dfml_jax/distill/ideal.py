@@ -46,8 +46,9 @@ from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, Pool
                                      memoize_builder, torch_sgd)
 from dfml_jax.losses import cross_entropy, teacher_probs
 
-__all__ = ["IDEALConfig", "INFO_LOSSES", "TARGETS", "pool_balancing_targets", "info_loss", "make_generator", "make_generation_phase",
-           "run_pool_distillation", "PoolRunResult", "GEN_HEADS"]
+__all__ = ["IDEALConfig", "INFO_LOSSES", "TARGETS", "pool_balancing_targets", "info_loss",
+           "make_generator", "make_generation_phase", "run_pool_distillation", "PoolRunResult",
+           "GEN_HEADS"]
 
 INFO_LOSSES = ("per_sample", "class_balance", "none")
 # The IDEALConfig fields the generation phase depends on (its compiled form is shared otherwise).
