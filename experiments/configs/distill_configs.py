@@ -209,15 +209,15 @@ def get_config(name: str) -> DistillExperimentConfig:
     ==========  ======  ==================  ==================  ==================
     IDEAL       5K      55.5 (4K used)      57.7                58.1
     DFME        5K      27.2                26.2                25.6
-    NaiveKD     5K      35.7                see README          see README
+    NaiveKD     5K      35.7                34.0                29.5
     IDEAL       25K     83.0 (22K used)     70.6 (23K used)     84.8 (22K used)
     DFME        25K     66.1                68.0                74.2
-    NaiveKD     25K     68.7                see README          see README
+    NaiveKD     25K     68.7                61.0                72.0 (24K used)
     DFME        100K    90.8                93.7 (89.6K used)   94.7 (89.6K used)
     ==========  ======  ==================  ==================  ==================
 
     IDEAL beats DFME at 5K (by 28-33 points) and at 25K (by 16.9, 2.6 and 10.6 points) on every
-    seed. Wall: IDEAL to 25K 965 / 887 / 884 s, NaiveKD 713 s, DFME 232 / 438 / 1,785 s at 5K /
+    seed. Wall: IDEAL to 25K 965 / 887 / 884 s, NaiveKD 713 / 750 / 753 s, DFME 232 / 438 / 1,785 s at 5K /
     25K / 100K. IDEAL at 100K has not been run with this default (its whole-pool passes grow
     quadratically with the pool).
 
