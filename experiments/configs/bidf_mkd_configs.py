@@ -22,11 +22,12 @@ so any field can be overridden with ``--set key=value``. Names:
   76.0 / 92.4% in 300 meta-iterations; and ``plateau_patience=5`` (paper 200 of 60,000
   iterations), so that 300 meta-iterations visit many APIs: white-box BiDf-MKD went from 53.2 /
   78.9% with 5 visits of 3 distinct APIs (patience 20) to 56.6 / 81.9% with 67 visits of 18
-  (patience 2), still rising at the end; resumed to 800 meta-iterations (177 visits, all 20 APIs,
-  878K queries; the 500 extra iterations took 49 min on shared cores) it reaches 58.7 / 81.2%, level with Average (59.3 /
-  81.3%) and below MAML on real data: at CPU scale even the white-box upper bound of inversion
-  does not pass Average (validation every 50 iterations: 52.7, 53.5, 52.6, 53.7, 55.3, 56.3, 56.0,
-  56.5, 57.3, 57.4, 57.8, 57.9, 58.7, 57.7, 58.8, 57.7; the paper runs 60,000). Evaluation: 600
+  (patience 2), still rising at the end; resumed to 800 meta-iterations (177 visits, all 20
+  APIs, 878K queries; the 500 extra iterations took 49 min on shared cores) it reaches 58.7 /
+  81.2%, level with Average (59.3 / 81.3%) and below MAML on real data: at CPU scale even the
+  white-box upper bound of inversion does not pass Average (validation every 50 iterations:
+  52.7, 53.5, 52.6, 53.7, 55.3, 56.3, 56.0, 56.5, 57.3, 57.4, 57.8, 57.9, 58.7, 57.7, 58.8, 57.7;
+  the paper runs 60,000). Evaluation: 600
   meta-test tasks per shot, 10 fine-tuning steps whose learning rate each method gets chosen for it
   on 100 meta-VALIDATION tasks per shot from (0.01, 0.03, 0.1, 0.3, 1.0) (a fixed 0.01 is far too
   small for every method at this scale and confounds the comparison; the paper fixes 0.01).
