@@ -41,6 +41,8 @@ from .train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
 __all__ = ["BiDfExperimentConfig", "run_experiment", "METHODS"]
 
 METHODS = ("bidf_mkd", "random", "average", "white_box", "maml_real")
+# Line drawings change identity under a horizontal flip: no flips in their augmentation.
+LINE_DRAWING_DATASETS = ("glyphs", "omniglot", "mnist", "mnist5k", "digits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +77,12 @@ class BiDfExperimentConfig(BiDfMKDConfig):
     lr_select_tasks: int = 200
 
     def loop_config(self, **changes) -> BiDfMKDConfig:
+        """The loop's config; ``inv_flip=None`` resolved per dataset (no flips for line drawings)."""
         fields = {f.name for f in dataclasses.fields(BiDfMKDConfig)}
-        return BiDfMKDConfig(**{**{k: getattr(self, k) for k in fields}, **changes})
+        values = {**{k: getattr(self, k) for k in fields}, **changes}
+        if values["inv_flip"] is None:
+            values["inv_flip"] = self.dataset not in LINE_DRAWING_DATASETS
+        return BiDfMKDConfig(**values)
 
 
 def _pool(cfg: BiDfExperimentConfig, run: RunDir, need_white_box: bool, pool_urls=None):

@@ -47,7 +47,7 @@ from dfml_jax.blackbox import APIGroup, BlackBoxAPI
 from dfml_jax.estimators import num_queries, zo_gradient, zo_gradient_lowres
 
 __all__ = ["InversionConfig", "InversionResult", "make_inverter", "inversion_queries",
-           "per_sample_objective"]
+           "per_sample_objective", "image_prior"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,11 @@ class InversionConfig:
     # zero-order directions at r x r per channel and upsample them (AutoZOOM), same queries.
     direction_resolution: Optional[int] = None
     direction_upsample: str = "nearest"  # or "bilinear"
+    # Departures (0 = the paper): image priors on the generator output x in [0, 1], added to the
+    # per-sample objective (they read no teacher: their gradient is exact, not estimated).
+    tv_weight: float = 0.0         # total variation (mean |horizontal| + |vertical| differences)
+    l1_weight: float = 0.0         # mean intensity (pulls the background to 0, as in line drawings)
+    repulsion_weight: float = 0.0  # mean squared cosine similarity between the batch's images
 
 
 class InversionResult(NamedTuple):
@@ -115,6 +120,49 @@ def per_sample_objective(outputs: jax.Array, targets: jax.Array, output_mode: st
     agree = jnp.argmax(outputs, -1) == jnp.argmax(student_logits, -1)
     l1 = jnp.sum(jnp.abs(outputs - student_space), axis=-1)
     return ce - boundary_weight * agree * l1
+
+
+def image_prior(x: jax.Array, cfg: InversionConfig) -> jax.Array:
+    """The image-prior part of the inversion objective, a scalar (mean over the batch).
+
+    ``tv_weight * TV(x) + l1_weight * mean(x) + repulsion_weight * R(x)`` where ``TV`` is the
+    mean absolute difference of horizontally and vertically adjacent pixels, ``mean(x)`` the mean
+    intensity (``x`` is in [0, 1], so it is the L1 norm per pixel) and ``R`` the mean squared
+    cosine similarity between distinct mean-centred images of the batch (diversity by
+    repulsion). These priors read only the generator's output, never the teacher, so their
+    gradient is exact. They are the "natural image" priors of DeepInversion (Yin et al., 2020)
+    without its BN-statistics term, which needs white-box access.
+
+    Args:
+      x: (B, H, W, C) generator output in [0, 1].
+      cfg: the weights ``tv_weight``, ``l1_weight``, ``repulsion_weight``.
+
+    Returns:
+      A scalar.
+
+    >>> cfg = InversionConfig(tv_weight=1.0)
+    >>> float(image_prior(jnp.zeros((2, 4, 4, 1)), cfg))
+    0.0
+    """
+    total = jnp.float32(0.0)
+    if cfg.tv_weight:
+        tv = (jnp.mean(jnp.abs(jnp.diff(x, axis=1)), axis=(1, 2, 3))
+              + jnp.mean(jnp.abs(jnp.diff(x, axis=2)), axis=(1, 2, 3)))
+        total = total + cfg.tv_weight * jnp.mean(tv)
+    if cfg.l1_weight:
+        total = total + cfg.l1_weight * jnp.mean(jnp.abs(x))
+    if cfg.repulsion_weight and x.shape[0] > 1:
+        f = x.reshape(x.shape[0], -1)
+        f = f - f.mean(axis=1, keepdims=True)
+        f = f / (jnp.linalg.norm(f, axis=1, keepdims=True) + 1e-6)
+        cos2 = jnp.square(f @ f.T)
+        n = x.shape[0]
+        total = total + cfg.repulsion_weight * (jnp.sum(cos2) - jnp.trace(cos2)) / (n * (n - 1))
+    return total
+
+
+def _uses_prior(cfg: InversionConfig) -> bool:
+    return bool(cfg.tv_weight or cfg.l1_weight or cfg.repulsion_weight)
 
 
 def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: InversionConfig,
@@ -288,7 +336,12 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
         def step(carry, i):
             params, opt, best_img, best_score = carry
             k_aug, k_zo = jax.random.split(jax.random.fold_in(k_loop, i))
-            xa, vjp_fn, x01 = jax.vjp(lambda p: synth(p, k_aug), params, has_aux=True)
+            if _uses_prior(cfg):
+                (xa, x01), vjp_pair = jax.vjp(lambda p: synth(p, k_aug), params)
+                prior_g = jax.grad(lambda x: image_prior(x, cfg))(x01)
+                vjp_fn = lambda ga: vjp_pair((ga, prior_g))
+            else:
+                xa, vjp_fn, x01 = jax.vjp(lambda p: synth(p, k_aug), params, has_aux=True)
             xs = jax.lax.stop_gradient(xa)
             s = None
             if student_params is not None:

@@ -69,6 +69,11 @@ class BiDfMKDConfig:
     boundary_start: int = 4000      # meta-iteration after which the boundary term is on
     inv_select: str = "clean_ce"    # "surrogate": the official code's choice
     inv_pad: int = 4
+    inv_flip: Optional[bool] = None  # random horizontal flips (None: the paper's True here;
+    #                                  the experiment resolves it per dataset)
+    inv_tv_weight: float = 0.0       # departures (0 = the paper): image priors of the inversion
+    inv_l1_weight: float = 0.0
+    inv_repulsion_weight: float = 0.0
     inv_direction_resolution: Optional[int] = None  # departure: low-res ZO directions (None: paper)
     inv_direction_upsample: str = "nearest"
     nz: int = 256
@@ -92,12 +97,19 @@ class BiDfMKDConfig:
     checkpoint_every: int = 50
     seed: int = 2022
 
+    @property
+    def flip(self) -> bool:
+        """Whether inversion and KD augmentation flip images (``inv_flip``; None: True)."""
+        return True if self.inv_flip is None else bool(self.inv_flip)
+
     def inversion(self) -> InversionConfig:
         return InversionConfig(iterations=self.inv_iterations, per_class=self.inv_per_class,
                                lr=self.inv_lr, estimator=self.estimator, num_directions=self.q,
                                smoothing=self.mu, chunk_size=self.chunk_size,
                                boundary_weight=self.boundary_weight, pad=self.inv_pad,
-                               select=self.inv_select,
+                               flip=self.flip, select=self.inv_select,
+                               tv_weight=self.inv_tv_weight, l1_weight=self.inv_l1_weight,
+                               repulsion_weight=self.inv_repulsion_weight,
                                direction_resolution=self.inv_direction_resolution,
                                direction_upsample=self.inv_direction_upsample)
 
@@ -141,9 +153,9 @@ class TrainResult(NamedTuple):
     stopped_by_budget: bool
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _augment(x, k, pad, size, mean, std):
-    return batch_shared_augment(x, k, pad=pad, flip=True, out_size=size, mean=mean, std=std)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _augment(x, k, pad, size, mean, std, flip=True):
+    return batch_shared_augment(x, k, pad=pad, flip=flip, out_size=size, mean=mean, std=std)
 
 
 def _store(mem: MemoryState, rows, res, probs, cfg: BiDfMKDConfig):
@@ -303,7 +315,7 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
                                       student, wb_params)
 
     def aug(x, k):
-        return _augment(x, k, cfg.inv_pad, pool.image_size, tuple(mean), tuple(std))
+        return _augment(x, k, cfg.inv_pad, pool.image_size, tuple(mean), tuple(std), cfg.flip)
 
     askers: Dict[int, Callable] = {}
 
