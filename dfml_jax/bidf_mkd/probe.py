@@ -29,6 +29,7 @@ image parameterisation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -38,14 +39,14 @@ import numpy as np
 import optax
 
 from dfml_jax.augment import normalize
-from dfml_jax.blackbox import APIGroup, surface_api_errors
+from dfml_jax.blackbox import group_apis, surface_api_errors
 from dfml_jax.data import ClassDataset, Taskset
 from dfml_jax.losses import teacher_probs
 from dfml_jax.meta import evaluate_tasks, select_finetune_lr
 
 from .inversion import InversionConfig, inversion_queries, make_inverter
 
-__all__ = ["Recipe", "ProbeConfig", "RecoveredSet", "recover_set", "kd_student", "within_task_probe",
+__all__ = ["Recipe", "ProbeConfig", "RecoveredSet", "recover_set", "recover_sets", "kd_student", "within_task_probe",
            "pool_probe", "replay_probe", "reference_rows", "scale_kernels", "with_head",
            "few_shot_eval", "FewShotEval", "transfer_score", "run_probe", "RECIPE_SOURCES"]
 
@@ -111,63 +112,91 @@ class RecoveredSet(NamedTuple):
     queries: int             # API samples this set cost (recovery + the soft-label query)
 
 
-def _gen(name: str, nz: int, ngf: int, image_size: int, channels: int, seed: int):
+@functools.lru_cache(maxsize=8)
+def _gen(name: str, nz: int, ngf: int, image_size: int, channels: int):
     from dfml_jax.models import create_model, functional
-    kw = dict(nz=nz, img_size=image_size, nc=channels, rngs_or_key=seed)
-    if name == "dcgan":
-        kw["ngf"] = ngf
-    return functional(create_model(name, **kw))
+    return functional(create_model(name, nz=nz, ngf=ngf, img_size=image_size, nc=channels,
+                                   rngs_or_key=0))
 
 
-def recover_set(recipe: Recipe, api, key: jax.Array, *, base: InversionConfig, nz: int, ngf: int,
-                mean, std, image_size: int, real_images: Optional[np.ndarray] = None,
-                white_box: Optional[Tuple[Callable, Any]] = None) -> RecoveredSet:
-    """Recovers (or takes) one API's image set by ``recipe`` and buys its soft labels once.
+def recover_sets(recipe: Recipe, apis: Sequence, keys: jax.Array, *, base: InversionConfig,
+                 nz: int, ngf: int, mean, std, image_size: int,
+                 real_images: Optional[Sequence[np.ndarray]] = None,
+                 white_box: Optional[Sequence[Tuple[Callable, Any]]] = None) -> List[RecoveredSet]:
+    """Recovers (or takes) each API's image set by ``recipe`` and buys its soft labels once.
+
+    Same-signature APIs share one compiled inversion (:func:`~dfml_jax.blackbox.group_apis`).
 
     Args:
       recipe: the :class:`Recipe`.
-      api: the black-box API (its ledger is charged).
-      key: PRNG key.
+      apis: the black-box APIs (their ledgers are charged).
+      keys: one PRNG key per API.
       base: the base inversion config the recipe overrides.
       nz, ngf: generator sizes.
-      mean, std, image_size: the API's input normalisation and side.
-      real_images: ``(K, n, H, W, C)`` the API's own training images (``source="real"``).
-      white_box: ``(apply, params)`` of the teacher (``source="white_box"`` only).
+      mean, std, image_size: the APIs' input normalisation and side.
+      real_images: per API ``(K, n, H, W, C)``: its own training images (``source="real"``).
+      white_box: per API ``(apply, params)`` of the teacher (``source="white_box"``).
 
     Returns:
-      :class:`RecoveredSet` with ``K * per_class`` images (interleaved targets ``[0..K-1]``).
+      One :class:`RecoveredSet` per API, ``K * per_class`` images each (interleaved targets).
     """
     if recipe.source not in RECIPE_SOURCES:
         raise ValueError(f"unknown recipe source {recipe.source!r}; valid: {RECIPE_SOURCES}")
+    if recipe.source == "real" and real_images is None:
+        raise ValueError("recipe source 'real' needs the APIs' real training images")
+    if recipe.source == "white_box" and white_box is None:
+        raise ValueError("recipe source 'white_box' needs the teachers' (apply, params)")
     cfg = recipe.inversion_config(base)
-    k = api.num_classes
-    targets = np.tile(np.arange(k), cfg.per_class)
-    shape = (image_size, image_size, api.input_shape[-1])
-    before = api.queries
-    if recipe.source == "real":
-        if real_images is None:
-            raise ValueError("recipe source 'real' needs the API's real training images")
-        n = min(cfg.per_class, real_images.shape[1])
-        targets = np.tile(np.arange(k), n)
-        images = np.asarray(real_images[:, :n]).transpose(1, 0, 2, 3, 4).reshape((-1,) + shape)
-    elif recipe.source == "noise":
-        images = np.asarray(jax.random.uniform(key, (len(targets),) + shape))
-    else:
-        if recipe.source == "white_box" and white_box is None:
-            raise ValueError("recipe source 'white_box' needs the teacher's (apply, params)")
-        gen = _gen(recipe.generator, nz, ngf, image_size, shape[-1], 0)
-        wb_fn, wb_params = white_box if recipe.source == "white_box" else (None, None)
-        inv = make_inverter(APIGroup([api]), gen.apply_batchstats, nz=nz, cfg=cfg, mean=mean,
-                            std=std, image_size=image_size, teacher_fn=wb_fn)
-        group = APIGroup([api])
-        cost = inversion_queries(cfg, k, white_box=wb_fn is not None)
+    invert = None
+    if recipe.source in ("zo", "white_box"):
+        invert = _group_inverter(recipe, apis, cfg, nz=nz, ngf=ngf, mean=mean, std=std,
+                                 image_size=image_size,
+                                 teacher_fn=white_box[0][0] if recipe.source == "white_box" else None)
+    out = []
+    for i, (api, key) in enumerate(zip(apis, keys)):
+        before = api.queries
+        k = api.num_classes
+        shape = (image_size, image_size, api.input_shape[-1])
+        targets = np.tile(np.arange(k), cfg.per_class)
+        if recipe.source == "real":
+            n = min(cfg.per_class, real_images[i].shape[1])
+            targets = np.tile(np.arange(k), n)
+            images = np.asarray(real_images[i][:, :n]).transpose(1, 0, 2, 3, 4).reshape((-1,) + shape)
+        elif recipe.source == "noise":
+            images = np.asarray(jax.random.uniform(key, (len(targets),) + shape))
+        else:
+            images = invert(i, key, None if white_box is None or recipe.source != "white_box"
+                            else white_box[i][1])
+        with api.reserve(len(images)), surface_api_errors():
+            probs = teacher_probs(api(normalize(jnp.asarray(images), mean, std)), api.output, k)
+        out.append(RecoveredSet(images, targets, np.asarray(probs), api.queries - before))
+    return out
+
+
+def _group_inverter(recipe: Recipe, apis, cfg: InversionConfig, *, nz, ngf, mean, std,
+                    image_size, teacher_fn):
+    """``(i, key, teacher_params) -> images`` of API ``i``; one compile per group of APIs."""
+    groups, locate = group_apis(apis)
+    gen = _gen(recipe.generator, nz, ngf, image_size, apis[0].input_shape[-1])
+    invs = [make_inverter(g, gen.apply_batchstats, nz=nz, cfg=cfg, mean=mean, std=std,
+                          image_size=image_size, teacher_fn=teacher_fn) for g in groups]
+
+    def invert(i, key, teacher_params):
+        g, m = locate[i]
+        cost = inversion_queries(cfg, apis[i].num_classes, white_box=teacher_fn is not None)
         k_gen, k_inv = jax.random.split(key)
-        with api.reserve(cost), surface_api_errors():
-            res = inv(k_inv, 0, gen.init(k_gen)[0], group.operand, None, wb_params)
-        images = np.asarray(res.images)
-    with api.reserve(len(images)), surface_api_errors():
-        probs = teacher_probs(api(normalize(jnp.asarray(images), mean, std)), api.output, k)
-    return RecoveredSet(images, targets, np.asarray(probs), api.queries - before)
+        with apis[i].reserve(cost), surface_api_errors():
+            res = invs[g](k_inv, m, gen.init(k_gen)[0], groups[g].operand, None, teacher_params)
+        return np.asarray(res.images)
+    return invert
+
+
+def recover_set(recipe: Recipe, api, key: jax.Array, *, real_images: Optional[np.ndarray] = None,
+                white_box: Optional[Tuple[Callable, Any]] = None, **kw) -> RecoveredSet:
+    """:func:`recover_sets` for one API (``real_images`` / ``white_box`` of that API)."""
+    return recover_sets(recipe, [api], key[None], real_images=None if real_images is None
+                        else [real_images], white_box=None if white_box is None else [white_box],
+                        **kw)[0]
 
 
 def _soft(probs: jax.Array, temperature: float) -> jax.Array:
@@ -217,10 +246,23 @@ _kd_student = jax.jit(kd_student, static_argnames=("apply_fn", "steps", "lr", "b
                                                    "temperature"))
 
 
-def _student(num_classes: int, shape, width: int, seed: int):
+@functools.lru_cache(maxsize=8)
+def _student_model(num_classes: int, shape: tuple, width: int):
+    """One functional Conv4 per signature, so its jitted training compiles once."""
     from dfml_jax.models import create_model, functional
-    return functional(create_model("conv4", num_classes=num_classes, input_shape=tuple(shape),
-                                   rngs_or_key=seed, width=width))
+    return functional(create_model("conv4", num_classes=num_classes, input_shape=shape,
+                                   rngs_or_key=0, width=width))
+
+
+def _student(num_classes: int, shape, width: int, seed: int):
+    """``(functional model, freshly initialised parameters)`` of a Conv4 student."""
+    fm = _student_model(num_classes, tuple(int(v) for v in shape), width)
+    return fm, fm.init(jax.random.key(seed))[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _accuracy(apply_fn, params, x, y):
+    return 100.0 * jnp.mean(jnp.argmax(apply_fn(params, x), -1) == y)
 
 
 def within_task_probe(sets: Sequence[RecoveredSet], heldout: Sequence[Tuple[np.ndarray, np.ndarray]],
@@ -240,13 +282,13 @@ def within_task_probe(sets: Sequence[RecoveredSet], heldout: Sequence[Tuple[np.n
     """
     accs, agree = [], []
     for i, (s, (hx, hy)) in enumerate(zip(sets, heldout)):
-        st = _student(s.probs.shape[-1], s.images.shape[1:], cfg.student_width, cfg.seed + i)
-        p = _kd_student(st.apply_batchstats, st.params, normalize(jnp.asarray(s.images), mean, std),
+        st, p0 = _student(s.probs.shape[-1], s.images.shape[1:], cfg.student_width, cfg.seed + i)
+        p = _kd_student(st.apply_batchstats, p0, normalize(jnp.asarray(s.images), mean, std),
                         jnp.asarray(s.probs), jax.random.key(cfg.seed + 100 + i),
                         steps=cfg.within_steps, lr=cfg.kd_lr, batch=cfg.kd_batch,
                         temperature=cfg.temperature)
-        logits = st.apply_batchstats(p, normalize(jnp.asarray(hx), mean, std))
-        accs.append(100.0 * float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(hy))))
+        accs.append(float(_accuracy(st.apply_batchstats, p, normalize(jnp.asarray(hx), mean, std),
+                                    jnp.asarray(hy))))
         agree.append(100.0 * float(np.mean(np.argmax(s.probs, -1) == s.targets)))
     return {"mean": float(np.mean(accs)), "per_api": accs, "target_agreement": float(np.mean(agree))}
 
@@ -329,8 +371,8 @@ def pool_probe(sets: Sequence[RecoveredSet], classes: Sequence[Sequence[int]], m
       :func:`transfer_score` of the transferred body, plus ``"union_classes"``.
     """
     x, p, union = _union_targets(sets, classes)
-    st = _student(len(union), x.shape[1:], cfg.student_width, cfg.seed)
-    params = _kd_student(st.apply_batchstats, st.params, normalize(jnp.asarray(x), mean, std),
+    st, p0 = _student(len(union), x.shape[1:], cfg.student_width, cfg.seed)
+    params = _kd_student(st.apply_batchstats, p0, normalize(jnp.asarray(x), mean, std),
                          jnp.asarray(p), jax.random.key(cfg.seed + 7), steps=cfg.pool_steps,
                          lr=cfg.kd_lr, batch=cfg.kd_batch, temperature=cfg.temperature)
     body = with_head(params, meta.params) if _same_body(params, meta.params) else None
@@ -452,10 +494,10 @@ def run_probe(recipes: Dict[str, Recipe], *, pool, train_split: ClassDataset,
         if recipe.source == "white_box" and not white_box:
             continue
         t0 = time.time()
-        keys = jax.random.split(jax.random.key(cfg.seed + 1), n)
-        sets = [recover_set(recipe, pool.apis[i], keys[i], base=base, nz=nz, ngf=ngf, mean=mean,
-                            std=std, image_size=pool.image_size, real_images=real[i][0],
-                            white_box=white_box[i] if white_box else None) for i in range(n)]
+        sets = recover_sets(recipe, pool.apis[:n], jax.random.split(jax.random.key(cfg.seed + 1), n),
+                            base=base, nz=nz, ngf=ngf, mean=mean, std=std,
+                            image_size=pool.image_size, real_images=[r[0] for r in real],
+                            white_box=white_box[:n] if white_box else None)
         t_rec = time.time() - t0
         row = {"recipe": dataclasses.asdict(recipe),
                "queries_per_api": float(np.mean([s.queries for s in sets])),
