@@ -20,7 +20,7 @@ Each image has ``S = num_strokes`` quadratic Bezier strokes, each described by
   apex along the chord (the curvature of the stroke, relative to its chord, so scribbles stay
   scribbles when the end points move);
 * full width ``w_lo + (w_hi - w_lo) * sigmoid(u[6])`` with ``width_range = (w_lo, w_hi)`` as
-  fractions of the side (default 0.04 .. 0.18: 1.1 .. 5.0 px at 28 px, 3.1 px at ``u = 0``; Glyphs
+  fractions of the side (default 0.03 .. 0.16: 0.8 .. 4.5 px at 28 px, 2.7 px at ``u = 0``; Glyphs
   strokes range from hairlines to bold 5 px, typically about 3 px);
 * intensity ``sigmoid(u[7] + intensity_bias)`` (bias 3: about 0.95 at ``u = 0``; the optimiser can
   switch a stroke off).
@@ -117,7 +117,7 @@ def _perp(d: jax.Array) -> jax.Array:
 
 
 def decode_strokes(u: jax.Array, *, extent: float = 0.8,
-                   width_range: Sequence[float] = (0.04, 0.18), bend: float = 1.0,
+                   width_range: Sequence[float] = (0.03, 0.16), bend: float = 1.0,
                    along: float = 0.25, intensity_bias: float = 3.0) -> StrokeParams:
     """Maps unconstrained stroke parameters to strokes (see the module docstring).
 
@@ -144,7 +144,7 @@ def decode_strokes(u: jax.Array, *, extent: float = 0.8,
 
 def encode_strokes(p0: jax.Array, p1: jax.Array, bend_along: jax.Array, bend_perp: jax.Array,
                    width: jax.Array, intensity: jax.Array, *, extent: float = 0.8,
-                   width_range: Sequence[float] = (0.04, 0.18), bend: float = 1.0,
+                   width_range: Sequence[float] = (0.03, 0.16), bend: float = 1.0,
                    along: float = 0.25, intensity_bias: float = 3.0) -> jax.Array:
     """Inverse of :func:`decode_strokes`: the ``u`` that draws the given strokes.
 
@@ -265,7 +265,7 @@ class StrokeGenerator(nnx.Module):
 
     def __init__(self, *, nz: int | None = None, img_size: int = 28, nc: int = 1,
                  num_strokes: int = 4, latent: str = "linear", num_points: int = 16,
-                 softness: float = 0.25, width_range: Sequence[float] = (0.04, 0.18),
+                 softness: float = 0.25, width_range: Sequence[float] = (0.03, 0.16),
                  extent: float = 0.8, bend: float = 1.0, along: float = 0.25,
                  intensity_bias: float = 3.0, invert: bool = False, ngf: int | None = None,
                  rngs: nnx.Rngs):
