@@ -126,7 +126,8 @@ def test_model_init_statistics():
 
 
 def test_create_model_errors_and_config_roundtrip():
-    with pytest.raises(ValueError, match="valid: conv4, dcgan, lenet5, mlp, resnet10, resnet18"):
+    with pytest.raises(ValueError,
+                       match="valid: conv4, dcgan, lenet5, mlp, resnet10, resnet18, strokes"):
         create_model("vgg", num_classes=5, input_shape=(32, 32, 3))
     with pytest.raises(ValueError, match="at least 16x16"):
         create_model("conv4", num_classes=5, input_shape=(8, 8, 1))
@@ -146,7 +147,7 @@ def test_create_model_errors_and_config_roundtrip():
     p2, s2 = fm.init(jax.random.key(0))
     chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), fm.params, p2)
     assert all(jax.tree.leaves(chex_equal))  # same seed -> same init
-    assert set(MODELS) == {"conv4", "resnet10", "resnet18", "lenet5", "mlp", "dcgan"}
+    assert set(MODELS) == {"conv4", "resnet10", "resnet18", "lenet5", "mlp", "dcgan", "strokes"}
 
 
 # ----------------------------------------------------------------------------- conv back-ends

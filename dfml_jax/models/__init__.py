@@ -11,6 +11,10 @@ Architectures (registry :data:`MODELS`, built with :func:`create_model`):
 ``mlp``       Flatten, hidden ReLU layers (``hidden=(512, 128)``), Linear.
 ``dcgan``     Generator of BiDf-MKD/IDEAL (sigmoid) or DFME (``head="tanh_bn"``); options ``nz``,
               ``ngf``, ``img_size``, ``nc``. Built without ``num_classes``/``input_shape``.
+``strokes``   Stroke generator for line drawings (:mod:`dfml_jax.models.strokes`): every image is
+              ``num_strokes`` differentiably rendered Bezier strokes; options ``nz``,
+              ``img_size``, ``nc``, ``num_strokes``, ``latent`` (``"linear"``/``"direct"``), ...
+              (``ngf`` is accepted and ignored). Same functional contract as ``dcgan``.
 ============  ==================================================================================
 
 Classifier options shared by the conv models: ``track_running_stats`` (``False`` for the
@@ -78,11 +82,12 @@ from dfml_jax.models.classifiers import MLP, BasicBlock, Conv4, LeNet5, ResNet
 from dfml_jax.models.generator import GENERATOR_HEADS, DCGANGenerator
 from dfml_jax.models.layers import count_params, get_default_conv_impl, set_default_conv_impl
 from dfml_jax.models.preprocess import DATASET_STATS, NORM_STATS, normalize
+from dfml_jax.models.strokes import StrokeGenerator
 
 __all__ = [
     "MODELS", "CLASSIFIERS", "GENERATORS", "create_model", "functional", "FunctionalModel",
     "model_config", "count_params", "Conv4", "ResNet", "BasicBlock", "LeNet5", "MLP",
-    "DCGANGenerator", "GENERATOR_HEADS", "normalize", "NORM_STATS", "DATASET_STATS", "layers",
+    "DCGANGenerator", "GENERATOR_HEADS", "StrokeGenerator", "normalize", "NORM_STATS", "DATASET_STATS", "layers",
     "preprocess", "get_default_conv_impl", "set_default_conv_impl", "as_rngs",
     "apply_from_graphdef", "stack_trees", "unstack_tree",
 ]
@@ -105,9 +110,10 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "lenet5": LeNet5,
     "mlp": MLP,
     "dcgan": DCGANGenerator,
+    "strokes": StrokeGenerator,
 }
 CLASSIFIERS: tuple[str, ...] = ("conv4", "resnet10", "resnet18", "lenet5", "mlp")
-GENERATORS: tuple[str, ...] = ("dcgan",)
+GENERATORS: tuple[str, ...] = ("dcgan", "strokes")
 
 
 def as_rngs(rngs_or_key: Any) -> nnx.Rngs:
@@ -159,7 +165,7 @@ def create_model(name: str, *, num_classes: int | None = None,
         raise ValueError(f"Unknown model {name!r}; valid: {', '.join(sorted(MODELS))}.")
     if key in GENERATORS:
         if num_classes is not None or input_shape is not None:
-            raise ValueError(f"{key} is a generator: give nz/ngf/img_size/nc, not "
+            raise ValueError(f"{key} is a generator: give its options (nz, img_size, nc, ...), not "
                              f"num_classes/input_shape.")
         args: tuple = ()
         config = {"name": key, **_jsonable(kw)}
