@@ -62,6 +62,9 @@ class BiDfExperimentConfig(BiDfMKDConfig):
     pool_width: int = 32
     pool_seed: int = 0
     api_output: str = "logits"
+    # inversion's image parameterisation: "dcgan" (the paper) or "strokes" (line drawings by
+    # construction, dfml_jax.models.strokes; a departure)
+    generator: str = "dcgan"
     # meta-model
     meta_arch: str = "conv4"
     meta_width: int = 32
@@ -146,7 +149,7 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
     shape = train_split.image_shape
     meta = functional(create_model(cfg.meta_arch, num_classes=cfg.ways, input_shape=shape,
                                    rngs_or_key=cfg.seed, width=cfg.meta_width))
-    gen = functional(create_model("dcgan", nz=cfg.nz, ngf=cfg.ngf, img_size=cfg.image_size,
+    gen = functional(create_model(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=cfg.image_size,
                                   nc=shape[-1], rngs_or_key=cfg.seed))
     mean, std = (pool.mean, pool.std) if pool is not None else _stats(train_split)
     key = jax.random.key(cfg.eval_seed)

@@ -20,8 +20,9 @@ class ProbeRunConfig:
     probe sizes (:class:`dfml_jax.bidf_mkd.probe.ProbeConfig` fields)."""
     name: str = "default"
     bidf_config: str = "default"    # a name of experiments/configs/bidf_mkd_configs.py
-    recipes: tuple = ("zo", "zo_flip", "zo_priors", "zo_repulsion", "zo_wide", "white_box",
-                      "white_box_priors", "real", "noise")
+    recipes: tuple = ("zo", "zo_flip", "zo_priors", "zo_repulsion", "zo_wide", "strokes",
+                      "strokes_priors", "strokes_wide", "white_box", "white_box_priors",
+                      "white_box_strokes", "real", "noise")
     num_apis: int = 5
     within_steps: int = 300
     pool_steps: int = 600
@@ -53,6 +54,10 @@ RECIPES = {
     "zo_wide": Recipe("zo", images_scale=2),
     "white_box": Recipe("white_box"),
     "white_box_priors": Recipe("white_box", (("tv_weight", 1.0), ("l1_weight", 1.0))),
+    "strokes": Recipe("zo", generator="strokes"),
+    "strokes_priors": Recipe("zo", (("tv_weight", 1.0), ("l1_weight", 1.0)), generator="strokes"),
+    "strokes_wide": Recipe("zo", generator="strokes", images_scale=2),
+    "white_box_strokes": Recipe("white_box", generator="strokes"),
     "real": Recipe("real"),
     "noise": Recipe("noise"),
 }
