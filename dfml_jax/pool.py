@@ -40,7 +40,9 @@ fraction, model and dataset options, every group's training recipe with its augm
 content key of every dataset (:func:`dfml_jax.data.content_key`, which for Glyphs covers the
 rendering and the font bytes), the pool format and trainer versions) and ``build_key``, its
 SHA-256 (:func:`pool_key`). Whoever reuses a pool automatically compares keys
-(:func:`check_pool_key`): a pool built from other inputs is never silently reused. Pools written
+(:func:`check_pool_key`; :func:`obtain_pool` builds into ``<parent>/pool-<key>`` and reuses only
+an equal key, as the BiDf-MKD experiment runner does): a pool built from other inputs is never
+silently reused. Pools written
 before keys existed record none; :func:`load_pool` still reads them, but their key is unknown.
 How the teachers are split into populations, over devices and the strategy do not enter the key
 (the weights do not depend on them beyond float reassociation).

@@ -42,8 +42,8 @@ Building takes about half a minute at 28 px on one core and is cached on disk as
 (:func:`cache_key`): its key covers every build parameter, every rendering and selection constant,
 the renderer version (:data:`GLYPHS_VERSION`) and a digest of the rendering code, the SHA-256 of
 every font file's bytes, and the versions of the libraries that rasterise, parse and classify the
-letters (Pillow and its FreeType, matplotlib's FreeType, fontTools, Python's Unicode database,
-NumPy). The file name is a readable prefix plus a short hash of the key (:func:`cache_file`); the
+letters (Pillow and its FreeType, matplotlib and its FreeType, fontTools, Python's Unicode
+database, NumPy). The file name is a readable prefix plus a short hash of the key (:func:`cache_file`); the
 full key is stored in the file and checked on load, so a changed input never reuses stale data.
 """
 from __future__ import annotations
@@ -410,12 +410,14 @@ def _library_versions() -> Dict[str, str]:
     """Versions of the libraries the rendered content depends on."""
     import PIL
     import fontTools
+    import matplotlib
     from matplotlib import ft2font
     from PIL import features
 
     return {"python_unicodedata": unicodedata.unidata_version,  # categories, decompositions, names
             "pillow": PIL.__version__,  # affine resampling, filters, text drawing
             "pillow_freetype": str(features.version("freetype2")),  # glyph rasterisation
+            "matplotlib": matplotlib.__version__,  # ships the fonts (their bytes are keyed too)
             "matplotlib_freetype": str(ft2font.__freetype_version__),  # character maps
             "fonttools": str(fontTools.version),  # Unicode script of each letter
             "numpy": np.__version__}  # seeded generators (permutations, jitter)
