@@ -208,7 +208,7 @@ def recipe_for(arch: str, dataset: str | None = None, **overrides) -> TrainRecip
     Raises:
       ValueError: unknown architecture, field or augmentation.
 
-    >>> recipe_for("conv4", "glyphs").augment, recipe_for("conv4", "glyphs", augment="paper").augment
+    >>> recipe_for("conv4", "glyphs").augment, recipe_for("conv4", augment="paper").augment
     ('crop', 'none')
     """
     if arch not in RECIPES:

@@ -146,7 +146,8 @@ def test_glyphs_cache_key_covers_parameters_constants_and_font_bytes(tmp_path, m
     base = glyphs_mod.cache_file(16, max_classes=30, cache_dir=str(tmp_path))
     assert glyphs_mod.cache_file(16, max_classes=30, cache_dir=str(tmp_path)) == base  # stable
     key = glyphs_mod.cache_key(16, max_classes=30)
-    assert key["params"]["image_size"] == 16 and key["renderer_version"] == glyphs_mod.GLYPHS_VERSION
+    assert key["params"]["image_size"] == 16
+    assert key["renderer_version"] == glyphs_mod.GLYPHS_VERSION
     assert [f for f, _ in key["fonts"]] == [os.path.basename(p) for p in glyphs_mod.font_paths()]
     assert {"pillow", "pillow_freetype", "fonttools", "numpy"} <= set(key["libraries"])
     others = {glyphs_mod.cache_file(16, max_classes=30, seed=1, cache_dir=str(tmp_path)),
@@ -211,7 +212,8 @@ def test_glyphs_stale_cache_is_never_reused(tmp_path, monkeypatch, capsys):
     assert len(calls) == 1 and (first["images"] == 1).all() and "_cache_key" not in first
     path = glyphs_mod.cache_file(16, max_classes=30, cache_dir=d)
     assert os.path.exists(path) and path != old
-    assert sorted(os.listdir(d)) == sorted([os.path.basename(old), os.path.basename(path)])  # no tmp
+    # no temporary file left behind
+    assert sorted(os.listdir(d)) == sorted([os.path.basename(old), os.path.basename(path)])
     with np.load(path) as z:
         assert json.loads(str(z["_cache_key"])) == glyphs_mod.cache_key(16, max_classes=30)
     again = glyphs_mod.load_glyphs(16, max_classes=30, cache_dir=d)  # valid: reused
@@ -219,7 +221,8 @@ def test_glyphs_stale_cache_is_never_reused(tmp_path, monkeypatch, capsys):
     # a file at the current path whose stored key differs (or is absent) is rebuilt
     key = glyphs_mod.cache_key(16, max_classes=30)
     stale = {**key, "constants": {**key["constants"], "rotation_deg": 0.0}}
-    np.savez(path, _cache_key=np.asarray(json.dumps(stale)), images=np.zeros((1, 1, 16, 16), np.uint8))
+    np.savez(path, _cache_key=np.asarray(json.dumps(stale)),
+             images=np.zeros((1, 1, 16, 16), np.uint8))
     rebuilt = glyphs_mod.load_glyphs(16, max_classes=30, cache_dir=d)
     assert len(calls) == 2 and (rebuilt["images"] == 2).all()
     assert "differs in ['constants.rotation_deg']" in capsys.readouterr().err

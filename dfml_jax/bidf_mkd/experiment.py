@@ -97,7 +97,8 @@ def _pool(cfg: BiDfExperimentConfig, run: RunDir, need_white_box: bool, pool_url
         return load_remote_pool(pool_urls, output=cfg.api_output,
                                 api_key=os.environ.get("DFML_API_KEY"),
                                 cache_dir=run.file("api_pending")), None
-    kw = {a: {"width": cfg.pool_width} for a in cfg.pool_archs if a in ("conv4", "resnet10", "resnet18")}
+    kw = {a: {"width": cfg.pool_width} for a in cfg.pool_archs
+          if a in ("conv4", "resnet10", "resnet18")}
     pool_dir = obtain_pool(
         dict(scenario=cfg.scenario, datasets=(cfg.dataset,), archs=cfg.pool_archs,
              num_apis=cfg.num_apis, way=cfg.ways, epochs=cfg.pool_epochs, seed=cfg.pool_seed,

@@ -169,7 +169,8 @@ def content_key(name: str, *, image_size: Optional[int] = None, channels: Option
         kw = {k: options[k] for k in _GLYPH_CONTENT_OPTIONS if k in options}
         key["glyphs_key_sha256"] = _glyphs_key_digest(key["image_size"], seed=int(seed), **kw)
     elif options:
-        raise ValueError(f"{name}: unknown options {sorted(options)} (only glyphs takes build options)")
+        raise ValueError(f"{name}: unknown options {sorted(options)} (only glyphs takes build "
+                         f"options)")
     return key
 
 

@@ -43,8 +43,9 @@ Building takes about half a minute at 28 px on one core and is cached on disk as
 the renderer version (:data:`GLYPHS_VERSION`) and a digest of the rendering code, the SHA-256 of
 every font file's bytes, and the versions of the libraries that rasterise, parse and classify the
 letters (Pillow and its FreeType, matplotlib and its FreeType, fontTools, Python's Unicode
-database, NumPy). The file name is a readable prefix plus a short hash of the key (:func:`cache_file`); the
-full key is stored in the file and checked on load, so a changed input never reuses stale data.
+database, NumPy). The file name is a readable prefix plus a short hash of the key
+(:func:`cache_file`); the full key is stored in the file and checked on load, so a changed input
+never reuses stale data.
 """
 from __future__ import annotations
 
@@ -377,7 +378,8 @@ def _font_hashes(paths: Sequence[str]) -> List[List[str]]:
     out = []
     for p in paths:
         st = os.stat(p)
-        out.append([os.path.basename(p), _file_sha256(os.path.abspath(p), st.st_size, st.st_mtime_ns)])
+        digest = _file_sha256(os.path.abspath(p), st.st_size, st.st_mtime_ns)
+        out.append([os.path.basename(p), digest])
     return out
 
 
