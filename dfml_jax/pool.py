@@ -20,7 +20,8 @@ all local devices, lowered per population to the largest count that divides it).
 
 On disk (``directory/``)::
 
-    pool.json                 format name + version, scenario, recipes, groups, teachers
+    pool.json                 format name + version, build key + spec, scenario, recipes, groups,
+                              teachers
     checkpoints/<group>/      orbax checkpoint of the group's stacked parameters and BN statistics
 
 ``pool.json`` records per teacher: architecture, dataset, absolute classes (indices into the
@@ -32,6 +33,19 @@ incompatible version or holds corrupted arrays raises :class:`PoolError` and not
 :func:`load_pool` returns an :class:`APIPool` of :class:`~dfml_jax.blackbox.BlackBoxAPI` objects
 (output mode chosen at load time); algorithms never see parameters. White-box access for
 baselines is the separate :func:`load_white_box_teachers`.
+
+Pools describe themselves: :func:`build_pool` records in ``pool.json`` its ``build_spec``
+(:func:`pool_spec`: scenario, datasets, architectures, teachers per group, way, seed, train
+fraction, model and dataset options, every group's training recipe with its augmentation, the
+content key of every dataset (:func:`dfml_jax.data.content_key`, which for Glyphs covers the
+rendering and the font bytes), the pool format and trainer versions) and ``build_key``, its
+SHA-256 (:func:`pool_key`). Whoever reuses a pool automatically compares keys
+(:func:`check_pool_key`; :func:`obtain_pool` builds into ``<parent>/pool-<key>`` and reuses only
+an equal key, as the BiDf-MKD experiment runner does): a pool built from other inputs is never
+silently reused. Pools written
+before keys existed record none; :func:`load_pool` still reads them, but their key is unknown.
+How the teachers are split into populations, over devices and the strategy do not enter the key
+(the weights do not depend on them beyond float reassociation).
 
 Input convention of the APIs (``input_space``): ``"normalized"`` (default, as in BiDf-MKD: the
 caller normalises with ``pool.mean``/``pool.std`` after augmentation and queries with the result)
@@ -59,18 +73,21 @@ from dfml_jax import __version__ as _LIB_VERSION
 from dfml_jax.blackbox import BlackBoxAPI
 from dfml_jax.models import CLASSIFIERS, create_model, functional, stack_trees
 from dfml_jax.models.preprocess import compute_stats, normalize, stats_for_dataset
-from dfml_jax.train_teacher import evaluate_population, recipe_for, resolve_devices, \
-    train_population
+from dfml_jax.train_teacher import TRAINER_VERSION, augment_pad_for, evaluate_population, \
+    recipe_for, resolve_devices, train_population
 
 __all__ = [
     "POOL_FORMAT", "POOL_FORMAT_VERSION", "SCENARIOS", "DEFAULT_ARCHS", "PoolError", "APIPool",
     "WhiteBoxTeacher", "TrainedGroup", "build_pool", "train_group", "write_pool", "load_pool",
     "load_white_box_teachers", "read_manifest", "format_summary", "check_devices",
-    "population_sizes",
+    "population_sizes", "pool_spec", "pool_key", "spec_differences", "check_pool_key",
+    "PoolKeyError", "POOL_KEY_VERSION", "obtain_pool",
 ]
 
 POOL_FORMAT = "dfml_jax.api_pool"
 POOL_FORMAT_VERSION = 1
+#: Version of the build key's layout (:func:`pool_spec`); part of the key.
+POOL_KEY_VERSION = 1
 SCENARIOS = ("SS", "SH", "MH")
 #: Architectures of the SH/MH scenarios when none are given (spec section 1.1).
 DEFAULT_ARCHS = ("conv4", "resnet10", "resnet18")
@@ -81,6 +98,10 @@ _CKPT_DIR = "checkpoints"
 
 class PoolError(ValueError):
     """A pool directory is missing files, has an incompatible format or corrupted arrays."""
+
+
+class PoolKeyError(PoolError):
+    """A pool was built from other inputs than the ones asked for (or records no build key)."""
 
 
 # ----------------------------------------------------------------------------- array trees
@@ -383,7 +404,10 @@ def train_group(split, *, dataset: str, arch: str, num_apis: int, way: int = 5, 
       way: classes per teacher.
       seed, group_index: seed derivation (see above).
       model_kwargs: ``create_model`` options, e.g. ``{"width": 8}``.
-      recipe: :class:`~dfml_jax.train_teacher.TrainRecipe` (default: the architecture's).
+      recipe: :class:`~dfml_jax.train_teacher.TrainRecipe` (default: the architecture's, with
+        the dataset's domain-faithful augmentation, ``recipe_for(arch, dataset)``). A crop
+        augmentation pads with black (``-mean / std`` after normalisation); the recorded recipe
+        holds the resolved ``augment_pad``.
       train_fraction: first fraction of each class's images used for training; the rest is the
         held-out set.
       max_population: most teachers per vmapped population.
@@ -411,12 +435,15 @@ def train_group(split, *, dataset: str, arch: str, num_apis: int, way: int = 5, 
         raise ValueError(f"{dataset!r} has {split.per_class} images per class: train_fraction="
                          f"{train_fraction} leaves no training image.")
     n_ho = split.per_class - n_tr
-    recipe = recipe or recipe_for(arch)
+    recipe = recipe or recipe_for(arch, dataset)
     shape = tuple(int(s) for s in split.image_shape)
+    if recipe.augment != "none":
+        recipe = dataclasses.replace(recipe, augment_pad=augment_pad_for(recipe, shape[0]))
     stats = stats_for_dataset(dataset, shape[-1])
     if stats is None:
         stats = compute_stats(split.images_of(list(range(min(split.num_classes, 64)))))
     mean, std = stats
+    black = tuple(-float(m) / float(d) for m, d in zip(mean, std))  # 0 after normalisation
     cfg = dict(num_classes=way, input_shape=shape, **dict(model_kwargs or {}))
     fm = functional(create_model(arch, rngs_or_key=0, **cfg))
     seeds = [_teacher_seed(seed, group_index, m) for m in range(num_apis)]
@@ -445,7 +472,7 @@ def train_group(split, *, dataset: str, arch: str, num_apis: int, way: int = 5, 
                                len(members), strict=devices is not None)
         res = train_population(fm, stack_trees([p for p, _ in inits]),
                                stack_trees([st for _, st in inits]), x, y, keys, recipe,
-                               progress=progress, devices=devs, strategy=strategy,
+                               progress=progress, devices=devs, strategy=strategy, fill=black,
                                desc=f"{dataset}/{arch} teachers {members[0]}-{members[-1]}")
         # gather a split population on one device (evaluation, storage and loading are unsharded)
         res = res._replace(params=jax.device_put(res.params, devs[0]),
@@ -541,6 +568,223 @@ def write_pool(directory: str, groups: Sequence[TrainedGroup], *, scenario: str,
     return manifest
 
 
+#: ``dataset_kwargs`` that do not change a split's content (left out of build keys).
+_NON_CONTENT_DATASET_KWARGS = ("cache_dir", "progress", "rebuild", "data_dir", "download")
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, sort_keys=True))
+
+
+def pool_spec(*, scenario: str, datasets: Sequence[str], archs: Sequence[str] | None = None,
+              num_apis: int = 100, way: int = 5, epochs: int | None = None, seed: int = 0,
+              model_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+              recipe_overrides: Mapping[str, Any] | None = None,
+              dataset_kwargs: Mapping[str, Any] | None = None, train_fraction: float = 0.8,
+              data_keys: Mapping[str, Any] | None = None) -> dict:
+    """Everything a pool's trained teachers depend on (its build key, as a JSON dict).
+
+    Takes the arguments of :func:`build_pool` that change the teachers; the population size,
+    devices, strategy and progress bars do not.
+
+    Args:
+      scenario, datasets, archs, num_apis, way, epochs, seed, model_kwargs, recipe_overrides,
+        dataset_kwargs, train_fraction: as :func:`build_pool`.
+      data_keys: per dataset, the content key of its meta-train split; default
+        :func:`dfml_jax.data.content_key` of ``(name, **dataset_kwargs)`` (Glyphs: the rendering
+        cache key, font bytes included).
+
+    Returns:
+      ``{"key_version", "pool_format_version", "trainer_version", "scenario", "datasets",
+      "archs", "num_apis", "way", "seed", "train_fraction", "model_kwargs", "dataset_kwargs",
+      "recipes" ({"<dataset>/<arch>": TrainRecipe fields, augmentation included}), "data"}``.
+
+    Raises:
+      ValueError: an invalid scenario, architecture, augmentation or dataset name.
+    """
+    archs = tuple(archs) if archs else (("conv4",) if scenario == "SS" else DEFAULT_ARCHS)
+    datasets = tuple(datasets)
+    _validate_scenario(scenario, datasets, archs)
+    overrides = dict(recipe_overrides or {})
+    if epochs is not None:
+        overrides["epochs"] = int(epochs)
+    dkw = dict(dataset_kwargs or {})
+    if data_keys is None:
+        from dfml_jax.data import content_key
+
+        data_keys = {d: content_key(d, **dkw) for d in datasets}
+    missing = [d for d in datasets if d not in data_keys]
+    if missing:
+        raise ValueError(f"pool_spec: data_keys lacks the dataset(s) {missing}.")
+    mk = dict(model_kwargs or {})
+    return _jsonable({
+        "key_version": POOL_KEY_VERSION, "pool_format_version": POOL_FORMAT_VERSION,
+        "trainer_version": TRAINER_VERSION, "scenario": scenario, "datasets": list(datasets),
+        "archs": list(archs), "num_apis": int(num_apis), "way": int(way), "seed": int(seed),
+        "train_fraction": float(train_fraction),
+        "model_kwargs": {a: dict(mk.get(a) or {}) for a in archs},
+        "dataset_kwargs": {k: v for k, v in dkw.items() if k not in _NON_CONTENT_DATASET_KWARGS},
+        "recipes": {f"{d}/{a}": recipe_for(a, d, **overrides).to_json()
+                    for d in datasets for a in archs},
+        "data": {d: data_keys[d] for d in datasets},
+    })
+
+
+def pool_key(spec: Mapping[str, Any]) -> str:
+    """SHA-256 (64 hex digits) of a :func:`pool_spec` dict (canonical JSON)."""
+    return hashlib.sha256(json.dumps(_jsonable(dict(spec)), sort_keys=True,
+                                     separators=(",", ":")).encode()).hexdigest()
+
+
+def spec_differences(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+    """``"path: recorded -> requested"`` for every leaf where two build specs differ.
+
+    Args:
+      recorded: a pool's ``build_spec``.
+      requested: the spec asked for.
+
+    Returns:
+      The differences, sorted by path (dotted keys).
+    """
+    def short(v):
+        t = json.dumps(v, sort_keys=True)
+        return t if len(t) <= 80 else t[:77] + "..."
+
+    out = []
+
+    def walk(a, b, path):
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}" if path else k)
+        elif a != b:
+            out.append(f"{path}: {short(a)} -> {short(b)}")
+
+    walk(_jsonable(dict(recorded)), _jsonable(dict(requested)), "")
+    return out
+
+
+def check_pool_key(directory: str, spec: Mapping[str, Any], *, fix: str | None = None) -> dict:
+    """Checks that the pool in ``directory`` was built from ``spec``; returns its manifest.
+
+    Args:
+      directory: a pool directory.
+      spec: the requested :func:`pool_spec`.
+      fix: how to resolve a mismatch, for the error message (default: rebuild or pick a
+        matching pool).
+
+    Returns:
+      The manifest (:func:`read_manifest`).
+
+    Raises:
+      PoolKeyError: the pool records no build key (written before keys existed), a key that
+        does not match its own recorded spec (an edited ``pool.json``) or another key; the
+        message names both keys and every differing field.
+      PoolError: as :func:`read_manifest`.
+    """
+    manifest = read_manifest(directory)
+    want = pool_key(spec)
+    got = manifest.get("build_key")
+    recorded = manifest.get("build_spec")
+    if got == want and recorded is not None and pool_key(recorded) == got:
+        return manifest
+    fix = fix or ("rebuild the pool with the requested settings (experiments/build_api_pool.py "
+                  "or build_pool) or use a pool built with them")
+    if got is None:
+        raise PoolKeyError(f"Pool {os.path.abspath(directory)} records no build key (written "
+                           f"before pools described themselves), so it cannot be checked against "
+                           f"the requested build key {want[:12]}; {fix}.")
+    if recorded is None or pool_key(recorded) != got:
+        raise PoolKeyError(f"Pool {os.path.abspath(directory)}: its recorded build key {got[:12]} "
+                           f"does not match its recorded build spec (pool.json was edited); {fix}.")
+    diffs = spec_differences(recorded, spec)
+    raise PoolKeyError(f"Pool {os.path.abspath(directory)} was built from other inputs (build key "
+                       f"{got[:12]}) than requested (build key {want[:12]}); differing fields "
+                       f"(pool -> requested): {'; '.join(diffs)}. Fix: {fix}.")
+
+
+def obtain_pool(build: Mapping[str, Any], *, directory: str | None = None,
+                parent: str | None = None, check_key: bool = True, fix: str | None = None,
+                log: Callable[[str], None] | None = None) -> str:
+    """A pool built from ``build``: reused if one with the same build key exists, else built.
+
+    * ``directory`` given and holding a pool: its build key must equal the requested one
+      (:func:`check_pool_key`; :class:`PoolKeyError` otherwise) unless ``check_key`` is False
+      (then it is used as it is, and a log line says so);
+    * ``directory`` given, no pool there: the pool is built into it;
+    * no ``directory``: ``<parent>/pool-<first 12 hex digits of the build key>``, reused only when
+      its recorded key equals the requested one, else (re)built. A ``<parent>/pool`` written by
+      older code (no key) is never reused; a log line says so.
+
+    Args:
+      build: keyword arguments of :func:`build_pool` (without ``directory``).
+      directory: an explicit pool directory, or ``None``.
+      parent: where key-named pools live when ``directory`` is ``None``.
+      check_key: check an existing explicit ``directory``'s key.
+      fix: the remedy named by a key mismatch error (see :func:`check_pool_key`).
+      log: receives one line per decision (default: ``print``).
+
+    Returns:
+      The pool directory.
+
+    Raises:
+      PoolKeyError: an explicit ``directory`` built from other inputs (or without a key).
+      ValueError: neither ``directory`` nor ``parent``; as :func:`build_pool`.
+    """
+    log = log or (lambda line: print(line, flush=True))
+    build = dict(build)
+    if build.get("split_loader") is not None and build.get("data_keys") is None:
+        dkw = dict(build.get("dataset_kwargs") or {})
+        build["data_keys"] = {d: {"dataset": d, "loader": "custom", "split_sha256":
+                                  _split_fingerprint(build["split_loader"](d, **dkw))}
+                              for d in build["datasets"]}
+    spec_args = {k: v for k, v in build.items() if k in (
+        "scenario", "datasets", "archs", "num_apis", "way", "epochs", "seed", "model_kwargs",
+        "recipe_overrides", "dataset_kwargs", "train_fraction", "data_keys")}
+    spec = pool_spec(**spec_args)
+    key = pool_key(spec)
+    if directory is not None and os.path.isfile(os.path.join(directory, _MANIFEST)):
+        if check_key:
+            check_pool_key(directory, spec, fix=fix)
+            log(f"[pool] reusing {directory} (build key {key[:12]} matches)")
+        else:
+            log(f"[pool] using {directory} without checking its build key (check disabled)")
+        return directory
+    if directory is None:
+        if parent is None:
+            raise ValueError("obtain_pool: give a pool directory or a parent directory.")
+        directory = os.path.join(parent, f"pool-{key[:12]}")
+        legacy = os.path.join(parent, "pool")
+        if os.path.isfile(os.path.join(legacy, _MANIFEST)):
+            log(f"[pool] {legacy} was written by older code (no build key): not reused")
+    recorded = None
+    if os.path.isfile(os.path.join(directory, _MANIFEST)):
+        try:
+            recorded = read_manifest(directory).get("build_key")
+        except PoolError:
+            recorded = None
+    if recorded == key:
+        log(f"[pool] reusing {directory} (build key {key[:12]} matches)")
+        return directory
+    augments = sorted({r["augment"] for r in spec["recipes"].values()})
+    log(f"[pool] building {directory} (build key {key[:12]}: {spec['scenario']} "
+        f"{'+'.join(spec['datasets'])} {'+'.join(spec['archs'])} x {spec['num_apis']}, "
+        f"augment {'/'.join(augments)})")
+    build_pool(directory, **{**build, "overwrite": True})
+    return directory
+
+
+def _split_fingerprint(split) -> str:
+    """SHA-256 of a split's images (in [0, 1], float32), shape and class names."""
+    h = hashlib.sha256()
+    h.update(json.dumps([list(map(int, split.image_shape)), int(split.per_class),
+                         [str(c) for c in split.class_names]]).encode())
+    for c0 in range(0, split.num_classes, 64):
+        block = np.asarray(split.images_of(list(range(c0, min(split.num_classes, c0 + 64)))),
+                           np.float32)
+        h.update(np.ascontiguousarray(block).tobytes())
+    return h.hexdigest()
+
+
 def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
                archs: Sequence[str] | None = None, num_apis: int = 100, way: int = 5,
                epochs: int | None = None, seed: int = 0,
@@ -549,8 +793,12 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
                dataset_kwargs: Mapping[str, Any] | None = None, train_fraction: float = 0.8,
                max_population: int = 20, split_loader: Callable[..., Any] | None = None,
                overwrite: bool = False, progress: bool = True,
-               devices: int | Sequence[Any] | None = None, strategy: str | None = None) -> dict:
+               devices: int | Sequence[Any] | None = None, strategy: str | None = None,
+               data_keys: Mapping[str, Any] | None = None) -> dict:
     """Trains a pool of teachers and writes it to ``directory`` (atomically).
+
+    ``pool.json`` records the build spec and key (:func:`pool_spec`, :func:`pool_key`), so the
+    pool can be checked against a request (:func:`check_pool_key`).
 
     Args:
       directory: pool directory to create.
@@ -563,7 +811,10 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
       seed: master seed; teacher seeds are derived from (seed, group, member) and recorded.
       model_kwargs: per-architecture ``create_model`` options, e.g. ``{"conv4": {"width": 8}}``.
       recipe_overrides: :class:`~dfml_jax.train_teacher.TrainRecipe` fields applied to every
-        architecture (e.g. ``{"batch_size": 32}``).
+        architecture (e.g. ``{"batch_size": 32}``). ``augment`` not given (or ``None``): each
+        dataset's domain-faithful augmentation (``"crop"`` for glyphs and digits, ``"crop_flip"``
+        for natural images: :func:`~dfml_jax.train_teacher.default_augment`); ``"none"`` or
+        ``"paper"``: the paper's recipe, no augmentation.
       dataset_kwargs: extra arguments of the split loader (e.g. ``image_size``, ``channels``),
         the same for every dataset.
       train_fraction: fraction of each class's images (first ones) used for training.
@@ -579,6 +830,9 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
         population to the largest count dividing it. The trained weights do not depend on it
         (up to float reassociation).
       strategy: population strategy, ``"vmap"`` or ``"map"`` (default: ``"map"`` on CPU).
+      data_keys: per dataset, the content key of its split for the build key; default: with the
+        default loader :func:`dfml_jax.data.content_key`, with a custom ``split_loader`` a
+        SHA-256 of the loaded split's images and class names.
 
     Returns:
       The manifest written to ``pool.json`` (a dict).
@@ -609,7 +863,7 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
     recipe_overrides = dict(recipe_overrides or {})
     if epochs is not None:
         recipe_overrides["epochs"] = int(epochs)
-    recipes = {a: recipe_for(a, **recipe_overrides) for a in archs}
+    recipes = {(d, a): recipe_for(a, d, **recipe_overrides) for d in datasets for a in archs}
     dataset_kwargs = dict(dataset_kwargs or {})
     loader = split_loader or _default_split_loader
 
@@ -624,6 +878,13 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
                              f"{train_fraction} leaves no training image.")
         splits[d], offsets[d] = split, offset
         offset += split.num_classes
+    if data_keys is None and split_loader is not None:
+        data_keys = {d: {"dataset": d, "loader": "custom", "split_sha256": _split_fingerprint(s)}
+                     for d, s in splits.items()}
+    spec = pool_spec(scenario=scenario, datasets=datasets, archs=archs, num_apis=num_apis, way=way,
+                     seed=seed, model_kwargs=model_kwargs, recipe_overrides=recipe_overrides,
+                     dataset_kwargs=dataset_kwargs, train_fraction=train_fraction,
+                     data_keys=data_keys)
 
     pairs = [(d, a) for d in datasets for a in archs]
     groups = []
@@ -632,11 +893,12 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
         bar.set_postfix(group=f"{d}/{a}")
         groups.append(train_group(
             splits[d], dataset=d, arch=a, num_apis=num_apis, way=way, seed=seed, group_index=gi,
-            model_kwargs=model_kwargs.get(a), recipe=recipes[a], train_fraction=train_fraction,
+            model_kwargs=model_kwargs.get(a), recipe=recipes[d, a], train_fraction=train_fraction,
             max_population=max_population, class_offset=offsets[d], progress=progress,
             devices=devices, strategy=strategy))
-    extra = {"num_apis_per_group": num_apis, "way": way, "seed": seed,
-             "train_fraction": train_fraction, "dataset_kwargs": dataset_kwargs}
+    extra = {"build_key": pool_key(spec), "build_spec": spec, "num_apis_per_group": num_apis,
+             "way": way, "seed": seed, "train_fraction": train_fraction,
+             "dataset_kwargs": dataset_kwargs}
     return write_pool(directory, groups, scenario=scenario, extra=extra, overwrite=overwrite)
 
 

@@ -26,6 +26,16 @@ clipping at 50, the learning rate stepped per epoch by a MultiStep schedule (gam
 * LeNet-5 / MLP (not in the spec): IDEAL's ``pretrain.py`` recipe, SGD(lr 0.1, momentum 0.9), no
   weight decay, no schedule (``ideal_dfme.md`` section 3.6).
 
+Augmentation (``TrainRecipe.augment``, a name of :data:`dfml_jax.augment.AUGMENTATIONS`): the
+official code trains its APIs without any (``"none"``, the paper's recipe and the default of
+:data:`RECIPES`). Pools default to the domain-faithful choice of their dataset
+(:func:`default_augment`): ``"crop"`` (random shift by up to ``augment_pad`` pixels, zero i.e.
+black border, never a mirror image) for glyphs, handwriting and digits, whose identity changes
+under a horizontal flip, and ``"crop_flip"`` for natural images. Each mini-batch is augmented
+inside the compiled epoch with a fresh per-sample draw; the keys are a pure function of the
+teacher's key, the epoch and the step, so a teacher trained in a population, on another device
+or alone sees the same augmented images.
+
 Each epoch visits every training sample once, in a fresh per-teacher permutation, as PyTorch's
 ``DataLoader(shuffle=True, drop_last=False)`` does: ``n // batch`` full batches plus one final
 smaller batch of ``n % batch`` samples (a second static shape in the same compiled epoch). The
@@ -44,13 +54,20 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from dfml_jax.augment import AUGMENTATIONS, augment_images
 from dfml_jax.models import FunctionalModel
 from dfml_jax import parallel
 
 __all__ = ["TrainRecipe", "RECIPES", "recipe_for", "make_optimizer", "PopulationResult",
            "train_population", "evaluate_population", "predict_population",
            "population_sharding", "resolve_devices", "teacher_mesh", "TEACHER_AXIS",
-           "STRATEGIES", "default_strategy"]
+           "STRATEGIES", "default_strategy", "DEFAULT_AUGMENT", "default_augment",
+           "resolve_augment", "augment_pad_for", "TRAINER_VERSION"]
+
+#: Version of the training program (what an epoch does with a recipe); part of pool build keys.
+#: Bump it for any change of the trained weights the recipe fields do not describe.
+#: v2: per-sample augmentation inside the epoch (``TrainRecipe.augment``).
+TRAINER_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +84,11 @@ class TrainRecipe:
       batch_size: mini-batch size.
       clip_norm: global gradient-norm clipping threshold (``None``: off).
       epochs: number of epochs.
+      augment: per-sample augmentation of each mini-batch, a name of
+        :data:`dfml_jax.augment.AUGMENTATIONS`: ``"none"`` (the paper's recipe), ``"crop"``
+        (random shift, no flip: glyphs, digits), ``"crop_flip"`` (natural images) or ``"flip"``.
+      augment_pad: largest shift of the crop in pixels; ``None``: an eighth of the image side,
+        rounded (4 at 28 and 32 px, 2 at 16 px, 10 at 84 px; :func:`augment_pad_for`).
     """
     optimizer: str = "adam"
     lr: float = 0.01
@@ -77,6 +99,8 @@ class TrainRecipe:
     batch_size: int = 128
     clip_norm: float | None = 50.0
     epochs: int = 60
+    augment: str = "none"
+    augment_pad: int | None = None
 
     def to_json(self) -> dict:
         """JSON-serialisable dict of the fields."""
@@ -95,18 +119,97 @@ RECIPES: dict[str, TrainRecipe] = {
 }
 
 
-def recipe_for(arch: str, **overrides) -> TrainRecipe:
+#: Domain-faithful augmentation per dataset name (:func:`default_augment`): shifts only where a
+#: mirror image changes or never shows the class (letters, handwriting, digits; Fashion-MNIST's
+#: items all face one way), shifts and flips for natural images.
+DEFAULT_AUGMENT: dict[str, str] = {
+    "glyphs": "crop", "omniglot": "crop", "mnist": "crop", "mnist5k": "crop", "digits": "crop",
+    "svhn_cropped": "crop", "fashion_mnist": "crop",
+    "cifar_fs": "crop_flip", "cifar10": "crop_flip", "cifar100": "crop_flip", "cub": "crop_flip",
+    "mini_imagenet": "crop_flip",
+}
+#: Accepted spellings of :attr:`TrainRecipe.augment` besides the names of ``AUGMENTATIONS``.
+_AUGMENT_ALIASES = {"paper": "none"}
+
+
+def default_augment(dataset: str | None) -> str:
+    """The domain-faithful teacher augmentation of a dataset (:data:`DEFAULT_AUGMENT`).
+
+    Args:
+      dataset: a dataset name; an unknown name (e.g. a custom split loader's) or ``None`` gets
+        ``"crop"``, which never mirrors an image (the safe choice for an unknown domain).
+
+    Returns:
+      ``"crop"`` or ``"crop_flip"``.
+    """
+    return DEFAULT_AUGMENT.get(dataset, "crop")
+
+
+def resolve_augment(augment: str | None, dataset: str | None = None) -> str:
+    """The augmentation a teacher of ``dataset`` is trained with.
+
+    Args:
+      augment: ``None`` (the dataset's default, :func:`default_augment`), ``"paper"`` (the
+        paper's recipe: ``"none"``) or a name of :data:`dfml_jax.augment.AUGMENTATIONS`.
+      dataset: the dataset name (only used when ``augment`` is ``None``).
+
+    Returns:
+      A name of :data:`dfml_jax.augment.AUGMENTATIONS`.
+
+    Raises:
+      ValueError: an unknown name (the valid ones are listed).
+
+    >>> resolve_augment(None, "glyphs"), resolve_augment(None, "cifar_fs"), resolve_augment("paper")
+    ('crop', 'crop_flip', 'none')
+    """
+    if augment is None:
+        return default_augment(dataset)
+    name = _AUGMENT_ALIASES.get(augment, augment)
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"Unknown teacher augmentation {augment!r}; valid: "
+                         f"{sorted(AUGMENTATIONS) + sorted(_AUGMENT_ALIASES)} (None: the "
+                         f"dataset's default, 'crop' for glyphs and digits, 'crop_flip' for "
+                         f"natural images; 'paper'/'none': no augmentation, the paper's recipe).")
+    return name
+
+
+def augment_pad_for(recipe: TrainRecipe, image_size: int) -> int:
+    """The crop's largest shift: ``recipe.augment_pad``, or an eighth of the side, rounded.
+
+    Args:
+      recipe: the recipe.
+      image_size: image side in pixels.
+
+    Returns:
+      The shift in pixels (at least 1).
+
+    >>> augment_pad_for(TrainRecipe(), 32), augment_pad_for(TrainRecipe(), 16)
+    (4, 2)
+    """
+    if recipe.augment_pad is not None:
+        return int(recipe.augment_pad)
+    return max(1, int(round(image_size / 8)))
+
+
+def recipe_for(arch: str, dataset: str | None = None, **overrides) -> TrainRecipe:
     """The default recipe of an architecture with some fields replaced.
 
     Args:
       arch: a key of :data:`RECIPES`.
-      **overrides: :class:`TrainRecipe` fields (``None`` values are ignored).
+      dataset: the teachers' dataset. When given and ``augment`` is not overridden, the recipe
+        gets the dataset's domain-faithful augmentation (:func:`default_augment`); without it,
+        the :data:`RECIPES` default (``"none"``, the paper's recipe).
+      **overrides: :class:`TrainRecipe` fields (``None`` values are ignored); ``augment`` may
+        also be ``"paper"`` (``"none"``).
 
     Returns:
       The recipe.
 
     Raises:
-      ValueError: unknown architecture or field.
+      ValueError: unknown architecture, field or augmentation.
+
+    >>> recipe_for("conv4", "glyphs").augment, recipe_for("conv4", augment="paper").augment
+    ('crop', 'none')
     """
     if arch not in RECIPES:
         raise ValueError(f"No training recipe for architecture {arch!r}; valid: "
@@ -116,6 +219,8 @@ def recipe_for(arch: str, **overrides) -> TrainRecipe:
     if bad:
         raise ValueError(f"Unknown recipe field(s) {sorted(bad)}; valid: {sorted(fields)}.")
     ov = {k: (tuple(v) if k == "milestones" else v) for k, v in overrides.items() if v is not None}
+    if "augment" in ov or dataset is not None:
+        ov["augment"] = resolve_augment(ov.get("augment"), dataset)
     return dataclasses.replace(RECIPES[arch], **ov)
 
 
@@ -198,20 +303,39 @@ def default_strategy() -> str:
     return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
+#: Stream tag of the augmentation keys (``fold_in(teacher key, _AUG_STREAM)``), apart from the
+#: shuffling keys ``fold_in(teacher key, epoch)``.
+_AUG_STREAM = 0x61756700
+
+
+def _augment_keys(key: jax.Array, epoch_idx, steps: int) -> jax.Array:
+    """``(steps,)`` augmentation keys of one teacher's epoch (a pure function of its key)."""
+    return jax.random.split(jax.random.fold_in(jax.random.fold_in(key, _AUG_STREAM), epoch_idx),
+                            steps)
+
+
 @functools.lru_cache(maxsize=64)
 def _epoch_fn(fm_apply, recipe: TrainRecipe, n: int, population: int, devices: tuple,
-              strategy: str):
+              strategy: str, fill: tuple = (0.0,)):
     """Jitted ``(params, state, opt, x, y, keys, epoch) -> (params, state, opt, loss)``.
 
-    Cached per (model, recipe, data size, population size, devices, strategy) so that training
-    many populations of the same shape (e.g. teachers one at a time) compiles once; each cached
-    function may trace only once (:func:`_trace_guard`). With several ``devices`` the epoch is a
-    ``jax.shard_map`` over the teacher axis: every device runs the strategy's program on its own
-    ``population / len(devices)`` teachers (no communication at all).
+    Cached per (model, recipe, data size, population size, devices, strategy, fill) so that
+    training many populations of the same shape (e.g. teachers one at a time) compiles once; each
+    cached function may trace only once (:func:`_trace_guard`). With several ``devices`` the epoch
+    is a ``jax.shard_map`` over the teacher axis: every device runs the strategy's program on its
+    own ``population / len(devices)`` teachers (no communication at all). ``recipe.augment_pad``
+    must be resolved (an int) when ``recipe.augment`` is not ``"none"``.
     """
     bs = min(recipe.batch_size, n)
     n_full, rest = divmod(n, bs)
-    tx = make_optimizer(recipe, n_full + (1 if rest else 0))
+    steps = n_full + (1 if rest else 0)
+    tx = make_optimizer(recipe, steps)
+    augment = recipe.augment
+
+    def augmented(xb, k):
+        if augment == "none":
+            return xb
+        return augment_images(xb, k, augment, int(recipe.augment_pad), fill)
 
     def step(p, s, o, x, y):
         def loss_fn(p):
@@ -223,20 +347,25 @@ def _epoch_fn(fm_apply, recipe: TrainRecipe, n: int, population: int, devices: t
         return optax.apply_updates(p, updates), new_s, o, loss
 
     def teacher_epoch(p, s, o, x, y, key, epoch_idx):
-        """One epoch of ONE teacher: ``n // bs`` full batches (scan) + one batch of the rest."""
-        perm = jax.random.permutation(jax.random.fold_in(key, epoch_idx), n)
+        """One epoch of ONE teacher: ``n // bs`` full batches (scan) + one batch of the rest.
 
-        def body(carry, idx):
+        Step ``t`` augments its batch with ``_augment_keys(key, epoch, steps)[t]``."""
+        perm = jax.random.permutation(jax.random.fold_in(key, epoch_idx), n)
+        aug_keys = _augment_keys(key, epoch_idx, steps)
+
+        def body(carry, batch):
+            idx, k = batch
             p, s, o = carry
-            p, s, o, loss = step(p, s, o, x[idx], y[idx])
+            p, s, o, loss = step(p, s, o, augmented(x[idx], k), y[idx])
             return (p, s, o), loss * idx.shape[0]
 
         carry, total = (p, s, o), jnp.zeros(())
         if n_full:
-            carry, losses = jax.lax.scan(body, carry, perm[: n_full * bs].reshape(n_full, bs))
+            carry, losses = jax.lax.scan(
+                body, carry, (perm[: n_full * bs].reshape(n_full, bs), aug_keys[:n_full]))
             total = total + losses.sum()
         if rest:
-            carry, loss = body(carry, perm[n_full * bs:])
+            carry, loss = body(carry, (perm[n_full * bs:], aug_keys[n_full]))
             total = total + loss
         return (*carry, total / n)
 
@@ -331,7 +460,8 @@ def population_sharding(population: int, devices: int | Sequence[jax.Device] | N
 def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array, y: jax.Array,
                      keys: jax.Array, recipe: TrainRecipe, *, progress: bool = True,
                      desc: str = "teachers", devices: int | Sequence[jax.Device] | None = None,
-                     strategy: str | None = None) -> PopulationResult:
+                     strategy: str | None = None,
+                     fill: float | Sequence[float] = 0.0) -> PopulationResult:
     """Trains P teachers of one architecture together (one jitted call per epoch for all).
 
     Args:
@@ -341,8 +471,9 @@ def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array,
       state: stacked initial BN running statistics ``(P, ...)``.
       x: ``(P, n, H, W, C)`` normalised training images of each teacher.
       y: ``(P, n)`` int labels in ``[0, num_classes)``.
-      keys: ``(P,)`` typed PRNG keys for the per-epoch shuffling of each teacher.
-      recipe: optimisation recipe (``epochs`` included).
+      keys: ``(P,)`` typed PRNG keys of each teacher: per-epoch shuffling and, with
+        ``recipe.augment``, the per-step augmentation draws.
+      recipe: optimisation recipe (``epochs`` and ``augment`` included).
       progress: show a tqdm bar over epochs.
       desc: progress-bar label.
       devices: split the teacher axis over devices (``jax.shard_map`` on a 1-D ``"teachers"``
@@ -352,14 +483,16 @@ def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array,
         share; the result equals the single-device one up to float reassociation.
       strategy: ``"vmap"`` (vectorised population) or ``"map"`` (loop over teachers inside the
         compiled epoch); default :func:`default_strategy` (``"map"`` on CPU, where it is faster).
+      fill: the value of a black pixel in ``x``'s space, one per channel or a constant: the crop
+        augmentation's border (``-mean / std`` for images normalised with ``mean``/``std``).
 
     Returns:
       :class:`PopulationResult` with the final (last-epoch) weights (sharded like the inputs when
       ``devices`` split them).
 
     Raises:
-      ValueError: inconsistent population sizes or shapes, unknown strategy, a device count that
-        does not divide P or exceeds the local devices.
+      ValueError: inconsistent population sizes or shapes, unknown strategy or augmentation, a
+        device count that does not divide P or exceeds the local devices.
     """
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.int32)
@@ -373,6 +506,18 @@ def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array,
                          f"{x.shape} and {y.shape}.")
     if recipe.epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {recipe.epochs}.")
+    augment = resolve_augment(recipe.augment)
+    fill_t = tuple(float(v) for v in np.ravel(np.asarray(fill, np.float64)))
+    if len(fill_t) not in (1, x.shape[-1]):
+        raise ValueError(f"train_population: fill has {len(fill_t)} values for {x.shape[-1]} "
+                         f"channels; give one value or one per channel.")
+    if augment == "none":
+        recipe, fill_t = dataclasses.replace(recipe, augment=augment, augment_pad=None), (0.0,)
+    else:
+        recipe = dataclasses.replace(recipe, augment=augment,
+                                     augment_pad=augment_pad_for(recipe, int(x.shape[2])))
+        if recipe.augment_pad < 0:
+            raise ValueError(f"augment_pad must be >= 0, got {recipe.augment_pad}.")
     n = int(x.shape[1])
     strategy = strategy or default_strategy()
     if strategy not in STRATEGIES:
@@ -381,7 +526,7 @@ def train_population(fm: FunctionalModel, params: Any, state: Any, x: jax.Array,
     dev_key = devs if len(devs) > 1 else ()
     # the compiled epoch does not depend on the number of epochs: keep it out of the cache key
     epoch_fn, tx = _epoch_fn(fm.apply, dataclasses.replace(recipe, epochs=0), n, P, dev_key,
-                             strategy)
+                             strategy, fill_t)
     opt = jax.vmap(tx.init)(params)
     if len(devs) > 1:
         sharding = population_sharding(P, devs)

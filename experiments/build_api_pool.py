@@ -14,6 +14,11 @@ Examples::
     python experiments/build_api_pool.py --dataset glyphs --scenario SS --arch conv4 \
         --num-apis 20 --workdir DIR --cpu-devices 4 --devices 4
 
+Teachers are trained with their dataset's domain-faithful augmentation by default (``crop``: random
+shifts, no flips, for glyphs and digits; ``crop_flip`` for natural images); ``--augment paper``
+(= ``none``) trains them as the paper's official code does, without augmentation. ``pool.json``
+records the pool's build key (every setting above, the data's content key, the trainer version).
+
 The pool is written to ``WORKDIR/NAME`` (NAME defaults to ``<scenario>-<datasets>-<archs>-<n>``);
 a progress bar follows the training and a table of held-out accuracies is printed at the end.
 Load it with ``dfml_jax.pool.load_pool(path, output=...)``.
@@ -61,6 +66,13 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs (default: recipe's, 60)")
     ap.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
     ap.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
+    ap.add_argument("--augment", default=None,
+                    choices=["paper", "none", "crop", "crop_flip", "flip"],
+                    help="teachers' per-sample augmentation (default: the dataset's "
+                         "domain-faithful one: crop (shifts, no flips) for glyphs and digits, "
+                         "crop_flip for natural images; paper = none, the official recipe)")
+    ap.add_argument("--augment-pad", type=int, default=None,
+                    help="largest crop shift in pixels (default: image side / 8)")
     ap.add_argument("--width", default=None,
                     help="model width: N for all conv models or arch=N,... (default: spec's)")
     ap.add_argument("--image-size", type=int, default=None, help="resize images (loader option)")
@@ -93,7 +105,9 @@ def main(argv=None) -> int:
     dataset_kwargs = {k: v for k, v in (("image_size", args.image_size),
                                         ("channels", args.channels),
                                         ("max_classes", args.max_classes)) if v is not None}
-    recipe = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    recipe = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
+                                ("augment", args.augment), ("augment_pad", args.augment_pad))
+              if v is not None}
     t0 = time.perf_counter()
     try:
         manifest = build_pool(

@@ -44,8 +44,11 @@ def test_smoke_run_end_to_end(tmp_path):
     assert "| bidf_mkd |" in md and "±" in md
     assert os.path.exists(os.path.join(work, "val_acc_vs_iteration.png"))
     assert os.path.exists(os.path.join(work, "val_acc_vs_queries.png"))
-    pool = json.load(open(os.path.join(work, "pool", "pool.json")))
-    assert len(pool["teachers"]) == cfg.num_apis
+    pools = [d for d in os.listdir(work) if d.startswith("pool-")]  # <workdir>/pool-<build key>
+    assert len(pools) == 1
+    pool = json.load(open(os.path.join(work, pools[0], "pool.json")))
+    assert len(pool["teachers"]) == cfg.num_apis and pools[0] == f"pool-{pool['build_key'][:12]}"
+    assert pool["groups"][0]["recipe"]["augment"] == "crop"  # glyphs: shifts, no flips
     # a finished run is not redone
     t0 = time.time()
     assert run_experiment(cfg, work, progress=False) == out

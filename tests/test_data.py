@@ -1,5 +1,6 @@
 """Datasets: Glyphs, single-task data, TFDS loaders (mocked), MiniImageNet folder, task sampling,
 bad input. The full 28 px Glyphs benchmark is built once per session (about 30 s)."""
+import json
 import os
 import time
 
@@ -107,7 +108,9 @@ def test_glyphs_deterministic_cached_and_keyed_by_parameters(glyph_cache, glyph_
     for k in glyph_data:
         np.testing.assert_array_equal(again[k], glyph_data[k])
     path = glyphs_mod.cache_file(28, cache_dir=glyph_cache)
-    assert os.path.basename(path) == f"glyphs_v{glyphs_mod.GLYPHS_VERSION}_s28_c1_seed0_n20_f4.npz"
+    digest = glyphs_mod.cache_key_digest(28)
+    assert os.path.basename(path) == (f"glyphs_v{glyphs_mod.GLYPHS_VERSION}_s28_c1_seed0_n20_f4-"
+                                      f"{digest[:12]}.npz")
     assert os.path.exists(path)
     assert glyphs_mod.cache_file(32, seed=1, max_classes=30, cache_dir=glyph_cache) != path
     assert "_s32_" in glyphs_mod.cache_file(32, cache_dir=glyph_cache)
@@ -128,6 +131,109 @@ def test_glyphs_deterministic_cached_and_keyed_by_parameters(glyph_cache, glyph_
     np.testing.assert_array_equal(glyphs_mod.load_glyphs(16, **kw)["images"], first["images"])
     assert os.path.getmtime(f) == mtime
     np.testing.assert_array_equal(glyphs_mod.load_glyphs(16, rebuild=True, **kw)["images"], first["images"])
+
+
+def _fake_build(calls):
+    """A stand-in for build_glyphs (no rendering): records its calls, returns tiny arrays."""
+    def build(image_size, **kw):
+        calls.append((image_size, kw))
+        return {"images": np.full((2, 1, image_size, image_size), len(calls), np.uint8),
+                "codepoints": np.array([65, 66], np.int32)}
+    return build
+
+
+def test_glyphs_cache_key_covers_parameters_constants_and_font_bytes(tmp_path, monkeypatch):
+    base = glyphs_mod.cache_file(16, max_classes=30, cache_dir=str(tmp_path))
+    assert glyphs_mod.cache_file(16, max_classes=30, cache_dir=str(tmp_path)) == base  # stable
+    key = glyphs_mod.cache_key(16, max_classes=30)
+    assert key["params"]["image_size"] == 16
+    assert key["renderer_version"] == glyphs_mod.GLYPHS_VERSION
+    assert [f for f, _ in key["fonts"]] == [os.path.basename(p) for p in glyphs_mod.font_paths()]
+    assert {"pillow", "pillow_freetype", "fonttools", "numpy"} <= set(key["libraries"])
+    others = {glyphs_mod.cache_file(16, max_classes=30, seed=1, cache_dir=str(tmp_path)),
+              glyphs_mod.cache_file(16, max_classes=30, per_class=5, cache_dir=str(tmp_path)),
+              glyphs_mod.cache_file(16, max_classes=30, min_fonts=3, cache_dir=str(tmp_path)),
+              glyphs_mod.cache_file(16, max_classes=31, cache_dir=str(tmp_path)),
+              glyphs_mod.cache_file(17, max_classes=30, cache_dir=str(tmp_path))}
+    assert base not in others and len(others) == 5
+    # a rendering constant, the split alphabets or the renderer version: another file
+    for name, value in (("_ROTATION_DEG", 11.0), ("_SUPERSAMPLE_PX", 96), ("GLYPHS_VERSION", 99),
+                        ("SPLIT_ALPHABETS", {**glyphs_mod.SPLIT_ALPHABETS, "test": ("Cyrillic",)})):
+        with monkeypatch.context() as m:
+            m.setattr(glyphs_mod, name, value)
+            assert glyphs_mod.cache_file(16, max_classes=30, cache_dir=str(tmp_path)) != base, name
+    # a library version
+    with monkeypatch.context() as m:
+        m.setattr(glyphs_mod, "_library_versions", lambda: {"pillow": "0.0"})
+        assert glyphs_mod.cache_file(16, max_classes=30, cache_dir=str(tmp_path)) != base
+    # the bytes of one font file (same names, same paths): another file
+    fonts = tmp_path / "fonts"
+    fonts.mkdir()
+    copies = []
+    for p in glyphs_mod.font_paths()[:3]:
+        copies.append(str(fonts / os.path.basename(p)))
+        with open(p, "rb") as src, open(copies[-1], "wb") as dst:
+            dst.write(src.read())
+    monkeypatch.setattr(glyphs_mod, "font_paths", lambda: list(copies))
+    before = glyphs_mod.cache_file(16, max_classes=30, cache_dir=str(tmp_path))
+    with open(copies[1], "ab") as f:
+        f.write(b"\0")
+    os.utime(copies[1], ns=(1, 1))  # even with a forged modification time
+    after = glyphs_mod.cache_file(16, max_classes=30, cache_dir=str(tmp_path))
+    assert after != before and before != base
+    assert after.rsplit("-", 1)[0] == before.rsplit("-", 1)[0]  # same readable prefix
+
+
+def test_glyphs_code_digest_ignores_docstrings_but_not_code(tmp_path):
+    import importlib.util
+
+    sources = {"a": 'def f(x):\n    """Doc."""\n    return x + 1  # comment\n',
+               "b": 'def f(x):\n    """Other doc."""\n\n    return (x +\n            1)\n',
+               "c": 'def f(x):\n    """Doc."""\n    return x + 2\n'}
+    fns = {}
+    for name, src in sources.items():
+        (tmp_path / f"m_{name}.py").write_text(src)
+        spec = importlib.util.spec_from_file_location(f"m_{name}", tmp_path / f"m_{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        fns[name] = mod.f
+    d = glyphs_mod._code_digest
+    assert d((fns["a"],)) == d((fns["b"],)) != d((fns["c"],))
+
+
+def test_glyphs_stale_cache_is_never_reused(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(glyphs_mod, "build_glyphs", _fake_build(calls))
+    d = str(tmp_path)
+    # a file at the pre-key path (old naming, no stored key) is ignored
+    old = os.path.join(d, f"glyphs_v{glyphs_mod.GLYPHS_VERSION}_s16_c1_seed0_n20_f4_max30.npz")
+    np.savez(old, images=np.zeros((1, 1, 16, 16), np.uint8), codepoints=np.array([1], np.int32))
+    first = glyphs_mod.load_glyphs(16, max_classes=30, cache_dir=d)
+    assert len(calls) == 1 and (first["images"] == 1).all() and "_cache_key" not in first
+    path = glyphs_mod.cache_file(16, max_classes=30, cache_dir=d)
+    assert os.path.exists(path) and path != old
+    # no temporary file left behind
+    assert sorted(os.listdir(d)) == sorted([os.path.basename(old), os.path.basename(path)])
+    with np.load(path) as z:
+        assert json.loads(str(z["_cache_key"])) == glyphs_mod.cache_key(16, max_classes=30)
+    again = glyphs_mod.load_glyphs(16, max_classes=30, cache_dir=d)  # valid: reused
+    assert len(calls) == 1 and (again["images"] == 1).all() and set(again) == set(first)
+    # a file at the current path whose stored key differs (or is absent) is rebuilt
+    key = glyphs_mod.cache_key(16, max_classes=30)
+    stale = {**key, "constants": {**key["constants"], "rotation_deg": 0.0}}
+    np.savez(path, _cache_key=np.asarray(json.dumps(stale)),
+             images=np.zeros((1, 1, 16, 16), np.uint8))
+    rebuilt = glyphs_mod.load_glyphs(16, max_classes=30, cache_dir=d)
+    assert len(calls) == 2 and (rebuilt["images"] == 2).all()
+    assert "differs in ['constants.rotation_deg']" in capsys.readouterr().err
+    np.savez(path, images=np.zeros((1, 1, 16, 16), np.uint8))
+    assert (glyphs_mod.load_glyphs(16, max_classes=30, cache_dir=d)["images"] == 3).all()
+    assert "records no key" in capsys.readouterr().err
+    with open(path, "wb") as f:
+        f.write(b"truncated")
+    assert (glyphs_mod.load_glyphs(16, max_classes=30, cache_dir=d)["images"] == 4).all()
+    assert (glyphs_mod.load_glyphs(16, max_classes=30, cache_dir=d)["images"] == 4).all()
+    assert len(calls) == 4
 
 
 def test_glyphs_cache_dir_from_environment(tmp_path, monkeypatch):

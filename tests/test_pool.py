@@ -119,12 +119,14 @@ def test_train_population_validates_and_is_reproducible():
     x = jax.random.uniform(jax.random.key(0), (2, 10, 4, 4, 1))
     y = jnp.tile(jnp.arange(10) % 3, (2, 1))
     keys = jax.random.split(jax.random.key(1), 2)
-    r = recipe_for("mlp", epochs=3, batch_size=4)  # 2 full batches + one of 2 per epoch
-    a = train_population(fms[0], params, state, x, y, keys, r, progress=False, strategy="map")
-    b = train_population(fms[0], params, state, x, y, keys, r, progress=False, strategy="map")
-    c = train_population(fms[0], params, state, x, y, keys, r, progress=False, strategy="vmap")
+    # 2 full batches + one of 2 per epoch, each randomly shifted (per-teacher, per-step keys)
+    r = recipe_for("mlp", epochs=3, batch_size=4, augment="crop", augment_pad=1)
+    kw = dict(progress=False, fill=-1.0)
+    a = train_population(fms[0], params, state, x, y, keys, r, strategy="map", **kw)
+    b = train_population(fms[0], params, state, x, y, keys, r, strategy="map", **kw)
+    c = train_population(fms[0], params, state, x, y, keys, r, strategy="vmap", **kw)
     one = train_population(fms[0], *jax.tree.map(lambda t: t[1:], (params, state, x, y, keys)),
-                           r, progress=False)
+                           r, **kw)
     assert a.losses.shape == (3, 2)
     for u, v, w in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params),
                        jax.tree.leaves(c.params)):
@@ -151,11 +153,14 @@ def test_sharded_population_equals_one_device():
     keys = jax.random.split(jax.random.key(1), P)
     # SGD: float reassociation stays at round-off level (Adam would amplify it where a true
     # gradient is ~0, see test_population_training_equals_individual_training)
-    r = recipe_for("conv4", epochs=2, batch_size=5, optimizer="sgd", lr=0.05, momentum=0.9)
-    ref = train_population(fms[0], params, state, x, y, keys, r, progress=False, strategy="map")
+    # (with the crop augmentation: every teacher draws its own shifts on every device)
+    r = recipe_for("conv4", epochs=2, batch_size=5, optimizer="sgd", lr=0.05, momentum=0.9,
+                   augment="crop")
+    ref = train_population(fms[0], params, state, x, y, keys, r, progress=False, strategy="map",
+                           fill=-1.0)
     for devices, strategy in ((4, "map"), (jax.devices()[2:4], "vmap")):
         out = train_population(fms[0], params, state, x, y, keys, r, progress=False,
-                               devices=devices, strategy=strategy)
+                               devices=devices, strategy=strategy, fill=-1.0)
         k = out.params["classifier"]["kernel"]
         assert k.sharding.spec == jax.sharding.PartitionSpec(TEACHER_AXIS)
         assert len(k.sharding.device_set) == (4 if devices == 4 else 2)
@@ -360,14 +365,17 @@ def test_build_api_pool_cli(glyph_cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DFML_JAX_CACHE", glyph_cache)
     args = ["--dataset", "glyphs", "--scenario", "SS", "--arch", "mlp", "--num-apis", "2",
             "--epochs", "2", "--image-size", "16", "--max-classes", "100", "--workdir",
-            str(tmp_path), "--name", "p", "--no-progress"]
+            str(tmp_path), "--name", "p", "--augment", "paper", "--no-progress"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "held-out" in out and "glyphs/mlp" in out
     assert len(load_pool(str(tmp_path / "p"))) == 2
+    manifest = read_manifest(str(tmp_path / "p"))
+    assert manifest["groups"][0]["recipe"]["augment"] == "none"  # --augment paper
+    assert manifest["build_spec"]["recipes"]["glyphs/mlp"]["augment"] == "none"
     assert cli.main(args) == 2  # exists
     assert "overwrite" in capsys.readouterr().err
     assert cli.main(["--dataset", "glyphs", "--scenario", "XX", "--workdir", str(tmp_path)]) == 2
     assert "valid: SS, SH, MH" in capsys.readouterr().err
-    assert cli.main(args[:-2] + ["q", "--devices", "3", "--no-progress"]) == 2
+    assert cli.main(args[:-4] + ["q", "--devices", "3", "--no-progress"]) == 2
     assert "3 devices do not divide the 2 teachers" in capsys.readouterr().err

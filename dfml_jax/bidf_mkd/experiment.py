@@ -53,14 +53,20 @@ class BiDfExperimentConfig(BiDfMKDConfig):
     image_size: int = 28
     channels: int = 1
     data_dir: Optional[str] = None
-    # pool (built into <workdir>/pool if pool_dir is None and it is missing)
+    # pool: built into <workdir>/pool-<build key[:12]> if pool_dir is None (reused only when its
+    # recorded build key matches); an explicit pool_dir is built if missing, else its key must
+    # match the config's (PoolKeyError otherwise) unless pool_key_check is False
     pool_dir: Optional[str] = None
+    pool_key_check: bool = True
     scenario: str = "SS"
     pool_archs: tuple = ("conv4",)
     num_apis: int = 20
     pool_epochs: int = 60
     pool_width: int = 32
     pool_seed: int = 0
+    # teachers' augmentation: None = the dataset's domain-faithful default ("crop" for glyphs and
+    # digits, "crop_flip" for natural images); "paper" / "none" = the paper's recipe (none)
+    pool_augment: Optional[str] = None
     api_output: str = "logits"
     # inversion's image parameterisation: "dcgan" (the paper) or "strokes" (line drawings by
     # construction, dfml_jax.models.strokes; a departure)
@@ -89,7 +95,7 @@ class BiDfExperimentConfig(BiDfMKDConfig):
 
 
 def _pool(cfg: BiDfExperimentConfig, run: RunDir, need_white_box: bool, pool_urls=None):
-    from dfml_jax.pool import build_pool, load_pool, load_white_box_teachers
+    from dfml_jax.pool import load_pool, load_white_box_teachers, obtain_pool
 
     if pool_urls:
         from dfml_jax.remote import load_remote_pool
@@ -100,13 +106,16 @@ def _pool(cfg: BiDfExperimentConfig, run: RunDir, need_white_box: bool, pool_url
         return load_remote_pool(pool_urls, output=cfg.api_output,
                                 api_key=os.environ.get("DFML_API_KEY"),
                                 cache_dir=run.file("api_pending")), None
-    pool_dir = cfg.pool_dir or run.file("pool")
-    if not os.path.exists(os.path.join(pool_dir, "pool.json")):
-        kw = {a: {"width": cfg.pool_width} for a in cfg.pool_archs if a in ("conv4", "resnet10", "resnet18")}
-        build_pool(pool_dir, scenario=cfg.scenario, datasets=(cfg.dataset,), archs=cfg.pool_archs,
-                   num_apis=cfg.num_apis, way=cfg.ways, epochs=cfg.pool_epochs, seed=cfg.pool_seed,
-                   model_kwargs=kw, dataset_kwargs={"image_size": cfg.image_size,
-                                                    "channels": cfg.channels}, overwrite=True)
+    kw = {a: {"width": cfg.pool_width} for a in cfg.pool_archs
+          if a in ("conv4", "resnet10", "resnet18")}
+    pool_dir = obtain_pool(
+        dict(scenario=cfg.scenario, datasets=(cfg.dataset,), archs=cfg.pool_archs,
+             num_apis=cfg.num_apis, way=cfg.ways, epochs=cfg.pool_epochs, seed=cfg.pool_seed,
+             model_kwargs=kw, recipe_overrides={"augment": cfg.pool_augment},
+             dataset_kwargs={"image_size": cfg.image_size, "channels": cfg.channels}),
+        directory=cfg.pool_dir, parent=run.path, check_key=cfg.pool_key_check,
+        fix="set pool_dir=None to build a matching pool into the workdir, change the config to "
+            "the pool's settings, or set pool_key_check=False to use this pool anyway")
     pool = load_pool(pool_dir, output=cfg.api_output)
     wb = load_white_box_teachers(pool_dir) if need_white_box else None
     return pool, wb

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Dict, NamedTuple, Optional, Tuple
 
 from .core import ClassDataset, SingleTaskData, Task, Taskset, Tasksets
+from .glyphs import cache_key_digest as _glyphs_key_digest
 from .glyphs import glyph_splits, load_glyphs
 from .images import resize_float, set_channels, set_channels_float
 from .single_task import load_digits_data, load_mnist5k
@@ -29,7 +30,7 @@ from .tfds_benchmarks import (DatasetNotFoundError, TFDS_SINGLE_TASK, cifar_fs_s
 
 __all__ = ["ClassDataset", "SingleTaskData", "Task", "Taskset", "Tasksets", "DatasetNotFoundError",
            "DatasetInfo", "DATASETS", "FEW_SHOT_DATASETS", "SINGLE_TASK_DATASETS", "list_datasets",
-           "get_class_splits", "get_tasksets", "load_single_task", "load_glyphs"]
+           "get_class_splits", "get_tasksets", "load_single_task", "load_glyphs", "content_key"]
 
 
 class DatasetInfo(NamedTuple):
@@ -62,6 +63,7 @@ DATASETS: Dict[str, DatasetInfo] = {
 FEW_SHOT_DATASETS = tuple(n for n, i in DATASETS.items() if i.kind == "few_shot")
 SINGLE_TASK_DATASETS = tuple(n for n, i in DATASETS.items() if i.kind == "single_task")
 _GLYPH_OPTIONS = ("cache_dir", "max_classes", "per_class", "min_fonts", "progress", "rebuild")
+_GLYPH_CONTENT_OPTIONS = ("max_classes", "per_class", "min_fonts")  # the others leave data alike
 
 
 def list_datasets() -> dict:
@@ -129,6 +131,47 @@ def get_class_splits(name: str, *, image_size: Optional[int] = None, channels: O
     else:
         splits = mini_imagenet_splits(data_dir=data_dir, image_size=size)
     return tuple(_with_channels(s, channels) for s in splits)  # type: ignore[return-value]
+
+
+def content_key(name: str, *, image_size: Optional[int] = None, channels: Optional[int] = None,
+                seed: int = 0, data_dir: Optional[str] = None, download: bool = False,
+                **options) -> dict:
+    """What the content of :func:`get_class_splits`' splits depends on, without loading them.
+
+    For ``glyphs`` the key holds the SHA-256 of the Glyphs cache key
+    (:func:`dfml_jax.data.glyphs.cache_key`: build parameters, rendering constants and code,
+    font bytes, library versions), so anything that changes the rendered images changes it. The
+    TFDS and folder datasets are identified by name, size and channels (their files are not
+    hashed). ``data_dir``, ``download`` and the glyphs options ``cache_dir``, ``progress`` and
+    ``rebuild`` do not change the content and are left out.
+
+    Args:
+      name, image_size, channels, seed, data_dir, download, **options: as
+        :func:`get_class_splits`.
+
+    Returns:
+      A JSON-serialisable dict (part of API-pool build keys, :func:`dfml_jax.pool.pool_spec`).
+
+    Raises:
+      ValueError: unknown ``name`` or options, as :func:`get_class_splits`.
+    """
+    del data_dir, download
+    if name not in FEW_SHOT_DATASETS:
+        raise ValueError(f"unknown few-shot dataset {name!r}; available: {list(FEW_SHOT_DATASETS)}")
+    _check_channels(channels)
+    info = DATASETS[name]
+    key = {"dataset": name, "source": info.source, "image_size": int(image_size or info.image_size),
+           "channels": int(channels or info.channels)}
+    if name == "glyphs":
+        bad = sorted(set(options) - set(_GLYPH_OPTIONS))
+        if bad:
+            raise ValueError(f"glyphs: unknown options {bad}; valid: {list(_GLYPH_OPTIONS)}")
+        kw = {k: options[k] for k in _GLYPH_CONTENT_OPTIONS if k in options}
+        key["glyphs_key_sha256"] = _glyphs_key_digest(key["image_size"], seed=int(seed), **kw)
+    elif options:
+        raise ValueError(f"{name}: unknown options {sorted(options)} (only glyphs takes build "
+                         f"options)")
+    return key
 
 
 def get_tasksets(name: str, ways: int, shots: int, query: int, *, image_size: Optional[int] = None,

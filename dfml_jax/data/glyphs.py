@@ -38,14 +38,26 @@
   font files.
 
 Building takes about half a minute at 28 px on one core and is cached on disk as an uncompressed
-``.npz`` (uint8) whose name encodes every build parameter (:func:`cache_file`); loading it takes a
-few tens of milliseconds.
+``.npz`` (uint8); loading it takes a few tens of milliseconds. The cache describes itself
+(:func:`cache_key`): its key covers every build parameter, every rendering and selection constant,
+the renderer version (:data:`GLYPHS_VERSION`) and a digest of the rendering code, the SHA-256 of
+every font file's bytes, and the versions of the libraries that rasterise, parse and classify the
+letters (Pillow and its FreeType, matplotlib and its FreeType, fontTools, Python's Unicode
+database, NumPy). The file name is a readable prefix plus a short hash of the key
+(:func:`cache_file`); the full key is stored in the file and checked on load, so a changed input
+never reuses stale data.
 """
 from __future__ import annotations
 
+import ast
 import functools
+import hashlib
+import inspect
+import json
 import math
 import os
+import sys
+import textwrap
 import unicodedata
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -54,9 +66,14 @@ import numpy as np
 from .core import ClassDataset
 
 __all__ = ["build_glyphs", "load_glyphs", "glyph_splits", "glyph_split_counts", "render_glyph",
-           "SPLIT_ALPHABETS", "cache_dir", "cache_file", "font_paths", "GLYPHS_VERSION"]
+           "SPLIT_ALPHABETS", "cache_dir", "cache_file", "cache_key", "cache_key_digest",
+           "font_paths", "GLYPHS_VERSION"]
 
-GLYPHS_VERSION = 2  # v2: size-preserving rendering, tolerance-based cross-font de-duplication
+#: Renderer version, part of the cache key: bump it for any change of the rendered content that the
+#: key would not otherwise see (the key already covers the parameters, the constants below, the
+#: rendering code's syntax tree, the font bytes and the library versions).
+#: v2: size-preserving rendering, tolerance-based cross-font de-duplication.
+GLYPHS_VERSION = 2
 SPLIT_ALPHABETS: Dict[str, Tuple[str, ...]] = {
     "train": ("Latin", "Canadian syllabics", "Arabic", "Lisu", "Hebrew", "Old Italic"),
     "validation": ("Greek", "Armenian", "Lao", "Coptic"),
@@ -78,6 +95,10 @@ _SHEAR = 0.15
 _TRANSLATION = 0.06
 _STROKE_LEVELS = (-1, 0, 0, 1, 2)  # in units of canvas/112 px; negative = erosion
 _MIN_INK = 8.0  # total ink (in full-intensity pixels) below which a reference render is empty
+_SUPERSAMPLE_PX = 112  # render on a canvas of at least this side (and at least 2x), then reduce
+_SRC_PAD = 2  # margin (px) around a glyph's box on its source canvas
+_MIN_EM = 4  # smallest font size (px) asked of FreeType
+_THIN_KEEP = 0.5  # thinning is kept only if it leaves at least this fraction of the ink
 
 
 def _resolve_cache_dir(path: Optional[str] = None) -> str:
@@ -161,22 +182,22 @@ def render_glyph(font_path: str, codepoint: int, image_size: int,
     from PIL import Image, ImageDraw, ImageFilter
 
     rot, scale, shear, tx, ty, stroke = jitter
-    ss = max(2, math.ceil(112 / image_size))  # supersampling factor
+    ss = max(2, math.ceil(_SUPERSAMPLE_PX / image_size))  # supersampling factor
     canvas = image_size * ss
-    font = _font(font_path, max(4, round(_EM_FRACTION * canvas)))
+    font = _font(font_path, max(_MIN_EM, round(_EM_FRACTION * canvas)))
     ch = chr(codepoint)
-    stroke_px = int(round(stroke * canvas / 112))
+    stroke_px = int(round(stroke * canvas / _SUPERSAMPLE_PX))
     grow = max(stroke_px, 0)
     l0, t0, r0, b0 = font.getbbox(ch)
     w0, h0 = max(r0 - l0, 1), max(b0 - t0, 1)
     fit = min(1.0, _FIT_FRACTION * canvas / max(w0, h0))
-    pad = 2 + grow
+    pad = _SRC_PAD + grow
     src = Image.new("L", (w0 + 2 * pad, h0 + 2 * pad), 0)
     ImageDraw.Draw(src).text((pad - l0, pad - t0), ch, font=font, fill=255, stroke_width=grow,
                              stroke_fill=255)
     if stroke_px < 0:  # thinning, unless it would erase hairlines (less than half the ink left)
         thin = src.filter(ImageFilter.MinFilter(2 * (-stroke_px) + 1))
-        if np.asarray(thin, np.float32).sum() >= 0.5 * np.asarray(src, np.float32).sum():
+        if np.asarray(thin, np.float32).sum() >= _THIN_KEEP * np.asarray(src, np.float32).sum():
             src = thin
     gx, gy = pad + w0 / 2.0, pad + h0 / 2.0
     th = math.radians(rot)
@@ -195,9 +216,14 @@ def render_glyph(font_path: str, codepoint: int, image_size: int,
 
 
 @functools.lru_cache(maxsize=4)
-def _select(paths: Tuple[str, ...], min_fonts: int):
+def _select(paths: Tuple[str, ...], min_fonts: int, fonts_digest: str = ""):
     """Letters drawn by >= ``min_fonts`` fonts, de-duplicated (memoised: a pure function of the
     font files, independent of image size and seed).
+
+    Args:
+      paths: the font files.
+      min_fonts: minimum number of fonts drawing a letter.
+      fonts_digest: digest of the fonts' bytes (memo key only: edited font files are re-read).
 
     Returns:
       ``(codepoints, fonts, aliases)``: kept code points (sorted), the font indices drawing each,
@@ -205,6 +231,7 @@ def _select(paths: Tuple[str, ...], min_fonts: int):
     """
     from matplotlib import ft2font
 
+    del fonts_digest  # memo key only
     cover: Dict[int, List[int]] = {}
     for fi, p in enumerate(paths):
         for cp, gid in ft2font.FT2Font(p).get_charmap().items():
@@ -303,7 +330,7 @@ def build_glyphs(image_size: int = 28, *, seed: int = 0, per_class: int = 20, mi
         raise ValueError(f"glyphs: max_classes must be a positive integer or None, got {max_classes!r}")
     image_size = int(image_size)
     paths = font_paths()
-    reps, drawn, aliases = _select(tuple(paths), int(min_fonts))
+    reps, drawn, aliases = _select(tuple(paths), int(min_fonts), _fonts_digest(tuple(paths)))
     split_of = {a: s for s, alphas in SPLIT_ALPHABETS.items() for a in alphas}
     # A script no split lists (a future matplotlib with new fonts) goes to meta-train.
     keep = list(reps)
@@ -335,13 +362,143 @@ def build_glyphs(image_size: int = 28, *, seed: int = 0, per_class: int = 20, mi
             "aliases": np.asarray([" ".join(f"U+{a:04X}" for a in aliases[cp]) for cp in keep])}
 
 
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file's bytes (memoised per path, size and modification time)."""
+    del size, mtime_ns  # memo key only
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _font_hashes(paths: Sequence[str]) -> List[List[str]]:
+    """``[[file name, SHA-256 of its bytes], ...]`` of the font files."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        digest = _file_sha256(os.path.abspath(p), st.st_size, st.st_mtime_ns)
+        out.append([os.path.basename(p), digest])
+    return out
+
+
+def _fonts_digest(paths: Tuple[str, ...]) -> str:
+    return hashlib.sha256(json.dumps(_font_hashes(paths)).encode()).hexdigest()
+
+
+def _code_digest(functions) -> str:
+    """SHA-256 of the syntax trees of ``functions`` without docstrings (so comments, docstrings
+    and formatting do not count, any change of the code does). ``"unavailable"`` without source."""
+    h = hashlib.sha256()
+    for fn in functions:
+        fn = inspect.unwrap(fn)
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError):
+            return "unavailable"
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(fn.__qualname__.encode())
+        h.update(ast.dump(tree, include_attributes=False).encode())
+    return h.hexdigest()
+
+
+def _library_versions() -> Dict[str, str]:
+    """Versions of the libraries the rendered content depends on."""
+    import PIL
+    import fontTools
+    import matplotlib
+    from matplotlib import ft2font
+    from PIL import features
+
+    return {"python_unicodedata": unicodedata.unidata_version,  # categories, decompositions, names
+            "pillow": PIL.__version__,  # affine resampling, filters, text drawing
+            "pillow_freetype": str(features.version("freetype2")),  # glyph rasterisation
+            "matplotlib": matplotlib.__version__,  # ships the fonts (their bytes are keyed too)
+            "matplotlib_freetype": str(ft2font.__freetype_version__),  # character maps
+            "fonttools": str(fontTools.version),  # Unicode script of each letter
+            "numpy": np.__version__}  # seeded generators (permutations, jitter)
+
+
+def cache_key(image_size: int = 28, *, seed: int = 0, per_class: int = 20, min_fonts: int = 4,
+              max_classes: Optional[int] = None) -> dict:
+    """Everything the content of one Glyphs build depends on (the cache key, as a JSON dict).
+
+    Args:
+      image_size, seed, per_class, min_fonts, max_classes: as :func:`build_glyphs`.
+
+    Returns:
+      ``{"renderer_version", "params", "constants", "code_sha256", "fonts", "libraries"}``: the
+      build parameters; every rendering, jitter, selection and split constant; a digest of the
+      rendering code's syntax trees; ``[file name, SHA-256 of the bytes]`` of every font of
+      :func:`font_paths`; the versions of the libraries involved. Two builds with equal keys
+      render the same arrays.
+    """
+    return {
+        "renderer_version": GLYPHS_VERSION,
+        "params": {"image_size": int(image_size), "stored_channels": 1, "seed": int(seed),
+                   "per_class": int(per_class), "min_fonts": int(min_fonts),
+                   "max_classes": None if max_classes is None else int(max_classes)},
+        "constants": {
+            "split_alphabets": {k: list(v) for k, v in SPLIT_ALPHABETS.items()},
+            "excluded_fonts": list(EXCLUDED_FONTS), "dedup_max_pixels": DEDUP_MAX_PIXELS,
+            "reference_size": REFERENCE_SIZE, "dedup_prefilter": _DEDUP_PREFILTER,
+            "script_priority": list(_SCRIPT_PRIORITY), "script_rename": dict(_SCRIPT_RENAME),
+            "em_fraction": _EM_FRACTION, "fit_fraction": _FIT_FRACTION,
+            "rotation_deg": _ROTATION_DEG, "scale_range": list(_SCALE_RANGE), "shear": _SHEAR,
+            "translation": _TRANSLATION, "stroke_levels": list(_STROKE_LEVELS),
+            "min_ink": _MIN_INK, "supersample_px": _SUPERSAMPLE_PX, "src_pad": _SRC_PAD,
+            "min_em": _MIN_EM, "thin_keep": _THIN_KEEP},
+        "code_sha256": _code_digest((render_glyph, _jitter, _select, build_glyphs, _font, _script,
+                                     _is_letter, font_paths)),
+        "fonts": _font_hashes(font_paths()),
+        "libraries": _library_versions(),
+    }
+
+
+def cache_key_digest(image_size: int = 28, **kw) -> str:
+    """SHA-256 (hex) of :func:`cache_key` (canonical JSON): the content key of a Glyphs build.
+
+    Args:
+      image_size, **kw: as :func:`cache_key`.
+
+    Returns:
+      64 hex digits.
+    """
+    return _digest_key(cache_key(image_size, **kw))
+
+
+def _canonical(key: dict) -> str:
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
+
+
+def _digest_key(key: dict) -> str:
+    return hashlib.sha256(_canonical(key).encode()).hexdigest()
+
+
+def _file_name(key: dict) -> str:
+    p = key["params"]
+    tag = (f"glyphs_v{key['renderer_version']}_s{p['image_size']}_c1_seed{p['seed']}"
+           f"_n{p['per_class']}_f{p['min_fonts']}")
+    if p["max_classes"] is not None:
+        tag += f"_max{p['max_classes']}"
+    return f"{tag}-{_digest_key(key)[:12]}.npz"
+
+
 def cache_file(image_size: int = 28, *, seed: int = 0, per_class: int = 20, min_fonts: int = 4,
                max_classes: Optional[int] = None, cache_dir: Optional[str] = None) -> str:
     """Path of the cache file of one Glyphs configuration.
 
-    The name encodes the version, image size, stored channels (always 1: 3-channel views are
-    replicated at load time), seed, instances per class, minimum fonts and the optional class cap,
-    e.g. ``glyphs_v2_s28_c1_seed0_n20_f4.npz``, so different configurations never collide.
+    The name is a readable prefix (renderer version, image size, stored channels (always 1:
+    3-channel views are replicated at load time), seed, instances per class, minimum fonts, the
+    optional class cap) plus the first 12 hex digits of the SHA-256 of :func:`cache_key`, e.g.
+    ``glyphs_v2_s28_c1_seed0_n20_f4-0123456789ab.npz``: a change of any parameter, constant,
+    rendering code, font file or library version gives another file.
 
     Args:
       image_size, seed, per_class, min_fonts, max_classes: as :func:`build_glyphs`.
@@ -350,10 +507,41 @@ def cache_file(image_size: int = 28, *, seed: int = 0, per_class: int = 20, min_
     Returns:
       The file path (the file may not exist yet).
     """
-    tag = f"glyphs_v{GLYPHS_VERSION}_s{int(image_size)}_c1_seed{int(seed)}_n{int(per_class)}_f{int(min_fonts)}"
-    if max_classes is not None:
-        tag += f"_max{int(max_classes)}"
-    return os.path.join(_resolve_cache_dir(cache_dir), tag + ".npz")
+    key = cache_key(image_size, seed=seed, per_class=per_class, min_fonts=min_fonts,
+                    max_classes=max_classes)
+    return os.path.join(_resolve_cache_dir(cache_dir), _file_name(key))
+
+
+def _key_differences(a: dict, b: dict, prefix: str = "") -> List[str]:
+    """Dotted names of the leaves that differ between two JSON dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _key_differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _read_cache(path: str, key: dict) -> Optional[dict]:
+    """The cached arrays if ``path`` holds a build whose stored key equals ``key``, else None
+    (a message on stderr says why the file is not used)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored = str(z["_cache_key"]) if "_cache_key" in z.files else None
+            if stored == _canonical(key):
+                return {k: z[k] for k in z.files if k != "_cache_key"}
+    except (OSError, ValueError, EOFError) as e:
+        print(f"glyphs: cache file {path} is unreadable ({e}); rebuilding it.", file=sys.stderr)
+        return None
+    if stored is None:
+        why = "records no key (written by older code)"
+    else:
+        diff = _key_differences(json.loads(stored), key)
+        why = f"was built with another key (differs in {diff})"
+    print(f"glyphs: cache file {path} {why}; not reused, rebuilding it.", file=sys.stderr)
+    return None
 
 
 def load_glyphs(image_size: int = 28, *, seed: int = 0, per_class: int = 20, min_fonts: int = 4,
@@ -361,24 +549,34 @@ def load_glyphs(image_size: int = 28, *, seed: int = 0, per_class: int = 20, min
                 progress: bool = True, rebuild: bool = False) -> dict:
     """Glyphs from the on-disk cache, building (and caching) it on first use.
 
+    The cache file (:func:`cache_file`) stores its full :func:`cache_key`; a file whose stored key
+    differs from the current one (or records none) is rebuilt, never reused. Writing is atomic
+    (a temporary file renamed into place), so a killed build leaves no half-written cache.
+
     Args:
       image_size, seed, per_class, min_fonts, max_classes, progress: as :func:`build_glyphs`.
       cache_dir: cache directory (default ``$DFML_JAX_CACHE`` or ``~/.cache/dfml_jax``).
-      rebuild: rebuild even if the cache file exists.
+      rebuild: rebuild even if a valid cache file exists.
 
     Returns:
       The dict of :func:`build_glyphs`.
     """
-    path = cache_file(image_size, seed=seed, per_class=per_class, min_fonts=min_fonts,
-                      max_classes=max_classes, cache_dir=cache_dir)
+    key = cache_key(image_size, seed=seed, per_class=per_class, min_fonts=min_fonts,
+                    max_classes=max_classes)
+    path = os.path.join(_resolve_cache_dir(cache_dir), _file_name(key))
     if os.path.exists(path) and not rebuild:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        data = _read_cache(path, key)
+        if data is not None:
+            return data
     data = build_glyphs(image_size, seed=seed, per_class=per_class, min_fonts=min_fonts,
                         max_classes=max_classes, progress=progress)
     tmp = path + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, **data)
-    os.replace(tmp, path)  # atomic: a killed build never leaves a half-written cache
+    try:
+        np.savez(tmp, _cache_key=np.asarray(_canonical(key)), **data)
+        os.replace(tmp, path)  # atomic: a killed build never leaves a half-written cache
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return data
 
 

@@ -2,7 +2,8 @@
 
 * Student optimisers with PyTorch semantics (:func:`torch_sgd`: weight decay added to the gradient
   before momentum, as ``torch.optim.SGD(weight_decay=...)`` does) and step-wise schedules.
-* Per-sample image augmentation (:func:`random_crop_flip`): kornia's ``RandomCrop(padding)`` and
+* Per-sample image augmentation (:func:`random_crop_flip`, re-exported from
+  :mod:`dfml_jax.augment`, which the teacher trainer shares): kornia's ``RandomCrop(padding)`` and
   ``RandomHorizontalFlip`` draw a fresh offset / flip for every image; here one ``dynamic_slice``
   per image under ``vmap``. Differentiable w.r.t. the images.
 * :class:`StudentState` (parameters, BatchNorm running statistics, optimiser state) and the jitted
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dfml_jax.augment import AUGMENTATIONS, augment_images, random_crop_flip
 from dfml_jax.checkpoint import RunCheckpointer
 from dfml_jax.losses import cross_entropy, kd_kl
 
@@ -143,56 +145,6 @@ def multistep_schedule(base: float, boundaries: Sequence[int], scale: float) -> 
         return jnp.asarray(base, jnp.float32) * jnp.asarray(scale, jnp.float32) ** passed
 
     return schedule
-
-
-# ----------------------------------------------------------------------------- augmentation
-def random_crop_flip(x: jax.Array, key: jax.Array, *, pad: int = 4, crop: bool = True,
-                     flip: bool = True) -> jax.Array:
-    """Per-sample random crop of the zero-padded image (back to full size) and horizontal flip.
-
-    Equivalent to kornia / torchvision ``RandomCrop(H, padding=pad)`` + ``RandomHorizontalFlip()``
-    applied with a fresh draw per image: a random integer translation in ``[-pad, pad]`` with zero
-    fill, then a Bernoulli(0.5) flip. Differentiable w.r.t. ``x``.
-
-    Args:
-      x: ``(B, H, W, C)`` images.
-      key: PRNG key.
-      pad: zero padding / maximal shift in pixels.
-      crop: apply the random crop.
-      flip: apply the random horizontal flip.
-
-    Returns:
-      Augmented images, same shape as ``x``.
-
-    >>> y = random_crop_flip(jnp.ones((3, 8, 8, 1)), jax.random.key(0), pad=2)
-    >>> y.shape
-    (3, 8, 8, 1)
-    """
-    b, h, w, c = x.shape
-    kc, kf = jax.random.split(key)
-    if crop and pad > 0:
-        xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        offs = jax.random.randint(kc, (b, 2), 0, 2 * pad + 1)
-        x = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(xp, offs)
-    if flip:
-        do = jax.random.bernoulli(kf, 0.5, (b, 1, 1, 1))
-        x = jnp.where(do, x[:, :, ::-1, :], x)
-    return x
-
-
-#: Augmentation names used by the configs: name -> (crop, flip).
-AUGMENTATIONS = {"none": (False, False), "flip": (False, True), "crop": (True, False),
-                 "crop_flip": (True, True)}
-
-
-def augment_images(x: jax.Array, key: jax.Array, name: str, pad: int = 4) -> jax.Array:
-    """Applies the named augmentation of :data:`AUGMENTATIONS` (``"none"`` returns ``x``)."""
-    if name not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {name!r}; valid: {sorted(AUGMENTATIONS)}")
-    crop, flip = AUGMENTATIONS[name]
-    if not (crop or flip):
-        return x
-    return random_crop_flip(x, key, pad=pad, crop=crop, flip=flip)
 
 
 # ----------------------------------------------------------------------------- quantisation

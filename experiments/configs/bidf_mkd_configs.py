@@ -5,8 +5,8 @@ so any field can be overridden with ``--set key=value``. Names:
 
 * ``smoke``: tiny everything on Glyphs (3 Conv4 teachers of width 8, a few meta-iterations); the
   whole pipeline, every method, in well under 3 minutes on 2 CPU cores (tests and CI).
-* ``default``: the README's main job. Glyphs 28x28, an SS pool of 20 Conv4 teachers (built
-  automatically into ``<workdir>/pool`` if missing), BiDf-MKD with every mechanism of the paper at
+* ``default``: the README's main job. Glyphs 28x28, an SS pool of 20 Conv4 teachers (random
+  shifts; built into ``<workdir>/pool-<build key>``), BiDf-MKD with every mechanism of the paper at
   CPU scale (ZO inversion with q=20 sphere directions, boundary query sets, second-order bi-level
   KD, memory replay, plateau-triggered API visits), and the four baselines. One departure from the
   paper: the zero-order directions are drawn at 7x7 and upsampled to 28x28
