@@ -3,7 +3,8 @@
     python experiments/probe_transfer.py --config smoke --workdir runs/probe_smoke
     python experiments/probe_transfer.py --config default --workdir runs/probe [--recipes zo,real] [--set pool_steps=300]
 
-Builds (or reuses) a pool of the BiDf-MKD config's first ``num_apis`` teachers in ``<workdir>/pool``,
+Builds (or reuses, by build key) a pool of the BiDf-MKD config's first ``num_apis`` teachers in
+``<workdir>/pool-<key>``,
 then for every recipe (``experiments/configs/probe_configs.py``: ``RECIPES``) recovers one image
 set per API at the same query budget and runs the within-task, pool-level and replay-MAML probes
 of :mod:`dfml_jax.bidf_mkd.probe`, beside Random, Random with scaled kernels and the Average of
@@ -25,17 +26,16 @@ from configs.probe_configs import CONFIGS, RECIPES, get_config  # noqa: E402
 from dfml_jax.experiment import apply_overrides, markdown_table  # noqa: E402
 
 
-def _pool(bidf, cfg, workdir, progress):
-    from dfml_jax.pool import build_pool, load_pool, load_white_box_teachers
+def _pool(bidf, cfg, workdir):
+    """The BiDf-MKD config's first ``num_apis`` teachers, built (or reused, by build key) under
+    ``workdir``."""
+    from dfml_jax.bidf_mkd.experiment import pool_build_args
+    from dfml_jax.pool import load_pool, load_white_box_teachers, obtain_pool
 
-    pool_dir = os.path.join(workdir, "pool")
-    seed = bidf.pool_seed if cfg.pool_seed is None else cfg.pool_seed
-    if not os.path.exists(os.path.join(pool_dir, "pool.json")):
-        build_pool(pool_dir, scenario="SS", datasets=(bidf.dataset,), archs=bidf.pool_archs[:1],
-                   num_apis=cfg.num_apis, way=bidf.ways, epochs=bidf.pool_epochs, seed=seed,
-                   model_kwargs={bidf.pool_archs[0]: {"width": bidf.pool_width}},
-                   dataset_kwargs={"image_size": bidf.image_size, "channels": bidf.channels},
-                   overwrite=True, progress=progress)
+    build = pool_build_args(bidf, num_apis=cfg.num_apis)
+    if cfg.pool_seed is not None:
+        build["seed"] = cfg.pool_seed
+    pool_dir = obtain_pool(build, parent=workdir)
     return load_pool(pool_dir, output=bidf.api_output), load_white_box_teachers(pool_dir)
 
 
@@ -98,7 +98,7 @@ def main(argv=None):
     progress = not args.no_progress
     train, val, _ = get_class_splits(bidf.dataset, image_size=bidf.image_size,
                                      channels=bidf.channels, progress=progress)
-    pool, wb = _pool(bidf, cfg, args.workdir, progress)
+    pool, wb = _pool(bidf, cfg, args.workdir)
     meta = functional(create_model(bidf.meta_arch, num_classes=bidf.ways,
                                    input_shape=train.image_shape, rngs_or_key=cfg.seed,
                                    width=bidf.meta_width))

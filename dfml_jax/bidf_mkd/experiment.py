@@ -38,7 +38,7 @@ from dfml_jax.models import create_model, functional
 
 from .train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
 
-__all__ = ["BiDfExperimentConfig", "run_experiment", "METHODS"]
+__all__ = ["BiDfExperimentConfig", "run_experiment", "METHODS", "pool_build_args"]
 
 METHODS = ("bidf_mkd", "random", "average", "white_box", "maml_real")
 # Line drawings change identity under a horizontal flip: no flips in their augmentation.
@@ -94,6 +94,17 @@ class BiDfExperimentConfig(BiDfMKDConfig):
         return BiDfMKDConfig(**values)
 
 
+def pool_build_args(cfg: BiDfExperimentConfig, num_apis: Optional[int] = None) -> Dict[str, Any]:
+    """:func:`dfml_jax.pool.build_pool` arguments of the config's pool (``num_apis``: its first
+    teachers only; teacher ``m`` does not depend on the pool size)."""
+    kw = {a: {"width": cfg.pool_width} for a in cfg.pool_archs
+          if a in ("conv4", "resnet10", "resnet18")}
+    return dict(scenario=cfg.scenario, datasets=(cfg.dataset,), archs=cfg.pool_archs,
+                num_apis=num_apis or cfg.num_apis, way=cfg.ways, epochs=cfg.pool_epochs,
+                seed=cfg.pool_seed, model_kwargs=kw, recipe_overrides={"augment": cfg.pool_augment},
+                dataset_kwargs={"image_size": cfg.image_size, "channels": cfg.channels})
+
+
 def _pool(cfg: BiDfExperimentConfig, run: RunDir, need_white_box: bool, pool_urls=None):
     from dfml_jax.pool import load_pool, load_white_box_teachers, obtain_pool
 
@@ -106,14 +117,8 @@ def _pool(cfg: BiDfExperimentConfig, run: RunDir, need_white_box: bool, pool_url
         return load_remote_pool(pool_urls, output=cfg.api_output,
                                 api_key=os.environ.get("DFML_API_KEY"),
                                 cache_dir=run.file("api_pending")), None
-    kw = {a: {"width": cfg.pool_width} for a in cfg.pool_archs
-          if a in ("conv4", "resnet10", "resnet18")}
     pool_dir = obtain_pool(
-        dict(scenario=cfg.scenario, datasets=(cfg.dataset,), archs=cfg.pool_archs,
-             num_apis=cfg.num_apis, way=cfg.ways, epochs=cfg.pool_epochs, seed=cfg.pool_seed,
-             model_kwargs=kw, recipe_overrides={"augment": cfg.pool_augment},
-             dataset_kwargs={"image_size": cfg.image_size, "channels": cfg.channels}),
-        directory=cfg.pool_dir, parent=run.path, check_key=cfg.pool_key_check,
+        pool_build_args(cfg), directory=cfg.pool_dir, parent=run.path, check_key=cfg.pool_key_check,
         fix="set pool_dir=None to build a matching pool into the workdir, change the config to "
             "the pool's settings, or set pool_key_check=False to use this pool anyway")
     pool = load_pool(pool_dir, output=cfg.api_output)
