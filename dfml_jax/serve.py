@@ -51,7 +51,7 @@ Example:
   >>> with TeacherServer(make_linear_teacher((2, 2, 1), 3), (2, 2, 1), 3, name="lin") as srv:
   ...     tc = triton.InferenceServerClient(srv.url.split("//")[1])
   ...     inp = triton.InferInput("input", [2, 2, 2, 1], "FP32")
-  ...     inp.set_data_from_numpy(np.zeros((2, 2, 2, 1), np.float32), binary_data=True)
+  ...     _ = inp.set_data_from_numpy(np.zeros((2, 2, 2, 1), np.float32), binary_data=True)
   ...     out = tc.infer("lin", [inp]).as_numpy("output")
   ...     tc.close()
   >>> out.shape, bool(np.allclose(out.sum(1), 1.0))

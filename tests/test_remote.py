@@ -753,3 +753,45 @@ def test_bench_remote_prints_json_lines(capsys):
     http = [r for r in rows if r["kind"] == "http"]
     assert rows[0]["kind"] == "meta" and len(http) == 1
     assert http[0]["qps"] > 0 and http[0]["server_answered"] == http[0]["ledger"]
+
+
+# ----------------------------------------------------------------------------- BiDf-MKD, remotely
+@pytest.mark.slow
+def test_bidf_mkd_smoke_run_against_served_teachers(serve):
+    """A BiDf-MKD run on a pool of two served teachers (load_remote_pool over OIP, 10% of the
+    requests failing with 503): every visit's queries are answered, and each server's bill equals
+    its API's ledger."""
+    from dfml_jax.bidf_mkd.train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
+    from dfml_jax.models import create_model, functional
+    from dfml_jax.remote import load_remote_pool
+
+    s, k = 8, 5
+    classes = [[0, 2, 4, 6, 7], [1, 2, 3, 5, 6]]
+    servers = [serve(make_linear_teacher((s, s, 1), k, seed=20 + i), (s, s, 1), k,
+                     output="logits", max_batch=16, name=f"t{i}", fail_rate=0.1, seed=i,
+                     metadata={"classes": classes[i], "mean": [0.5], "std": [0.5]})
+               for i in range(2)]
+    remote_pool = load_remote_pool([v.model_url for v in servers], output="logits", **FAST)
+    for a in remote_pool.apis:
+        serve.track(a)
+    assert remote_pool.classes == tuple(tuple(c) for c in classes)
+    meta = functional(create_model("mlp", num_classes=k, input_shape=(s, s, 1), rngs_or_key=0,
+                                   hidden=(16,)))
+    gen = functional(create_model("dcgan", nz=8, ngf=4, img_size=s, nc=1, rngs_or_key=0))
+    cfg = BiDfMKDConfig(shots=1, query=2, meta_iterations=2, meta_batch=2, inv_iterations=2,
+                        inv_per_class=3, q=2, mu=0.01, nz=8, ngf=4, memory_slots=2,
+                        plateau_patience=2, boundary_start=2, eval_every=2, val_tasks=2,
+                        replay_inner_steps=1, kd_inner_steps=1, inv_pad=1)
+    x = jax.random.uniform(jax.random.key(0), (2, k * 3, s, s, 1))
+    y = jnp.tile(jnp.repeat(jnp.arange(k), 3)[None], (2, 1))
+    pool = TeacherPool(remote_pool.apis, remote_pool.classes, remote_pool.mean, remote_pool.std,
+                       remote_pool.image_size, None)
+    res = train_bidf_mkd(cfg, pool=pool, val_tasks=(x[:, :k], y[:, :k], x[:, k:], y[:, k:]),
+                         progress=False, meta_apply=meta.apply_batchstats,
+                         meta_init_params=meta.params, gen_init=lambda key: gen.init(key)[0],
+                         gen_apply=gen.apply_batchstats)
+    bills = [v.stats()["answered_samples"] for v in servers]
+    assert res.visits >= 1 and [a.queries for a in remote_pool.apis] == bills
+    assert sum(bills) == res.api_queries > 0
+    assert sum(v.stats()["injected_failures"] for v in servers) > 0
+    assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree.leaves(res.final_params))
