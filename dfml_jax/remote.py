@@ -475,7 +475,15 @@ class OIPClient:
           RemoteRequestError: the server has no statistics endpoint (HTTP 404).
         """
         self.info()
-        st = self._get_json(f"/v2/models/{self.model}/stats", "the model statistics")
+        try:
+            st = self._get_json(f"/v2/models/{self.model}/stats", "the model statistics")
+        except RemoteRequestError as e:
+            if e.status != 404:
+                raise
+            raise RemoteRequestError(
+                f"{self.url} has no statistics endpoint (GET /v2/models/{self.model}/stats: HTTP "
+                "404); the bill is only known to the provider (Triton and dfml_jax.serve have "
+                "it).", url=self.url, status=404) from e
         try:
             ms = st["model_stats"][0]
         except (KeyError, IndexError, TypeError):

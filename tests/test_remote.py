@@ -166,6 +166,9 @@ def test_info_json_clients_and_output_rules(serve):
         BlackBoxAPI.from_http(srv.model_url, (8, 8, 1), K, api_key="k1", **FAST)
     auto = serve.track(BlackBoxAPI.from_http(srv.url, api_key="k1", **FAST))  # the only model
     assert (auto.input_shape, auto.num_classes) == (SHAPE, K)
+    req = urllib.request.Request(srv.url + "/metrics", headers={"Authorization": "Bearer k1"})
+    with urllib.request.urlopen(req, timeout=5) as r:          # Prometheus: the bill
+        assert f'dfml_answered_samples_total{{model="{srv.name}"}}' in r.read().decode()
 
 
 # ----------------------------------------------------------------------------- faults
