@@ -5,7 +5,7 @@ Command line::
     python -m dfml_jax.serve --pool DIR --api INDEX --port PORT [--model-name NAME]
         [--output probs|logits|label|topk] [--k K] [--decimals D] [--max-batch N]
         [--latency-ms L] [--fail-rate P] [--api-key KEY] [--seed S]
-        [--input-space normalized|raw] [--host HOST] [--port-file PATH]
+        [--input-space normalized|raw] [--host HOST] [--grpc-port G] [--port-file PATH]
 
 ``--port 0`` picks a free port (printed, and written to ``--port-file``). Instead of ``--pool``,
 ``--distill-run WORKDIR`` serves the teacher trained by ``experiments/distill.py`` in WORKDIR (for
@@ -31,6 +31,10 @@ endpoints of ``kserve.ModelServer``) on uvicorn; any OIP client reads it, e.g. N
   (answered samples), ``execution_count`` the answered requests, ``dfml_jax`` all counters,
 * ``GET /metrics``: Prometheus metrics (KServe's latency histograms and
   ``dfml_answered_samples_total``).
+
+With ``--grpc-port`` the same model is also served by KServe's OIP v2 gRPC servicer
+(``inference.GRPCInferenceService``: ServerLive/Ready, ModelReady, ModelMetadata, ModelInfer with
+``raw_input_contents``), the key read from the ``authorization: Bearer KEY`` metadata.
 
 With an API key every endpoint but the health checks needs ``Authorization: Bearer KEY`` (401
 otherwise). The repository (load/unload) endpoints are not exposed. Requests above
@@ -99,18 +103,24 @@ def _import_kserve():
                                                 InferResponse, RequestedOutput)
         from kserve.protocol.model_repository_extension import ModelRepositoryExtension
         from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
+        from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+        from kserve.protocol.grpc.servicer import InferenceServicer
     finally:
         sys.argv = argv
     return dict(Model=Model, errors=kerrors, ModelRepository=ModelRepository, DataPlane=DataPlane,
                 InferInput=InferInput, InferOutput=InferOutput, InferRequest=InferRequest,
                 InferResponse=InferResponse, RequestedOutput=RequestedOutput,
                 ModelRepositoryExtension=ModelRepositoryExtension,
-                register_v2_endpoints=register_v2_endpoints)
+                register_v2_endpoints=register_v2_endpoints,
+                add_grpc_servicer=grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+                InferenceServicer=InferenceServicer)
 
 
 _K = _import_kserve()
 
 import fastapi  # noqa: E402  (installed with kserve)
+import grpc  # noqa: E402
+from grpc import aio as grpc_aio  # noqa: E402
 import prometheus_client  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
@@ -388,6 +398,66 @@ class _Guard:
         return wrapped
 
 
+_GRPC_OPEN = ("/inference.GRPCInferenceService/ServerLive",
+              "/inference.GRPCInferenceService/ServerReady")
+_GRPC_HIDDEN = ("/inference.GRPCInferenceService/RepositoryModelLoad",
+                "/inference.GRPCInferenceService/RepositoryModelUnload")
+_GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+               413: grpc.StatusCode.RESOURCE_EXHAUSTED, 500: grpc.StatusCode.INTERNAL,
+               503: grpc.StatusCode.UNAVAILABLE}
+
+
+class _GrpcGuard(grpc_aio.ServerInterceptor):
+    """gRPC counterpart of :class:`_Guard`: bearer key (``authorization`` metadata), hidden
+    repository methods, and the server's errors as gRPC status codes."""
+
+    def __init__(self, server: "TeacherServer"):
+        self.server = server
+
+    async def intercept_service(self, continuation, details):
+        srv, method = self.server, details.method
+        if method in _GRPC_HIDDEN:
+            return self._deny(grpc.StatusCode.UNIMPLEMENTED, "the repository API is not exposed")
+        if srv.api_key is not None and method not in _GRPC_OPEN:
+            md = {k.lower(): v for k, v in (details.invocation_metadata or ())}
+            auth = md.get("authorization", "")
+            given = auth[len("Bearer "):] if auth.startswith("Bearer ") else md.get("x-api-key")
+            if given is None or not hmac.compare_digest(str(given).encode(),
+                                                        srv.api_key.encode()):
+                srv._count("rejected_auth")
+                return self._deny(grpc.StatusCode.UNAUTHENTICATED,
+                                  "missing API key (metadata authorization: Bearer KEY)"
+                                  if given is None else "the API key was rejected")
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner, e = handler.unary_unary, _K["errors"]
+
+        async def behaviour(request, context):
+            try:
+                return await inner(request, context)
+            except _HTTPStatus as x:
+                await context.abort(_GRPC_CODES.get(x.status, grpc.StatusCode.INTERNAL),
+                                    x.message)
+            except e.InvalidInput as x:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(x))
+            except e.ModelNotFound as x:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(x))
+            except (e.ModelNotReady, e.ServerNotReady, e.ServerNotLive) as x:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(x))
+
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    @staticmethod
+    def _deny(code, message):
+        async def deny(request, context):
+            await context.abort(code, message)
+
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
 class TeacherServer:
     """One teacher served over OIP v2 REST by KServe (in a background thread or in the foreground).
 
@@ -406,6 +476,9 @@ class TeacherServer:
       seed: seed of the failure injection.
       host: address to bind (loopback by default).
       port: port (0: a free one, see :attr:`port`).
+      grpc_port: also serve KServe's OIP v2 gRPC service (``inference.GRPCInferenceService``) on
+        this port of ``host`` (0: a free one, see :attr:`grpc_port`; None: REST only). The key is
+        read from the ``authorization: Bearer KEY`` metadata.
       name: the model name in URLs (letters, digits, ``_``, ``.``, ``-``).
       metadata: extra public fields for the model configuration (classes, mean, std, ...).
       decimals: round revealed scores to this many decimals.
@@ -420,7 +493,8 @@ class TeacherServer:
                  num_classes: int, *, output: str = "probs", scores: str = "logits",
                  k: Optional[int] = None, max_batch: int = 256, latency_ms: float = 0.0,
                  fail_rate: float = 0.0, api_key: Optional[str] = None, seed: int = 0,
-                 host: str = "127.0.0.1", port: int = 0, name: str = "teacher",
+                 host: str = "127.0.0.1", port: int = 0, grpc_port: Optional[int] = None,
+                 name: str = "teacher",
                  metadata: Optional[dict] = None, decimals: Optional[int] = None,
                  corrupt: Optional[str] = None, verbose: bool = False):
         if output not in SERVER_OUTPUTS:
@@ -471,6 +545,10 @@ class TeacherServer:
             self.app, log_config=None, log_level="info" if verbose else "critical",
             access_log=verbose, lifespan="off", timeout_keep_alive=60,
             timeout_graceful_shutdown=5))
+        self._host, self._grpc_request = host, grpc_port
+        self._grpc: Optional[grpc_aio.Server] = None
+        self._grpc_bound: Optional[int] = None
+        self.announce_grpc = False      # print the gRPC address once bound (the CLI)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
@@ -506,8 +584,9 @@ class TeacherServer:
         app.add_api_route("/v2/models/{model_name}/config", config, methods=["GET"])
         app.add_api_route("/v2/models/{model_name}/stats", stats, methods=["GET"])
         app.add_api_route("/metrics", metrics, methods=["GET"])
-        _K["register_v2_endpoints"](app, _BinaryDataPlane(model_registry=repo),
-                                    _K["ModelRepositoryExtension"](model_registry=repo))
+        self._dataplane = _BinaryDataPlane(model_registry=repo)
+        self._repo_ext = _K["ModelRepositoryExtension"](model_registry=repo)
+        _K["register_v2_endpoints"](app, self._dataplane, self._repo_ext)
         e = _K["errors"]
         app.add_exception_handler(_HTTPStatus, _http_status_handler)
         for exc, handler in ((e.InvalidInput, e.invalid_input_handler),
@@ -558,9 +637,33 @@ class TeacherServer:
         """The model's endpoint URL (``http://host:port/v2/models/NAME``), for ``--api-url``."""
         return f"{self.url}/v2/models/{self.name}"
 
+    @property
+    def grpc_port(self) -> Optional[int]:
+        """The bound gRPC port (None: no gRPC service, or not started yet)."""
+        return self._grpc_bound
+
+    async def _start_grpc(self) -> None:
+        server = grpc_aio.server(interceptors=(_GrpcGuard(self),))
+        _K["add_grpc_servicer"](_K["InferenceServicer"](self._dataplane, self._repo_ext), server)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        port = server.add_insecure_port(f"{host}:{int(self._grpc_request)}")
+        if not port:
+            raise OSError(f"could not bind the gRPC port {host}:{self._grpc_request}")
+        await server.start()
+        self._grpc, self._grpc_bound = server, port
+        if self.announce_grpc:
+            print(f"dfml_jax.serve: gRPC (inference.GRPCInferenceService) at {host}:{port}",
+                  flush=True)
+
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self._uv.serve(sockets=[self._sock])
+        if self._grpc_request is not None:
+            await self._start_grpc()
+        try:
+            await self._uv.serve(sockets=[self._sock])
+        finally:
+            if self._grpc is not None:
+                await self._grpc.stop(grace=None)
 
     def start(self) -> "TeacherServer":
         """Serve in a background (daemon) thread until :meth:`stop`; returns self once ready."""
@@ -569,7 +672,8 @@ class TeacherServer:
                                             name=f"dfml-serve-{self.port}", daemon=True)
             self._thread.start()
             deadline = time.monotonic() + 30
-            while not self._uv.started:
+            while not self._uv.started or (self._grpc_request is not None and
+                                           self._grpc_bound is None):
                 if not self._thread.is_alive() or time.monotonic() > deadline:
                     raise RuntimeError(f"the server for '{self.name}' did not start")
                 time.sleep(0.005)
@@ -741,8 +845,10 @@ class TeacherServer:
             self._last_inference_ms = int(time.time() * 1000)
         _ANSWERED.labels(model=self.name).inc(n)
         tensor = _K["InferOutput"](name=OUTPUT_NAME, shape=list(out.shape),
-                                   datatype="INT32" if out.dtype == np.int32 else "FP32",
-                                   data=out)
+                                   datatype="INT32" if out.dtype == np.int32 else "FP32")
+        # Raw bytes, not an array in ``data``: KServe 0.21's gRPC encoder tests ``data`` for
+        # truth (ambiguous for arrays); its REST encoder turns raw bytes into JSON when asked.
+        tensor.set_data_from_numpy(out, binary_data=True)
         return _K["InferResponse"](response_id=payload.id or uuid.uuid4().hex,
                                    model_name=self.name, infer_outputs=[tensor],
                                    use_binary_outputs=payload.use_binary_outputs,
@@ -789,6 +895,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--api", type=int, default=0, help="teacher index in the pool")
     p.add_argument("--port", type=int, required=True, help="port (0: pick a free one)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve OIP v2 over gRPC on this port (0: a free one; default: none)")
     p.add_argument("--model-name", default=None,
                    help="model name in the URLs (default: the teacher's name, URL-safe)")
     p.add_argument("--output", default="probs", choices=SERVER_OUTPUTS)
@@ -808,7 +916,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     a = p.parse_args(argv)
     common = dict(output=a.output, k=a.k, max_batch=a.max_batch, latency_ms=a.latency_ms,
                   fail_rate=a.fail_rate, api_key=a.api_key, seed=a.seed, host=a.host,
-                  port=a.port, decimals=a.decimals, corrupt=a.corrupt, verbose=a.verbose)
+                  port=a.port, grpc_port=a.grpc_port, decimals=a.decimals, corrupt=a.corrupt,
+                  verbose=a.verbose)
     if a.model_name:
         common["name"] = a.model_name
     try:
@@ -839,6 +948,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"dfml_jax.serve: serving '{srv.name}' (output={srv.output}, max_batch={srv.max_batch}, "
           f"latency_ms={srv.latency_ms:g}, fail_rate={srv.fail_rate:g}, "
           f"key={'required' if srv.api_key else 'none'}) at {srv.model_url}", flush=True)
+    srv.announce_grpc = True
     srv.serve_forever()
     srv.stop()
     print(f"dfml_jax.serve: stopped; stats {json.dumps(srv.stats())}", flush=True)

@@ -798,3 +798,36 @@ def test_bidf_mkd_smoke_run_against_served_teachers(serve):
     assert sum(bills) == res.api_queries > 0
     assert sum(v.stats()["injected_failures"] for v in servers) > 0
     assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree.leaves(res.final_params))
+
+
+def test_grpc_service_of_the_server(serve):
+    """--grpc-port: KServe's OIP v2 gRPC servicer answers the same model (raw tensor contents),
+    behind the same key, and bills the same counter."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    srv = serve(output="logits", max_batch=8, api_key="g1", grpc_port=0)
+    auth = [("authorization", "Bearer g1")]
+    with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=srv.name), metadata=auth,
+                                  timeout=10)
+        assert list(meta.inputs[0].shape) == [-1, 4, 4, 1] and meta.outputs[0].name == "output"
+        x = batch(3)
+        req = pb.ModelInferRequest(model_name=srv.name, inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="input", datatype="FP32", shape=list(x.shape))], raw_input_contents=[x.tobytes()])
+        res = stub.ModelInfer(req, metadata=auth, timeout=10)
+        out = np.frombuffer(res.raw_output_contents[0], np.float32).reshape(3, K)
+        np.testing.assert_allclose(out, TEACHER(x), rtol=1e-5, atol=1e-6)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req, metadata=[("authorization", "Bearer no")], timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        big = pb.ModelInferRequest(model_name=srv.name, inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="input", datatype="FP32", shape=[9, 4, 4, 1])],
+            raw_input_contents=[batch(9).tobytes()])
+        with pytest.raises(grpc.RpcError, match="max_batch=8") as e:
+            stub.ModelInfer(big, metadata=auth, timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert srv.stats()["answered_samples"] == 3 and srv.stats()["rejected_auth"] == 1
