@@ -2,10 +2,10 @@
 
 Any server that speaks the Open Inference Protocol (OIP) REST API is a teacher: NVIDIA Triton, a
 KServe ``ModelServer`` (``kserve.Model``), Seldon MLServer, or this project's own server
-(``python -m dfml_jax.serve``, :mod:`dfml_jax.serve`). :meth:`dfml_jax.blackbox.BlackBoxAPI.from_http`
-wraps an :class:`OIPClient` exactly as :meth:`~dfml_jax.blackbox.BlackBoxAPI.from_host` wraps any
-host function: inside ``jit`` / ``vmap`` a query is one ``pure_callback``, and the ledger charges
-answered samples only.
+(``python -m dfml_jax.serve``, :mod:`dfml_jax.serve`).
+:meth:`dfml_jax.blackbox.BlackBoxAPI.from_http` wraps an :class:`OIPClient` exactly as
+:meth:`~dfml_jax.blackbox.BlackBoxAPI.from_host` wraps any host function: inside ``jit`` / ``vmap``
+a query is one ``pure_callback``, and the ledger charges answered samples only.
 
 What the client uses of the protocol
   ``GET /v2/health/ready`` (readiness), ``GET /v2/models/{model}`` (model metadata: the input's
@@ -103,7 +103,6 @@ __all__ = [
     "RemoteProtocolError",
     "RemoteUnavailable",
     "OIPClient",
-    "HTTPTeacherClient",
     "parse_endpoint",
     "encode_infer_request",
     "decode_infer_response",
@@ -187,10 +186,6 @@ class _Retryable(Exception):
 
 class _Cancelled(Exception):
     """Internal: another request of the same query failed for good."""
-
-
-class _BinaryRefused(Exception):
-    """Internal: the server refused a binary-extension request (switch to JSON)."""
 
 
 # ----------------------------------------------------------------------------- wire format
@@ -325,8 +320,8 @@ def decode_infer_response(body: bytes, headers: Mapping[str, str],
         size = int(size)
         raw = body[chosen_off:chosen_off + size]
         if size != count * dt.itemsize or len(raw) != size:
-            raise ValueError(f"output '{chosen.get('name')}' has {len(raw)} binary bytes (announced "
-                             f"{size}) but shape {shape} and datatype {dt_name} need "
+            raise ValueError(f"output '{chosen.get('name')}' has {len(raw)} binary bytes "
+                             f"(announced {size}) but shape {shape} and datatype {dt_name} need "
                              f"{count * dt.itemsize} (truncated or corrupted body)")
         return np.frombuffer(raw, dtype=dt).reshape(shape).copy()
     data = chosen.get("data")
@@ -400,7 +395,8 @@ class OIPClient:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if server_output is not None and server_output not in SERVER_OUTPUTS:
-            raise ValueError(f"server_output must be one of {SERVER_OUTPUTS}, got {server_output!r}")
+            raise ValueError(f"server_output must be one of {SERVER_OUTPUTS}, got "
+                             f"{server_output!r}")
         self.api_key = api_key
         self.timeout, self.max_retries = float(timeout), int(max_retries)
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
@@ -752,11 +748,9 @@ class OIPClient:
     def _client(self) -> httpx.Client:
         with self._lock:
             if self._http is None:
-                headers = {"User-Agent": "dfml_jax-oip-client"}
-                if self.api_key is not None:
-                    headers["Authorization"] = f"Bearer {self.api_key}"
                 self._http = httpx.Client(
-                    base_url=self.url, headers=headers, timeout=httpx.Timeout(self.timeout),
+                    base_url=self.url, headers={"User-Agent": "dfml_jax-oip-client"},
+                    timeout=httpx.Timeout(self.timeout),
                     limits=httpx.Limits(max_connections=self.concurrency,
                                         max_keepalive_connections=self.concurrency))
             return self._http
@@ -958,10 +952,6 @@ class OIPClient:
         return out.astype(np.int32) if label else out.astype(np.float32)
 
 
-#: The client's former name (same class).
-HTTPTeacherClient = OIPClient
-
-
 # ----------------------------------------------------------------------------- API wiring
 def http_api_kwargs(client: OIPClient, input_shape: Optional[Sequence[int]],
                     num_classes: Optional[int], output: Optional[str]) -> dict:
@@ -987,10 +977,10 @@ def http_api_kwargs(client: OIPClient, input_shape: Optional[Sequence[int]],
     k = s_k if num_classes is None else int(num_classes)
     if shape != s_shape or k != s_k:
         raise ValueError(
-            f"the server at {client.url} serves '{info.get('name')}' with input_shape {s_shape} and "
-            f"{s_k} classes, but the API was built with input_shape={shape}, num_classes={k}. Fix "
-            f"the arguments (GET {client.url}/v2/models/{client.model} shows the server's; pass "
-            "None to adopt them).")
+            f"the server at {client.url} serves '{info.get('name')}' with input_shape {s_shape} "
+            f"and {s_k} classes, but the API was built with input_shape={shape}, "
+            f"num_classes={k}. Fix the arguments (GET {client.url}/v2/models/{client.model} shows "
+            "the server's; pass None to adopt them).")
     server_out = info["output"]
     output = output or ("topk" if server_out == "topk" else server_out)
     allowed = {"logits": ("logits", "probs", "label", "topk"),

@@ -16,9 +16,12 @@ that fraction of infer requests with a 503 (seeded by ``--seed``, so the failure
 reproducible), ``--latency-ms`` delays every answer, ``--corrupt nan|shape|truncate`` sends
 malformed answers.
 
-The model is a ``kserve.Model`` served by KServe's v2 REST data plane (``DataPlane`` and the v2
-endpoints of ``kserve.ModelServer``) on uvicorn; any OIP client reads it, e.g. NVIDIA's
-``tritonclient.http``. Endpoints:
+The model is a ``kserve.Model`` served by KServe's own OIP v2 pieces, the ones
+``kserve.ModelServer`` assembles (its ``DataPlane``, its v2 REST endpoints on uvicorn, its gRPC
+servicer); any OIP client reads it, e.g. NVIDIA's ``tritonclient.http``. ``ModelServer.start``
+itself is not used: it binds every interface (``0.0.0.0``), serves one process-wide FastAPI app
+(so two servers cannot share a process, as the tests need) and installs signal handlers (main
+thread only). Endpoints:
 
 * ``GET /v2/health/live``, ``GET /v2/health/ready`` (open, for probes),
 * ``GET /v2/models/NAME``: model metadata: input ``input`` FP32 ``[-1, *input_shape]``, output
@@ -94,7 +97,6 @@ def _import_kserve():
     argv = sys.argv
     sys.argv = argv[:1]
     try:
-        import kserve  # noqa: F401
         from kserve import Model
         from kserve import errors as kerrors
         from kserve.model_repository import ModelRepository
@@ -112,7 +114,8 @@ def _import_kserve():
                 InferResponse=InferResponse, RequestedOutput=RequestedOutput,
                 ModelRepositoryExtension=ModelRepositoryExtension,
                 register_v2_endpoints=register_v2_endpoints,
-                add_grpc_servicer=grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+                add_grpc_servicer=(
+                    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server),
                 InferenceServicer=InferenceServicer)
 
 
@@ -515,7 +518,8 @@ class TeacherServer:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
         self.output, self.scores, self.k = output, scores, k
-        self.max_batch, self.latency_ms, self.fail_rate = int(max_batch), float(latency_ms), float(fail_rate)
+        self.max_batch, self.latency_ms = int(max_batch), float(latency_ms)
+        self.fail_rate = float(fail_rate)
         self.api_key = api_key
         self.name, self.metadata, self.decimals = name, dict(metadata or {}), decimals
         self.corrupt, self.verbose = corrupt, verbose

@@ -329,7 +329,7 @@ def test_unreachable_server(serve):
                               **{**FAST, "timeout": 1.0})
 
 
-# ----------------------------------------------------------------------------- a plain KServe server
+# ----------------------------------------------------------------------------- plain KServe
 PLAIN_KSERVE = textwrap.dedent("""
     # A plain KServe ModelServer (no dfml_jax code): a linear model answering logits, with 10% of
     # the requests failing with HTTP 503 (seeded).
@@ -816,17 +816,19 @@ def test_grpc_service_of_the_server(serve):
                                   timeout=10)
         assert list(meta.inputs[0].shape) == [-1, 4, 4, 1] and meta.outputs[0].name == "output"
         x = batch(3)
-        req = pb.ModelInferRequest(model_name=srv.name, inputs=[pb.ModelInferRequest.InferInputTensor(
-            name="input", datatype="FP32", shape=list(x.shape))], raw_input_contents=[x.tobytes()])
+        tensor = pb.ModelInferRequest.InferInputTensor
+        req = pb.ModelInferRequest(model_name=srv.name, raw_input_contents=[x.tobytes()],
+                                   inputs=[tensor(name="input", datatype="FP32",
+                                                  shape=list(x.shape))])
         res = stub.ModelInfer(req, metadata=auth, timeout=10)
         out = np.frombuffer(res.raw_output_contents[0], np.float32).reshape(3, K)
         np.testing.assert_allclose(out, TEACHER(x), rtol=1e-5, atol=1e-6)
         with pytest.raises(grpc.RpcError) as e:
             stub.ModelInfer(req, metadata=[("authorization", "Bearer no")], timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        big = pb.ModelInferRequest(model_name=srv.name, inputs=[pb.ModelInferRequest.InferInputTensor(
-            name="input", datatype="FP32", shape=[9, 4, 4, 1])],
-            raw_input_contents=[batch(9).tobytes()])
+        big = pb.ModelInferRequest(model_name=srv.name, raw_input_contents=[batch(9).tobytes()],
+                                   inputs=[tensor(name="input", datatype="FP32",
+                                                  shape=[9, 4, 4, 1])])
         with pytest.raises(grpc.RpcError, match="max_batch=8") as e:
             stub.ModelInfer(big, metadata=auth, timeout=10)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
