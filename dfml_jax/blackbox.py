@@ -10,7 +10,8 @@ Constructors:
   ``(n, *input_shape)`` float32 batch to ``(n, num_classes)`` scores. Inside ``jax.jit`` it is a
   ``jax.pure_callback(..., vmap_method="expand_dims")``, so a vmapped (even nested) batch of queries
   is ONE host call.
-* :meth:`BlackBoxAPI.from_http` reaches a teacher served over HTTP (``python -m dfml_jax.serve``)
+* :meth:`BlackBoxAPI.from_http` reaches a model served over the Open Inference Protocol (Triton,
+  KServe, MLServer, ``python -m dfml_jax.serve``)
   through the same host path, with batching, bounded retries and pending-answer caching
   (:mod:`dfml_jax.remote`).
 * :meth:`BlackBoxAPI.from_jax` is the in-graph fast path for simulated teachers: the teacher's
@@ -332,63 +333,67 @@ class BlackBoxAPI:
                    decimals=decimals, budget=budget, host_fn=fn, scores_kind=scores)
 
     @classmethod
-    def from_http(cls, url: str, input_shape: Optional[Sequence[int]],
-                  num_classes: Optional[int], *, output: Optional[str] = None,
-                  k: Optional[int] = None, decimals: Optional[int] = None,
-                  budget: Optional[int] = None, name: Optional[str] = None,
-                  api_key: Optional[str] = None, timeout: float = 10.0, max_retries: int = 4,
-                  backoff: float = 0.05, max_backoff: float = 2.0, concurrency: int = 4,
-                  max_batch: Optional[int] = None,
-                  cache_dir: Optional[str] = None) -> "BlackBoxAPI":
-        """A remote teacher served over HTTP (``python -m dfml_jax.serve``) as a black-box API.
+    def from_http(cls, url: str, input_shape: Optional[Sequence[int]] = None,
+                  num_classes: Optional[int] = None, *, model: Optional[str] = None,
+                  output: Optional[str] = None, k: Optional[int] = None,
+                  decimals: Optional[int] = None, budget: Optional[int] = None,
+                  name: Optional[str] = None, api_key: Optional[str] = None,
+                  timeout: float = 10.0, max_retries: int = 4, backoff: float = 0.05,
+                  max_backoff: float = 2.0, concurrency: int = 4,
+                  max_batch: Optional[int] = None, cache_dir: Optional[str] = None,
+                  binary: bool = True, server_output: Optional[str] = None) -> "BlackBoxAPI":
+        """A model served over the Open Inference Protocol (Triton, KServe, MLServer, or
+        ``python -m dfml_jax.serve``) as a black-box API.
 
-        The client (:class:`dfml_jax.remote.HTTPTeacherClient`, kept as ``api.remote``) splits a
-        query into requests of at most the server's batch limit, sends them concurrently, retries
-        timeouts and 5xx with capped exponential backoff, and never returns a partial batch; the
-        ledger charges a query once all of it is answered. Chunks the server answered for a query
-        that failed are cached and delivered without re-buying when the query is retried (see
+        The client (:class:`dfml_jax.remote.OIPClient`, kept as ``api.remote``) reads the model's
+        metadata, splits a query into requests of at most the server's batch limit, sends them
+        concurrently (binary tensor data extension, JSON fallback), retries timeouts, 429 and 5xx
+        with capped exponential backoff, and never returns a partial batch; the ledger charges a
+        query once all of it is answered. Chunks the server answered for a query that failed are
+        cached and delivered without re-buying when the query is retried (see
         :mod:`dfml_jax.remote`). Under ``jit``/``vmap`` it is the host-callback path of
         :meth:`from_host`. Errors are :class:`dfml_jax.remote.RemoteAPIError` subclasses
         (``BlackBoxError`` s): wrong key, oversize request, malformed answer, unavailable.
 
         Args:
-          url: the server's base URL, e.g. ``"http://127.0.0.1:8500"``.
-          input_shape: shape of one sample; None: the server's. Checked against ``/v1/info``.
-          num_classes: number of classes; None: the server's. Checked against ``/v1/info``.
+          url: the server's base URL (``"http://127.0.0.1:8000"``) or a model URL
+            (``"http://127.0.0.1:8000/v2/models/NAME"``).
+          input_shape: shape of one sample; None: from the model metadata (checked against it).
+          num_classes: number of classes; None: from the model metadata (checked against it).
+          model: the model name (None: from the URL, else the server's only model).
           output: what the API reveals (None: what the server answers). A ``"label"`` server
             can only back ``"label"``; a scores server any mode.
-          k, decimals, budget, name: as in :meth:`from_host` (``name`` defaults to the
-            server's teacher name).
-          api_key: the server's key (``--api-key``), if it requires one.
+          k, decimals, budget, name: as in :meth:`from_host` (``name`` defaults to
+            ``model@host:port``).
+          api_key: sent as ``Authorization: Bearer KEY``, if the server requires one.
           timeout: seconds for connecting and for each read of a request.
           max_retries: retries per request (timeouts, connection errors, 429/5xx).
-          backoff, max_backoff: first retry delay and cap, in seconds (doubling, jittered).
-          concurrency: most requests in flight for one query.
-          max_batch: samples per request (None: the server's limit).
+          backoff, max_backoff: retry delay scale and cap, in seconds (doubling, jittered).
+          concurrency: most requests (and connections) in flight for one query.
+          max_batch: samples per request (None: the server's ``max_batch_size``, else 64).
           cache_dir: keep the pending cache of answered-but-undelivered chunks on disk, so a
             resumed process re-buys nothing (None: in memory).
+          binary: use the binary tensor data extension (False: JSON tensors).
+          server_output: what the model answers, for a server whose configuration does not say
+            (``"logits"``, ``"probs"``, ``"topk"`` or ``"label"``).
 
         Returns:
           A :class:`BlackBoxAPI` with the client as ``api.remote`` (``.stats()`` reads the
-          server's counters, ``.close()`` closes its connections).
+          server's bill, ``.close()`` closes its connections).
 
         Raises:
-          ValueError: the server's teacher does not match ``input_shape``/``num_classes`` or
+          ValueError: the server's model does not match ``input_shape``/``num_classes`` or
             cannot reveal ``output``.
           dfml_jax.remote.RemoteAPIError: the server cannot be reached or rejects the key.
         """
-        from dfml_jax.remote import HTTPTeacherClient, http_api_kwargs
+        from dfml_jax.remote import build_http_api   # the client layer sits above this module
 
-        client = HTTPTeacherClient(url, api_key=api_key, timeout=timeout,
-                                   max_retries=max_retries, backoff=backoff,
-                                   max_backoff=max_backoff, concurrency=concurrency,
-                                   max_batch=max_batch, cache_dir=cache_dir, name=name)
-        kw = http_api_kwargs(client, input_shape, num_classes, output)
-        api = cls.from_host(client, kw["input_shape"], kw["num_classes"], output=kw["output"],
-                            k=k, scores=kw["scores"], decimals=decimals, budget=budget,
-                            name=name or kw["name"])
-        api.remote = client
-        return api
+        return build_http_api(cls, url, input_shape, num_classes, model=model, output=output,
+                              k=k, decimals=decimals, budget=budget, name=name,
+                              server_output=server_output, api_key=api_key, timeout=timeout,
+                              max_retries=max_retries, backoff=backoff, max_backoff=max_backoff,
+                              concurrency=concurrency, max_batch=max_batch, cache_dir=cache_dir,
+                              binary=binary)
 
     @classmethod
     def from_jax(cls, apply_fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int],

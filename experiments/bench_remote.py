@@ -1,16 +1,22 @@
-"""Throughput of a remote black-box API: samples per second vs request size and concurrency.
+"""Throughput of a remote black-box API over the Open Inference Protocol: samples per second vs
+request size and concurrency, next to the in-process API's in the same run.
 
-A teacher is served by ``python -m dfml_jax.serve`` in a separate process on 127.0.0.1 (a seeded
-linear teacher by default, so the numbers measure the transport: HTTP, binary encoding, chunking,
-threads; ``--pool DIR --api I`` serves a real pool teacher instead), once per simulated latency.
-For every (latency, batch, concurrency) the client (``BlackBoxAPI.from_http`` with
-``max_batch=batch``) answers queries of ``batch * concurrency * 2`` samples (two waves of
-``concurrency`` requests) for about ``--seconds`` seconds. One JSON line per point:
+A teacher is served by ``python -m dfml_jax.serve`` (KServe's v2 REST data plane on uvicorn) in a
+separate process on 127.0.0.1 (a seeded linear teacher by default, so the numbers measure the
+transport: HTTP, the binary tensor data extension, chunking, threads; ``--pool DIR --api I``
+serves a real pool teacher instead), once per simulated latency. For every (latency, batch,
+concurrency) the client (``BlackBoxAPI.from_http`` with ``max_batch=batch``) answers queries of
+``batch * concurrency * 2`` samples (two waves of ``concurrency`` requests) for about ``--seconds``
+seconds. One JSON line per point:
 
-* ``qps``: answered samples per second (what an algorithm sees), ``requests_per_s``,
-  ``call_ms``: median wall time of one query;
-* ``server_answered`` / ``ledger``: the server's bill and the client's ledger (equal);
-* ``local``: the same teacher called in-process through ``BlackBoxAPI.from_host``, for scale.
+* ``kind: "local"``: the same teacher called in-process through ``BlackBoxAPI.from_host`` with the
+  same query size (``batch * concurrency * 2``), for scale;
+* ``kind: "http"``: ``qps``: answered samples per second (what an algorithm sees),
+  ``requests_per_s``, ``call_ms``: median wall time of one query, ``local_qps`` and
+  ``vs_local`` (the in-process figure for the same query size, and http/local);
+* ``server_answered`` / ``ledger``: the server's bill (``GET /v2/models/NAME/stats``) and the
+  client's ledger (equal unless an answer was lost and bought again: ``ambiguous_samples``);
+  ``json`` rows (``--json-too``) use JSON tensors instead of the binary extension.
 
 Command lines::
 
@@ -37,11 +43,21 @@ from dfml_jax.serve import make_linear_teacher
 
 
 def start_server(args, latency_ms: float, fail_rate: float, workdir: str):
-    """Start ``python -m dfml_jax.serve`` on a free loopback port; returns ``(proc, url)``."""
+    """Start ``python -m dfml_jax.serve`` on a free loopback port.
+
+    Args:
+      args: the parsed command line (teacher, shape, classes, batches).
+      latency_ms: simulated latency per request.
+      fail_rate: injected 503 rate.
+      workdir: where the port file goes.
+
+    Returns:
+      ``(proc, url)``: the server process and its model URL ``http://127.0.0.1:P/v2/models/bench``.
+    """
     port_file = os.path.join(workdir, f"port-{latency_ms:g}-{fail_rate:g}")
     cmd = [sys.executable, "-m", "dfml_jax.serve", "--port", "0", "--port-file", port_file,
            "--output", "probs", "--max-batch", str(max(args.batches)),
-           "--latency-ms", str(latency_ms), "--fail-rate", str(fail_rate)]
+           "--latency-ms", str(latency_ms), "--fail-rate", str(fail_rate), "--model-name", "bench"]
     if args.pool:
         cmd += ["--pool", args.pool, "--api", str(args.api)]
     else:
@@ -58,10 +74,11 @@ def start_server(args, latency_ms: float, fail_rate: float, workdir: str):
             raise RuntimeError("server did not start within 120 s")
         time.sleep(0.05)
     with open(port_file) as f:
-        return proc, f"http://127.0.0.1:{int(f.read())}"
+        return proc, f"http://127.0.0.1:{int(f.read())}/v2/models/bench"
 
 
 def stop_server(proc) -> None:
+    """Stop a server process (SIGTERM, then SIGKILL after 20 s)."""
     proc.terminate()
     try:
         proc.wait(timeout=20)
@@ -71,9 +88,20 @@ def stop_server(proc) -> None:
 
 
 def measure(api, shape, n: int, seconds: float, rng) -> dict:
-    """Query ``n`` samples at a time for about ``seconds``; returns the throughput figures."""
+    """Query ``n`` samples at a time for about ``seconds``.
+
+    Args:
+      api: a :class:`~dfml_jax.blackbox.BlackBoxAPI`.
+      shape: one sample's shape.
+      n: samples per query.
+      seconds: time to spend (at least one query).
+      rng: NumPy generator of the inputs.
+
+    Returns:
+      ``{"qps", "requests_per_s", "call_ms", "calls", "samples"}``.
+    """
     x = rng.random((n,) + shape, dtype=np.float32)
-    api(x[: min(n, 2)])                        # connect, warm up
+    api(x)                                     # connect, compile, warm up
     q0, r0 = api.queries, (api.remote.counters["requests"] if hasattr(api, "remote") else 0)
     times = []
     t_end = time.perf_counter() + seconds
@@ -91,6 +119,7 @@ def measure(api, shape, n: int, seconds: float, rng) -> dict:
 
 
 def main(argv=None):
+    """Command-line entry point (see the module docstring); prints one JSON line per point."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128],
@@ -104,6 +133,8 @@ def main(argv=None):
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--pool", default=None, help="serve teacher --api of this pool instead")
     p.add_argument("--api", type=int, default=0)
+    p.add_argument("--json-too", action="store_true",
+                   help="also measure JSON tensors (no binary extension)")
     args = p.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
     rng = np.random.default_rng(0)
@@ -112,29 +143,37 @@ def main(argv=None):
             else "linear", "cpu_count": os.cpu_count(), "seconds_per_point": args.seconds,
             "fail_rate": args.fail_rate}
     print(json.dumps(meta), flush=True)
+    local_qps = {}
     if not args.pool:
         local = BlackBoxAPI.from_host(make_linear_teacher(shape, args.classes), shape,
                                       args.classes, output="probs")
-        for b in args.batches:
-            r = measure(local, shape, b * 2, args.seconds, rng)
-            print(json.dumps({"bench": "remote", "kind": "local", "batch": b, **r}), flush=True)
+        for n in sorted({b * c * 2 for b in args.batches for c in args.concurrency}):
+            r = measure(local, shape, n, args.seconds, rng)
+            local_qps[n] = r["qps"]
+            print(json.dumps({"bench": "remote", "kind": "local", "query": n, **r}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for lat in args.latencies:
             proc, url = start_server(args, lat, args.fail_rate, tmp)
             try:
-                for b in args.batches:
-                    for c in args.concurrency:
-                        api = BlackBoxAPI.from_http(url, shape, args.classes, output="probs",
-                                                    max_batch=b, concurrency=c, timeout=30.0,
-                                                    max_retries=8)
-                        before = api.remote.stats()["answered_samples"]
-                        r = measure(api, shape, b * c * 2, args.seconds, rng)
-                        billed = api.remote.stats()["answered_samples"] - before
-                        api.remote.close()
-                        print(json.dumps({"bench": "remote", "kind": "http", "latency_ms": lat,
-                                          "batch": b, "concurrency": c, **r,
-                                          "server_answered": billed, "ledger": api.queries}),
-                              flush=True)
+                for binary in (True, False) if args.json_too else (True,):
+                    for b in args.batches:
+                        for c in args.concurrency:
+                            api = BlackBoxAPI.from_http(url, shape, args.classes, output="probs",
+                                                        max_batch=b, concurrency=c, timeout=30.0,
+                                                        max_retries=8, binary=binary)
+                            before = api.remote.stats()["answered_samples"]
+                            r = measure(api, shape, b * c * 2, args.seconds, rng)
+                            billed = api.remote.stats()["answered_samples"] - before
+                            counters = dict(api.remote.counters)
+                            api.remote.close()
+                            lq = local_qps.get(b * c * 2)
+                            print(json.dumps({
+                                "bench": "remote", "kind": "http" if binary else "json",
+                                "latency_ms": lat, "batch": b, "concurrency": c, **r,
+                                "local_qps": lq, "vs_local": r["qps"] / lq if lq else None,
+                                "server_answered": billed, "ledger": api.queries,
+                                "retries": counters["retries"],
+                                "ambiguous_samples": counters["ambiguous_samples"]}), flush=True)
             finally:
                 stop_server(proc)
 

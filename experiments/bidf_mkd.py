@@ -9,12 +9,15 @@ Command lines (configs in ``experiments/configs/bidf_mkd_configs.py``)::
 Writes ``results.json``, ``results.md`` and PNG curves into the workdir. Rerunning the same command
 after a kill resumes from the last checkpoint; a finished run prints its results.
 
-A pool of remote teachers (one ``python -m dfml_jax.serve --pool DIR --api I --port P`` each; key
-from ``$DFML_API_KEY``) replaces the local pool with ``--pool-urls URL [URL ...]`` (black-box
-methods only)::
+A pool of remote teachers, one Open Inference Protocol endpoint each
+(``http://HOST:PORT/v2/models/NAME``, e.g. ``python -m dfml_jax.serve --pool DIR --api I --port P``,
+which publishes the teacher's classes and normalisation in its model configuration; key from
+``$DFML_API_KEY``) replaces the local pool with ``--pool-urls URL [URL ...]`` (black-box methods
+only)::
 
     python experiments/bidf_mkd.py --config smoke --workdir runs/bidf_remote \
-        --pool-urls http://127.0.0.1:8500 http://127.0.0.1:8501 \
+        --pool-urls http://127.0.0.1:8500/v2/models/cifar10-conv4-0 \
+        http://127.0.0.1:8501/v2/models/cifar10-conv4-1 \
         --set methods='["bidf_mkd","random","maml_real"]'
 
 Devices: ``--devices N`` runs every inversion (its samples, API queries and zero-order directions)
@@ -87,7 +90,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--pool-urls", nargs="+", default=None, metavar="URL",
-                   help="query these remote teachers (python -m dfml_jax.serve) as the pool")
+                   help="query these OIP endpoints (http://HOST:PORT/v2/models/NAME, e.g. "
+                        "python -m dfml_jax.serve --pool) as the pool")
     p.add_argument("--devices", type=int, default=None,
                    help="devices to shard over (default: all, reduced to divide the inversion batch)")
     p.add_argument("--multihost", action="store_true",

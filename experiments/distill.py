@@ -24,13 +24,16 @@ run from its last checkpoint (IDEAL/NaiveKD re-buy no label: the label cache is 
 at most ``dfme_checkpoint_every`` iterations and records the queries it bought again); finished runs
 are reused, and a finished experiment (``DONE``) only reprints its table.
 
-Remote teacher: ``--api-url`` makes every method query a teacher served over HTTP instead of the
-in-process one (retries, batching and billing rules: ``dfml_jax/remote.py``). To distil from the
-very teacher a local run trained::
+Remote teacher: ``--api-url`` makes every method query a model served over the Open Inference
+Protocol (KServe v2 / Triton HTTP: Triton, KServe, MLServer, ``python -m dfml_jax.serve``) instead
+of the in-process one (retries, batching and billing rules: ``dfml_jax/remote.py``). The URL names
+the model: ``http://HOST:PORT/v2/models/NAME``. To distil from the very teacher a local run
+trained::
 
-    python -m dfml_jax.serve --distill-run /tmp/distill_smoke --port 8500 --output probs &
+    python -m dfml_jax.serve --distill-run /tmp/distill_smoke --port 8500 --output probs \
+        --model-name teacher &
     python experiments/distill.py --config smoke --workdir /tmp/distill_remote \
-        --api-url http://127.0.0.1:8500
+        --api-url http://127.0.0.1:8500/v2/models/teacher
 
 The server must answer probabilities or logits for DFME (IDEAL needs only labels). Answers the
 server billed for a step that then failed are kept in ``<workdir>/api_pending`` and delivered
@@ -63,7 +66,8 @@ def main(argv=None, loader=None):
     p.add_argument("--seed", type=int, default=None, help="the students' seed (overrides the config)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--api-url", default=None,
-                   help="query a remote teacher (python -m dfml_jax.serve) at this URL")
+                   help="query a remote teacher over the Open Inference Protocol: "
+                        "http://HOST:PORT/v2/models/NAME (Triton, KServe, python -m dfml_jax.serve)")
     p.add_argument("--api-key", default=os.environ.get("DFML_API_KEY"),
                    help="key of the remote teacher (default: $DFML_API_KEY)")
     p.add_argument("--api-timeout", type=float, default=10.0, help="seconds per request")

@@ -1,18 +1,24 @@
-"""Remote black-box APIs over HTTP (dfml_jax.serve + BlackBoxAPI.from_http): answers, counting,
-retries under seeded failures, the pending-answer cache across a server crash, and clear errors
-for wrong keys, oversize requests, malformed answers and timeouts.
+"""Remote black-box APIs over the Open Inference Protocol (dfml_jax.serve + BlackBoxAPI.from_http):
+answers, counting, retries under seeded failures, the pending-answer cache across a server crash,
+clear errors for wrong keys, oversize requests, malformed answers and timeouts; the official
+Triton client on the project's server, and the project's client on a plain KServe ModelServer.
 
-Servers run on 127.0.0.1 with ephemeral ports (threads, one subprocess for the CLI) and are always
-stopped by fixture finalizers. Teachers are small NumPy linear maps (no compile on the server).
+Servers run on 127.0.0.1 with ephemeral ports (threads; subprocesses for the CLI and the plain
+KServe server) and are always stopped by fixture finalizers. Teachers are small NumPy linear maps
+(no compile on the server).
 """
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+import textwrap
 import urllib.error
 import urllib.request
+
+import httpx
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +27,8 @@ import pytest
 
 from dfml_jax.blackbox import BlackBoxAPI, surface_api_errors
 from dfml_jax.remote import (RemoteAuthError, RemoteProtocolError, RemoteRequestTooLarge,
-                             RemoteUnavailable, decode_array, encode_array)
+                             RemoteUnavailable, decode_infer_response, encode_infer_request,
+                             parse_endpoint)
 from dfml_jax.serve import TeacherServer, make_linear_teacher
 
 SHAPE = (4, 4, 1)
@@ -39,8 +46,8 @@ def serve(request):
     """Factory: start a TeacherServer in a thread; every server and client is closed at the end."""
     started, clients = [], []
 
-    def make(fn=TEACHER, shape=SHAPE, k=K, **kw):
-        srv = TeacherServer(fn, shape, k, **kw).start()
+    def make(fn=TEACHER, shape=SHAPE, num_classes=K, **kw):
+        srv = TeacherServer(fn, shape, num_classes, **kw).start()
         started.append(srv)
         return srv
 
@@ -60,29 +67,59 @@ def serve(request):
 
 
 def remote(serve, srv, **kw):
-    return serve.track(BlackBoxAPI.from_http(srv.url, SHAPE, K, **{**FAST, **kw}))
+    return serve.track(BlackBoxAPI.from_http(srv.url, SHAPE, K, model=srv.name,
+                                             **{**FAST, **kw}))
+
+
+def _response(a, binary=True, name="output", dtype="FP32"):
+    """An OIP infer response carrying ``a`` (what a server sends)."""
+    out = {"name": name, "shape": list(a.shape), "datatype": dtype}
+    if not binary:
+        out["data"] = a.ravel().tolist()
+        return json.dumps({"outputs": [out]}).encode(), {}
+    raw = a.tobytes()
+    out["parameters"] = {"binary_data_size": len(raw)}
+    js = json.dumps({"model_name": "m", "outputs": [out]}).encode()
+    return js + raw, {"Inference-Header-Content-Length": str(len(js))}
 
 
 # ----------------------------------------------------------------------------- wire format
 def test_wire_format_roundtrip_and_length_check():
-    for a in (batch(3), np.arange(6, dtype=np.int32)):
-        body, headers = encode_array(a)
-        b = decode_array(body, headers)
-        assert b.dtype == a.dtype and np.array_equal(a, b)
-    body, headers = encode_array(batch(2))
-    assert headers["X-Array-Shape"] == "2,4,4,1" and headers["X-Array-Dtype"] == "float32"
+    x = batch(3)
+    body, headers = encode_infer_request(x, "images", output_name="scores", request_id="r1")
+    n = int(headers["Inference-Header-Content-Length"])
+    head = json.loads(body[:n])
+    assert head["id"] == "r1" and head["inputs"][0]["shape"] == [3, 4, 4, 1]
+    assert head["inputs"][0]["parameters"]["binary_data_size"] == x.nbytes
+    assert head["outputs"] == [{"name": "scores", "parameters": {"binary_data": True}}]
+    assert np.array_equal(np.frombuffer(body[n:], np.float32).reshape(x.shape), x)
+    jbody, jheaders = encode_infer_request(x, "images", binary=False)
+    assert jheaders["Content-Type"] == "application/json"
+    assert np.allclose(json.loads(jbody)["inputs"][0]["data"], x.ravel())
+    for a, dt in ((batch(2).reshape(2, 16), "FP32"), (np.arange(6, dtype=np.int32), "INT32")):
+        for binary in (True, False):
+            b = decode_infer_response(*_response(a, binary, dtype=dt), "output")
+            assert b.dtype == a.dtype and np.array_equal(a, b)
+    rbody, rheaders = _response(batch(2).reshape(2, 16))
     with pytest.raises(ValueError, match="truncated"):
-        decode_array(body[:-4], headers)
-    with pytest.raises(ValueError, match="X-Array-Dtype"):
-        decode_array(body, {**headers, "X-Array-Dtype": "float64"})
+        decode_infer_response(rbody[:-4], rheaders)
+    with pytest.raises(ValueError, match="datatype 'BYTES'"):
+        decode_infer_response(*_response(batch(2), dtype="BYTES"))
+    with pytest.raises(ValueError, match="no output named 'probs'"):
+        decode_infer_response(rbody, rheaders, "probs")
+    assert parse_endpoint("http://h:1/v2/models/m/versions/2") == ("http://h:1", "m")
+    assert parse_endpoint("http://h:1/", "m") == ("http://h:1", "m")
+    with pytest.raises(ValueError, match="OIP endpoint"):
+        parse_endpoint("h:1")
 
 
 # ----------------------------------------------------------------------------- answers, counting
-@pytest.mark.parametrize("server_out,api_out,k", [("logits", "logits", None), ("logits", "topk", 2),
-                                                  ("probs", "probs", None), ("label", "label", None)])
-def test_answers_match_local_api_and_chunks_are_counted(serve, server_out, api_out, k):
-    srv = serve(output=server_out, max_batch=8)
-    api = remote(serve, srv, output=api_out, k=k, concurrency=3)
+@pytest.mark.parametrize("server_out,api_out,k,binary", [
+    ("logits", "logits", None, True), ("logits", "topk", 2, True), ("probs", "probs", None, False),
+    ("label", "label", None, True), ("topk", "topk", 2, True)])
+def test_answers_match_local_api_and_chunks_are_counted(serve, server_out, api_out, k, binary):
+    srv = serve(output=server_out, max_batch=8, k=2 if server_out == "topk" else None)
+    api = remote(serve, srv, output=api_out, k=k, concurrency=3, binary=binary)
     local = BlackBoxAPI.from_host(TEACHER, SHAPE, K, output=api_out, k=k)
     x = batch(37)
     out = api(x)
@@ -92,6 +129,7 @@ def test_answers_match_local_api_and_chunks_are_counted(serve, server_out, api_o
     assert api.queries == 37 == st["answered_samples"]
     assert st["answered_requests"] == 5                       # 8+8+8+8+5
     assert api.host_calls == 1                                 # one ledger charge per query
+    assert api.remote.stats()["answered_samples"] == 37       # the bill, read over OIP
 
 
 def test_jit_vmap_scan_count_matches_server(serve):
@@ -110,22 +148,27 @@ def test_jit_vmap_scan_count_matches_server(serve):
 
 def test_info_json_clients_and_output_rules(serve):
     srv = serve(output="label", max_batch=4, api_key="k1", metadata={"classes": [3, 1, 4, 1, 5]})
-    with urllib.request.urlopen(srv.url + "/healthz", timeout=5) as r:     # open without key
-        assert json.load(r)["ok"]
-    req = urllib.request.Request(srv.url + "/v1/predict", method="POST",
-                                 data=json.dumps({"inputs": batch(3).tolist()}).encode(),
+    with urllib.request.urlopen(srv.url + "/v2/health/ready", timeout=5) as r:  # open without key
+        assert r.status == 200
+    body = {"inputs": [{"name": "input", "shape": [3, 4, 4, 1], "datatype": "FP32",
+                        "data": batch(3).ravel().tolist()}]}
+    req = urllib.request.Request(srv.model_url + "/infer", method="POST",
+                                 data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json", "X-API-Key": "k1"})
     with urllib.request.urlopen(req, timeout=5) as r:
-        labels = json.load(r)["outputs"]
-    assert labels == TEACHER(batch(3)).argmax(1).tolist()
+        out = json.load(r)["outputs"][0]
+    assert out["datatype"] == "INT32" and out["data"] == TEACHER(batch(3)).argmax(1).tolist()
     api = remote(serve, srv, api_key="k1")                     # adopts the server's mode
     assert api.output == "label" and api.remote.info()["classes"] == [3, 1, 4, 1, 5]
     with pytest.raises(ValueError, match="reveal"):
-        BlackBoxAPI.from_http(srv.url, SHAPE, K, output="probs", api_key="k1", **FAST)
+        BlackBoxAPI.from_http(srv.model_url, SHAPE, K, output="probs", api_key="k1", **FAST)
     with pytest.raises(ValueError, match="input_shape"):
-        BlackBoxAPI.from_http(srv.url, (8, 8, 1), K, api_key="k1", **FAST)
-    auto = serve.track(BlackBoxAPI.from_http(srv.url, None, None, api_key="k1", **FAST))
+        BlackBoxAPI.from_http(srv.model_url, (8, 8, 1), K, api_key="k1", **FAST)
+    auto = serve.track(BlackBoxAPI.from_http(srv.url, api_key="k1", **FAST))  # the only model
     assert (auto.input_shape, auto.num_classes) == (SHAPE, K)
+    req = urllib.request.Request(srv.url + "/metrics", headers={"Authorization": "Bearer k1"})
+    with urllib.request.urlopen(req, timeout=5) as r:          # Prometheus: the bill
+        assert f'dfml_answered_samples_total{{model="{srv.name}"}}' in r.read().decode()
 
 
 # ----------------------------------------------------------------------------- faults
@@ -158,7 +201,7 @@ def test_wrong_or_missing_api_key_is_a_clear_error(serve):
     srv = serve(api_key="secret")
     for key in (None, "wrong"):
         with pytest.raises(RemoteAuthError, match="rejected the API key"):
-            BlackBoxAPI.from_http(srv.url, SHAPE, K, api_key=key, **FAST)
+            BlackBoxAPI.from_http(srv.model_url, SHAPE, K, api_key=key, **FAST)
     api = remote(serve, srv, api_key="secret")
     api.remote.api_key = "revoked"                            # key rejected in the middle of a run
     step = jax.jit(lambda x: api(x).sum())
@@ -199,14 +242,18 @@ def test_label_server_with_impossible_labels(serve):
 
 def test_bad_input_and_unknown_endpoint(serve):
     srv = serve()
-    body, headers = encode_array(batch(2).reshape(2, 16))
-    req = urllib.request.Request(srv.url + "/v1/predict", data=body, headers=headers)
+    body, headers = encode_infer_request(batch(2).reshape(2, 16), "input")
+    req = urllib.request.Request(srv.model_url + "/infer", data=body, headers=headers)
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=5)
-    assert e.value.code == 400 and "takes (n, 4, 4, 1)" in e.value.read().decode()
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(srv.url + "/v2/nothing", timeout=5)
-    assert e.value.code == 404
+    assert e.value.code == 400 and "takes FP32 (n, 4, 4, 1)" in e.value.read().decode()
+    for path in ("/v2/nothing", "/v2/models/other/infer", "/v2/repository/models/teacher/unload"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(srv.url + path, data=body,
+                                                          headers=headers), timeout=5)
+        assert e.value.code == 404, path
+    with pytest.raises(Exception, match="404.*model name 'other'"):
+        BlackBoxAPI.from_http(srv.url, SHAPE, K, model="other", **FAST)
     assert srv.stats()["bad_requests"] == 1 and srv.stats()["answered_samples"] == 0
 
 
@@ -219,14 +266,28 @@ def test_timeouts_give_a_clear_error_after_bounded_retries(serve):
     assert time.perf_counter() - t0 < 2.0 and api.queries == 0
 
 
-def test_answer_lost_to_a_timeout_is_replayed_not_billed_twice(serve):
-    srv = serve(latency_ms=150)
-    api = remote(serve, srv, timeout=0.1, max_retries=6, backoff=0.02, max_backoff=0.05)
+def test_answer_lost_to_a_timeout_is_billed_again_and_counted(serve):
+    """OIP has no idempotency: an answer lost to a client timeout is billed by the server, and
+    the retry is billed again; the ledger charges the samples once and the client counts the
+    ambiguous retry."""
+    import threading
+
+    calls = {"n": 0}
+
+    def slow_first(x):                    # the first answer arrives after the client gave up
+        calls["n"] += 1
+        if calls["n"] == 1:
+            threading.Event().wait(0.6)
+        return TEACHER(x)
+
+    srv = serve(slow_first)
+    api = remote(serve, srv, timeout=0.4, max_retries=3, backoff=0.001, max_backoff=0.002)
     out = api(batch(5))
-    st = srv.stats()
-    assert out.shape == (5, K) and api.queries == 5
-    assert st["answered_samples"] == 5 and st["answered_requests"] == 1
-    assert st["replayed_requests"] >= 1 and api.remote.counters["retries"] >= 1
+    st, c = srv.stats(), api.remote.counters
+    assert out.shape == (5, K) and api.queries == 5                 # delivered and charged once
+    assert st["answered_samples"] == 10 and st["answered_requests"] == 2   # billed twice
+    assert c["ambiguous_retries"] == 1 and c["ambiguous_samples"] == 5
+    assert api.queries + c["ambiguous_samples"] == st["answered_samples"]
 
 
 def test_server_killed_mid_query_then_retry_rebuys_nothing(serve, tmp_path):
@@ -263,8 +324,111 @@ def test_unreachable_server(serve):
     srv = serve()
     url = srv.url
     srv.stop()
-    with pytest.raises(RemoteUnavailable, match="could not connect.*healthz"):
-        BlackBoxAPI.from_http(url, SHAPE, K, max_retries=1, **{**FAST, "timeout": 1.0})
+    with pytest.raises(RemoteUnavailable, match="could not connect.*health/ready"):
+        BlackBoxAPI.from_http(url, SHAPE, K, model="teacher", max_retries=1,
+                              **{**FAST, "timeout": 1.0})
+
+
+# ----------------------------------------------------------------------------- plain KServe
+PLAIN_KSERVE = textwrap.dedent("""
+    # A plain KServe ModelServer (no dfml_jax code): a linear model answering logits, with 10% of
+    # the requests failing with HTTP 503 (seeded).
+    import random, sys
+    import numpy as np
+    from fastapi import HTTPException
+    import kserve.model_server as ms
+    from kserve import Model, ModelServer
+    from kserve.protocol.infer_type import InferOutput, InferResponse
+
+    class Loopback(ms.RESTServer):          # KServe binds 0.0.0.0; keep the test on loopback
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.config.host = "127.0.0.1"
+
+    ms.RESTServer = Loopback
+    W = np.random.default_rng(7).normal(size=(16, 5)).astype(np.float32)
+
+    class Linear(Model):
+        def __init__(self):
+            super().__init__("linear")
+            self.rng, self.ready = random.Random(2), True
+
+        def get_input_types(self):
+            return [{"name": "pixels", "datatype": "FP32", "shape": [-1, 4, 4, 1]}]
+
+        def get_output_types(self):
+            return [{"name": "logits", "datatype": "FP32", "shape": [-1, 5]}]
+
+        async def predict(self, payload, headers=None):
+            if self.rng.random() < 0.1:
+                raise HTTPException(status_code=503, detail="overloaded, retry")
+            x = payload.inputs[0].as_numpy()
+            y = x.reshape(len(x), -1) @ W
+            out = InferOutput("logits", list(y.shape), "FP32", y)
+            return InferResponse(payload.id, self.name, [out],
+                                 use_binary_outputs=payload.use_binary_outputs,
+                                 requested_outputs=payload.request_outputs)
+
+    ModelServer(http_port=int(sys.argv[1]), enable_grpc=False, workers=1).start([Linear()])
+""")
+
+
+@pytest.fixture
+def plain_kserve(tmp_path):
+    """A plain KServe ModelServer in a subprocess; yields its base URL."""
+    import socket
+
+    script = tmp_path / "plain_kserve.py"
+    script.write_text(PLAIN_KSERVE)
+    with socket.socket() as s:             # a free loopback port for the server to take
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "the KServe server did not start"
+            try:
+                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_client_on_a_plain_kserve_server_failing_10pct(plain_kserve):
+    """The project's client on a KServe ModelServer written here: 1,000 samples answered under
+    10% HTTP 503s, the ledger exactly 1,000, the answers those of the model."""
+    w = np.random.default_rng(7).normal(size=(16, 5)).astype(np.float32)
+    api = BlackBoxAPI.from_http(plain_kserve + "/v2/models/linear", output="logits", max_batch=50,
+                                concurrency=4, max_retries=8, backoff=0.005, max_backoff=0.05,
+                                timeout=10.0)
+    try:
+        assert (api.input_shape, api.num_classes) == (SHAPE, K)     # from the model metadata
+        assert api.remote.info()["input_name"] == "pixels"
+        x = np.random.default_rng(11).random((1000,) + SHAPE, dtype=np.float32)
+        out = np.concatenate([np.asarray(api(x[i:i + 250])) for i in range(0, 1000, 250)])
+        np.testing.assert_allclose(out, x.reshape(1000, -1) @ w, rtol=1e-5, atol=1e-5)
+        c = api.remote.counters
+        assert api.queries == 1000 and c["answered_samples"] == 1000
+        rng, failed, ok = random.Random(2), 0, 0            # the server's 503s: retried
+        while ok < 20:
+            failed, ok = (failed + 1, ok) if rng.random() < 0.1 else (failed, ok + 1)
+        assert c["retries"] == failed == 4
+        assert c["ambiguous_retries"] == 0                  # a 503 is not an answer: billed once
+    finally:
+        api.remote.close()
 
 
 # ----------------------------------------------------------------------------- CLI on a pool
@@ -293,7 +457,11 @@ def tiny_pool(tmp_path):
     return d, shape
 
 
-def test_cli_serves_a_pool_teacher(tiny_pool, tmp_path):
+def test_cli_serves_a_pool_teacher_read_by_the_triton_client(tiny_pool, tmp_path):
+    """python -m dfml_jax.serve on a pool teacher; NVIDIA's tritonclient.http reads it (ready,
+    metadata, config, infer with binary data, statistics), then the project's client."""
+    import tritonclient.http as triton
+
     from dfml_jax.pool import load_pool
 
     d, shape = tiny_pool
@@ -311,15 +479,38 @@ def test_cli_serves_a_pool_teacher(tiny_pool, tmp_path):
             assert time.time() < deadline, "server did not start"
             time.sleep(0.1)
         with open(port_file) as f:
-            url = f"http://127.0.0.1:{int(f.read())}"
-        api = BlackBoxAPI.from_http(url, shape, 5, api_key="pool-key", **FAST)
-        info = api.remote.info()
-        assert info["name"] == "toy/mlp/1" and info["classes"] == [1, 2, 3, 4, 5]
-        assert info["mean"] == [0.5] and info["max_batch"] == 4
+            port = int(f.read())
         x = np.random.default_rng(0).normal(size=(7,) + shape).astype(np.float32)
-        want = load_pool(d, output="logits")[1](x)
-        np.testing.assert_allclose(np.asarray(api(x)), np.asarray(want), rtol=1e-4, atol=1e-5)
-        assert api.remote.stats()["answered_samples"] == 7 == api.queries
+        want = np.asarray(load_pool(d, output="logits")[1](x))
+        auth = {"Authorization": "Bearer pool-key"}
+        tc = triton.InferenceServerClient(f"127.0.0.1:{port}", connection_timeout=10,
+                                          network_timeout=30)
+        try:
+            assert tc.is_server_live() and tc.is_server_ready()
+            assert tc.is_model_ready("toy-mlp-1", headers=auth)
+            meta = tc.get_model_metadata("toy-mlp-1", headers=auth)
+            assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 6, 6, 1]}]
+            assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 5]}]
+            assert tc.get_model_config("toy-mlp-1", headers=auth)["max_batch_size"] == 4
+            inp = triton.InferInput("input", [3, *shape], "FP32")
+            inp.set_data_from_numpy(x[:3], binary_data=True)
+            res = tc.infer("toy-mlp-1", [inp], headers=auth,
+                           outputs=[triton.InferRequestedOutput("output", binary_data=True)])
+            assert res.get_output("output")["parameters"]["binary_data_size"] == 3 * 5 * 4
+            np.testing.assert_allclose(res.as_numpy("output"), want[:3], rtol=1e-4, atol=1e-5)
+            st = tc.get_inference_statistics("toy-mlp-1", headers=auth)["model_stats"][0]
+            assert st["inference_count"] == 3 and st["execution_count"] == 1
+            with pytest.raises(triton.InferenceServerException, match="401|API key"):
+                tc.get_model_metadata("toy-mlp-1")
+        finally:
+            tc.close()
+        api = BlackBoxAPI.from_http(f"http://127.0.0.1:{port}/v2/models/toy-mlp-1", shape, 5,
+                                    api_key="pool-key", **FAST)
+        info = api.remote.info()
+        assert info["teacher"] == "toy/mlp/1" and info["classes"] == [1, 2, 3, 4, 5]
+        assert info["mean"] == [0.5] and info["max_batch"] == 4
+        np.testing.assert_allclose(np.asarray(api(x)), want, rtol=1e-4, atol=1e-5)
+        assert api.remote.stats()["answered_samples"] == 10 and api.queries == 7
     finally:
         if api is not None:
             api.remote.close()
@@ -329,7 +520,7 @@ def test_cli_serves_a_pool_teacher(tiny_pool, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-    assert proc.returncode == 0 and '"answered_samples": 7' in out
+    assert proc.returncode == 0 and '"answered_samples": 10' in out, out
 
 
 def test_pool_of_urls_for_pool_algorithms(tiny_pool, serve, tmp_path):
@@ -343,10 +534,11 @@ def test_pool_of_urls_for_pool_algorithms(tiny_pool, serve, tmp_path):
     servers = [TeacherServer.from_pool(d, i, output="logits", max_batch=8).start() for i in (0, 1)]
     pool = None
     try:
-        pool = load_remote_pool([s.url for s in servers], output="probs", **FAST)
+        pool = load_remote_pool([s.model_url for s in servers], output="probs", **FAST)
         local = load_pool(d, output="probs")
         assert pool.classes == local.classes and pool.mean == local.mean == (0.5,)
-        assert pool.image_size == 6 and pool.records[1]["name"].startswith("toy/mlp/1@")
+        assert pool.image_size == 6 and pool.records[1]["name"].startswith("toy-mlp-1@")
+        assert pool.records[1]["teacher"] == "toy/mlp/1"
         groups, locate = group_apis(pool.apis)          # one host group: traced index dispatch
         assert len(groups) == 1
         x = jnp.asarray(np.random.default_rng(1).normal(size=(3,) + shape), jnp.float32)
@@ -355,7 +547,7 @@ def test_pool_of_urls_for_pool_algorithms(tiny_pool, serve, tmp_path):
                                    atol=1e-6)
         assert [a.queries for a in pool.apis] == [0, 3] == [s.stats()["answered_samples"]
                                                             for s in servers]
-        cfg, urls = BiDfExperimentConfig(), [s.url for s in servers]
+        cfg, urls = BiDfExperimentConfig(), [s.model_url for s in servers]
         run = RunDir(str(tmp_path / "bidf"))
         with pytest.raises(ValueError, match="white-box"):
             _pool(cfg, run, True, urls)
@@ -408,7 +600,7 @@ def ideal_setup():
 
 
 def _ideal_remote(srv, budget=80, **kw):
-    return BlackBoxAPI.from_http(srv.url, DSHAPE, DK, output="label", budget=budget,
+    return BlackBoxAPI.from_http(srv.model_url, DSHAPE, DK, output="label", budget=budget,
                                  **{**FAST, "concurrency": 2, **kw})
 
 
@@ -535,7 +727,7 @@ def test_distill_script_with_api_url(ideal_setup, serve, tmp_path):
     srv = serve(DTEACHER, DSHAPE, DK, output="probs", max_batch=16, fail_rate=0.1, seed=FAIL_SEED)
     wd = str(tmp_path / "run")
     argv = ["--config", "smoke", "--method", "ideal", "--workdir", wd, "--no-progress",
-            "--api-url", srv.url, "--api-timeout", "5"]
+            "--api-url", srv.model_url, "--api-timeout", "5"]
     argv += [a for s in SCRIPT_SETS for a in ("--set", s)]
     distill.main(argv)
     out = json.load(open(os.path.join(wd, "results.json")))
@@ -545,7 +737,7 @@ def test_distill_script_with_api_url(ideal_setup, serve, tmp_path):
     assert srv.stats()["injected_failures"] > 0
     assert "remote teacher at" in open(os.path.join(wd, "results.md")).read()
     with pytest.raises(SystemExit, match="remote teacher"):   # no mixing local and remote runs
-        distill.main([a for a in argv if a not in ("--api-url", srv.url)])
+        distill.main([a for a in argv if a not in ("--api-url", srv.model_url)])
     # serve --distill-run: the teacher this run trained locally, as a server would load it
     from dfml_jax.serve import distill_teacher
 
@@ -564,3 +756,80 @@ def test_bench_remote_prints_json_lines(capsys):
     http = [r for r in rows if r["kind"] == "http"]
     assert rows[0]["kind"] == "meta" and len(http) == 1
     assert http[0]["qps"] > 0 and http[0]["server_answered"] == http[0]["ledger"]
+
+
+# ----------------------------------------------------------------------------- BiDf-MKD, remotely
+@pytest.mark.slow
+def test_bidf_mkd_smoke_run_against_served_teachers(serve):
+    """A BiDf-MKD run on a pool of two served teachers (load_remote_pool over OIP, 10% of the
+    requests failing with 503): every visit's queries are answered, and each server's bill equals
+    its API's ledger."""
+    from dfml_jax.bidf_mkd.train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
+    from dfml_jax.models import create_model, functional
+    from dfml_jax.remote import load_remote_pool
+
+    s, k = 8, 5
+    classes = [[0, 2, 4, 6, 7], [1, 2, 3, 5, 6]]
+    servers = [serve(make_linear_teacher((s, s, 1), k, seed=20 + i), (s, s, 1), k,
+                     output="logits", max_batch=16, name=f"t{i}", fail_rate=0.1, seed=i,
+                     metadata={"classes": classes[i], "mean": [0.5], "std": [0.5]})
+               for i in range(2)]
+    remote_pool = load_remote_pool([v.model_url for v in servers], output="logits", **FAST)
+    for a in remote_pool.apis:
+        serve.track(a)
+    assert remote_pool.classes == tuple(tuple(c) for c in classes)
+    meta = functional(create_model("mlp", num_classes=k, input_shape=(s, s, 1), rngs_or_key=0,
+                                   hidden=(16,)))
+    gen = functional(create_model("dcgan", nz=8, ngf=4, img_size=s, nc=1, rngs_or_key=0))
+    cfg = BiDfMKDConfig(shots=1, query=2, meta_iterations=2, meta_batch=2, inv_iterations=2,
+                        inv_per_class=3, q=2, mu=0.01, nz=8, ngf=4, memory_slots=2,
+                        plateau_patience=2, boundary_start=2, eval_every=2, val_tasks=2,
+                        replay_inner_steps=1, kd_inner_steps=1, inv_pad=1)
+    x = jax.random.uniform(jax.random.key(0), (2, k * 3, s, s, 1))
+    y = jnp.tile(jnp.repeat(jnp.arange(k), 3)[None], (2, 1))
+    pool = TeacherPool(remote_pool.apis, remote_pool.classes, remote_pool.mean, remote_pool.std,
+                       remote_pool.image_size, None)
+    res = train_bidf_mkd(cfg, pool=pool, val_tasks=(x[:, :k], y[:, :k], x[:, k:], y[:, k:]),
+                         progress=False, meta_apply=meta.apply_batchstats,
+                         meta_init_params=meta.params, gen_init=lambda key: gen.init(key)[0],
+                         gen_apply=gen.apply_batchstats)
+    bills = [v.stats()["answered_samples"] for v in servers]
+    assert res.visits >= 1 and [a.queries for a in remote_pool.apis] == bills
+    assert sum(bills) == res.api_queries > 0
+    assert sum(v.stats()["injected_failures"] for v in servers) > 0
+    assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree.leaves(res.final_params))
+
+
+def test_grpc_service_of_the_server(serve):
+    """--grpc-port: KServe's OIP v2 gRPC servicer answers the same model (raw tensor contents),
+    behind the same key, and bills the same counter."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    srv = serve(output="logits", max_batch=8, api_key="g1", grpc_port=0)
+    auth = [("authorization", "Bearer g1")]
+    with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=srv.name), metadata=auth,
+                                  timeout=10)
+        assert list(meta.inputs[0].shape) == [-1, 4, 4, 1] and meta.outputs[0].name == "output"
+        x = batch(3)
+        tensor = pb.ModelInferRequest.InferInputTensor
+        req = pb.ModelInferRequest(model_name=srv.name, raw_input_contents=[x.tobytes()],
+                                   inputs=[tensor(name="input", datatype="FP32",
+                                                  shape=list(x.shape))])
+        res = stub.ModelInfer(req, metadata=auth, timeout=10)
+        out = np.frombuffer(res.raw_output_contents[0], np.float32).reshape(3, K)
+        np.testing.assert_allclose(out, TEACHER(x), rtol=1e-5, atol=1e-6)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req, metadata=[("authorization", "Bearer no")], timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        big = pb.ModelInferRequest(model_name=srv.name, raw_input_contents=[batch(9).tobytes()],
+                                   inputs=[tensor(name="input", datatype="FP32",
+                                                  shape=[9, 4, 4, 1])])
+        with pytest.raises(grpc.RpcError, match="max_batch=8") as e:
+            stub.ModelInfer(big, metadata=auth, timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert srv.stats()["answered_samples"] == 3 and srv.stats()["rejected_auth"] == 1

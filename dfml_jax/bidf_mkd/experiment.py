@@ -135,8 +135,9 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
                    pool_urls: Optional[Sequence[str]] = None, mesh=None) -> Dict[str, Any]:
     """Runs (or resumes, or just reports) a BiDf-MKD experiment in ``workdir``.
 
-    ``pool_urls``: query a pool of remote teachers (one ``python -m dfml_jax.serve --pool DIR
-    --api I`` per URL, key from ``$DFML_API_KEY``) instead of ``cfg.pool_dir``; black-box only
+    ``pool_urls``: query a pool of remote teachers (one Open Inference Protocol endpoint
+    ``http://HOST:PORT/v2/models/NAME`` per teacher, e.g. ``python -m dfml_jax.serve --pool DIR
+    --api I``; key from ``$DFML_API_KEY``) instead of ``cfg.pool_dir``; black-box only
     (no ``average`` / ``white_box`` methods). See :func:`dfml_jax.remote.load_remote_pool`.
 
     ``mesh``: optional device mesh (:func:`dfml_jax.parallel.make_mesh`) for the meta-trained
