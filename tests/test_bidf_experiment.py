@@ -1,16 +1,24 @@
-"""The BiDf-MKD smoke experiment end to end: every method, results files, a finished run is kept."""
+"""The BiDf-MKD smoke experiment end to end: every method, results files, a finished run is kept;
+the baselines' building blocks (kernel scaling, the pool's training data)."""
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 from configs.bidf_mkd_configs import CONFIGS, get_config  # noqa: E402
 
-from dfml_jax.bidf_mkd.experiment import run_experiment  # noqa: E402
+from dfml_jax.bidf_mkd.experiment import (METHODS, kernel_scale, pool_data_split,  # noqa: E402
+                                          run_experiment, scale_kernels)
+from dfml_jax.data import ClassDataset, Taskset  # noqa: E402
 from dfml_jax.experiment import apply_overrides  # noqa: E402
+from dfml_jax.models import create_model, functional  # noqa: E402
 
 
 def test_configs_are_consistent():
@@ -19,6 +27,64 @@ def test_configs_are_consistent():
         assert cfg.inv_per_class >= cfg.shots + cfg.query, name
     with pytest.raises(ValueError, match="available"):
         get_config("nope")
+    for name in ("smoke", "default"):
+        assert set(CONFIGS[name].methods) == set(METHODS), name
+    sub = apply_overrides(get_config("smoke"), ['methods=["random","random_scaled","maml_pool_data"]'])
+    assert sub.methods == ("random", "random_scaled", "maml_pool_data")
+    with pytest.raises(ValueError, match="unknown methods.*random_scale'"):
+        run_experiment(apply_overrides(sub, ['methods=["random_scale"]']), "/nonexistent/x")
+
+
+def test_scale_kernels_scales_exactly_the_conv_and_linear_kernels():
+    params = functional(create_model("conv4", num_classes=5, input_shape=(28, 28, 1),
+                                     rngs_or_key=0, width=8)).params
+    scaled, paths = scale_kernels(params, 0.25)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    new = jax.tree_util.tree_leaves(scaled)
+    kernels = [jax.tree_util.keystr(p) for p, _ in flat if "'kernel'" in jax.tree_util.keystr(p)]
+    assert sorted(paths) == sorted(kernels) and len(paths) == 5  # 4 convs + the classifier
+    for (p, old), v in zip(flat, new):
+        want = np.asarray(old) * 0.25 if jax.tree_util.keystr(p) in paths else np.asarray(old)
+        np.testing.assert_array_equal(np.asarray(v), want)  # biases and BN scale/bias untouched
+    assert jax.tree.structure(scaled) == jax.tree.structure(params)
+    with pytest.raises(ValueError, match="no leaf named 'kernel'"):
+        scale_kernels({"bias": np.ones(3)}, 0.5)
+    cfg = get_config("smoke")
+    assert kernel_scale(cfg) == pytest.approx(1 / math.sqrt(cfg.num_apis))
+    assert kernel_scale(dataclasses.replace(cfg, random_scale=0.5)) == 0.5
+    with pytest.raises(ValueError, match="random_scale must be a positive"):
+        kernel_scale(dataclasses.replace(cfg, random_scale=0.0))
+
+
+def _toy_split(num_classes=12, per_class=5):
+    """Pixel value = 10 * class + image index: every image names its class and index."""
+    v = 10 * np.arange(num_classes)[:, None] + np.arange(per_class)[None]
+    return ClassDataset(np.broadcast_to(v[:, :, None, None, None], (num_classes, per_class, 2, 2, 1))
+                        .astype(np.uint8), [f"c{i}" for i in range(num_classes)], name="toy/train")
+
+
+def test_pool_data_split_holds_only_the_teachers_classes_and_training_images():
+    split = _toy_split()
+    records = [{"classes": [3, 1, 4], "num_train": 12, "num_classes": 3, "dataset": "toy"},
+               {"classes": [1, 5, 9], "num_train": 12, "num_classes": 3, "dataset": "toy"}]
+    sub, classes, what = pool_data_split(split, records, "toy")
+    np.testing.assert_array_equal(classes, [1, 3, 4, 5, 9])
+    assert sub.per_class == 4 and "first 4 of 5" in what  # the held-out 5th image is left out
+    np.testing.assert_array_equal(sub.images, split.images[classes][:, :4])
+    t = Taskset(sub, 3, 1, 2).sample(jax.random.key(0), 50)
+    abs_classes = classes[np.asarray(t.classes)]
+    assert set(abs_classes.ravel()) <= {1, 3, 4, 5, 9} and len(set(abs_classes.ravel())) == 5
+    pix = np.concatenate([np.asarray(t.support_x), np.asarray(t.query_x)], 1)[..., 0, 0, 0] * 255
+    cls_of_pixel, idx_of_pixel = np.divmod(np.rint(pix).astype(int), 10)
+    assert set(cls_of_pixel.ravel()) <= {1, 3, 4, 5, 9} and idx_of_pixel.max() < 4
+    assert (cls_of_pixel[:, :3] == abs_classes).all()  # support image i is of the task's class i
+    remote = [{k: v for k, v in r.items() if k != "num_train"} for r in records]
+    sub, _, what = pool_data_split(split, remote, "toy")
+    assert sub.per_class == 5 and "all 5 images" in what
+    with pytest.raises(ValueError, match="trained on \\['other'\\]"):
+        pool_data_split(split, [{**records[0], "dataset": "other"}], "toy")
+    with pytest.raises(ValueError, match="must index the meta-train split"):
+        pool_data_split(split, [{**records[0], "classes": [1, 12, 2]}], "toy")
 
 
 def test_smoke_run_end_to_end(tmp_path):
@@ -33,7 +99,24 @@ def test_smoke_run_end_to_end(tmp_path):
             mean, ci = r[s]
             assert 0 <= mean <= 100 and ci >= 0
     q = {r["method"]: r["API queries"] for r in out["rows"]}
-    assert q["bidf_mkd"] > 0 and q["white_box"] > 0 and q["random"] == q["average"] == q["maml_real"] == 0
+    assert q["bidf_mkd"] > 0 and q["white_box"] > 0
+    assert q["random"] == q["random_scaled"] == q["average"] == q["maml_real"] == q["maml_pool_data"] == 0
+    # both protocols per method and shot; the primary one under the historical keys
+    for m, r in out["methods"].items():
+        for s in ("1-shot", "5-shot"):
+            assert len(r[s]) == 2 and 0 <= r[s][0] <= 100, m
+            assert len(r["paper_protocol"][s]) == 2 and 0 <= r["paper_protocol"][s][0] <= 100, m
+        assert r["paper_protocol"]["lr"] == cfg.paper_lr and r["paper_protocol"]["steps"] == cfg.paper_steps
+    for m in ("bidf_mkd", "white_box", "maml_real", "maml_pool_data"):
+        pp = out["methods"][m]["paper_protocol"]
+        assert pp["1-shot_source"].startswith("max over") and pp["5-shot_source"].startswith("one"), m
+        assert pp["1-shot"][0] == pytest.approx(out["methods"][m]["paper_protocol_best_test"])
+    assert "1-shot_source" in out["methods"]["random"]["paper_protocol"]
+    assert "TEST split" in out["protocols"]["paper_protocol"]
+    assert out["methods"]["random_scaled"]["kernel_scale"] == pytest.approx(1 / math.sqrt(cfg.num_apis))
+    pool_classes = {c for t in json.load(open(os.path.join(work, "pool", "pool.json")))["teachers"]
+                    for c in t["classes"]}
+    assert set(out["methods"]["maml_pool_data"]["pool_classes"]) == pool_classes
     # the fine-tuning lr of every method and shot is the best of the grid on meta-validation
     for m, r in out["methods"].items():
         for s in cfg.test_shots:
@@ -42,6 +125,7 @@ def test_smoke_run_end_to_end(tmp_path):
             assert r[f"{s}-shot_lr"] == max(sorted(cfg.finetune_lrs), key=lambda v: table[str(v)]), m
     md = open(os.path.join(work, "results.md")).read()
     assert "| bidf_mkd |" in md and "±" in md
+    assert "paper protocol† 1-shot (%)" in md and "selects on the TEST split" in md
     assert os.path.exists(os.path.join(work, "val_acc_vs_iteration.png"))
     assert os.path.exists(os.path.join(work, "val_acc_vs_queries.png"))
     pools = [d for d in os.listdir(work) if d.startswith("pool-")]  # <workdir>/pool-<build key>

@@ -7,6 +7,7 @@ import pytest
 from dfml_jax.bidf_mkd.inversion import inversion_queries
 from dfml_jax.bidf_mkd.train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
 from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.meta import evaluate_tasks
 from dfml_jax.models import create_model, functional
 
 S, K, NCLS = 8, 5, 8
@@ -63,7 +64,7 @@ def test_loop_counts_queries_per_visit_and_fills_memory(full_run):
     assert res.api_queries == per_visit * res.visits == sum(a.queries for a in pool.apis)
     assert any(v["boundary"] for v in visits) and not visits[0]["boundary"]
     evals = [h for h in res.history if h["event"] == "eval"]
-    assert [e["iteration"] for e in evals] == [4, 8]
+    assert [e["iteration"] for e in evals] == [0, 4, 8]  # iteration 0: the initial parameters
 
 
 def test_resume_equals_uninterrupted(tmp_path, full_run):
@@ -95,7 +96,7 @@ def test_white_box_and_real_data_variants():
     real = CFG.__class__(**{**CFG.__dict__, "replay_source": "real", "meta_iterations": 4})
     r = train_bidf_mkd(real, pool=None, val_tasks=tasks(jax.random.key(0)), progress=False,
                        real_tasks=lambda k: tasks(k, n=2), **parts())
-    assert r.api_queries == 0 and r.visits == 0 and len(r.history) == 1
+    assert r.api_queries == 0 and r.visits == 0 and [h["iteration"] for h in r.history] == [0, 4]
 
 
 def test_bad_config_is_refused():
@@ -144,3 +145,39 @@ def test_memory_filter_in_the_loop_costs_no_queries():
     with pytest.raises(ValueError, match="memory_filter must be None"):
         train_bidf_mkd(bad, pool=make_pool(), val_tasks=tasks(jax.random.key(0)), progress=False,
                        **parts())
+
+
+def easy_tasks(key, n=10, shots=1, query=3):
+    """Tasks a fine-tuned random MLP solves well: class c lights up row c of the image."""
+    def part(k, per):
+        y = jnp.tile(jnp.repeat(jnp.arange(K), per)[None], (n, 1))
+        x = 0.1 * jax.random.uniform(k, (n, K * per, S, S, 1)) + jax.nn.one_hot(y, S)[..., None, None]
+        return x, y
+    ks, kq = jax.random.split(key)
+    return part(ks, shots) + part(kq, query)
+
+
+def test_model_selection_scores_the_initial_parameters():
+    """Training that only degrades the model (here it diverges: NaN training images) returns the
+    initial parameters: iteration 0 is evaluated and competes in model selection. The paper
+    protocol's test evaluations (iteration 0 included) use paper_lr / paper_steps, and their
+    maximum is reported."""
+    cfg = CFG.__class__(**{**CFG.__dict__, "replay_source": "real", "meta_iterations": 4,
+                           "eval_every": 2, "inner_lr": 0.5,
+                           "paper_eval_tasks": 6, "paper_lr": 0.3, "paper_steps": 3})
+    test = easy_tasks(jax.random.key(1))
+    diverging = lambda k: tuple(a * jnp.nan if a.ndim > 2 else a for a in tasks(k, n=2))
+    r = train_bidf_mkd(cfg, pool=None, val_tasks=easy_tasks(jax.random.key(0)), progress=False,
+                       real_tasks=diverging, test_tasks=test, **parts())
+    evals = [h for h in r.history if h["event"] == "eval"]
+    assert [e["iteration"] for e in evals] == [0, 2, 4]
+    assert evals[0]["val_acc"] > max(e["val_acc"] for e in evals[1:]) + 20  # training only hurts
+    paper0 = evaluate_tasks(META.apply_batchstats, META.params, *(a[:6] for a in test), steps=3,
+                            lr=0.3, batch_size=25)
+    assert evals[0]["test_acc_paper_protocol"] == pytest.approx(paper0.mean)
+    assert evals[0]["test_ci_paper_protocol"] == pytest.approx(paper0.ci95)
+    assert r.paper_best_test == max(e["test_acc_paper_protocol"] for e in evals)
+    for a, b in zip(jax.tree.leaves(r.best_params), jax.tree.leaves(META.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(r.final_params), jax.tree.leaves(META.params)))

@@ -9,10 +9,10 @@ import pytest
 from dfml_jax.augment import normalize
 from dfml_jax.bidf_mkd import InversionConfig, inversion_queries
 from dfml_jax.bidf_mkd.probe import (ProbeConfig, Recipe, few_shot_eval, kd_student, pool_probe,
-                                     recover_set, scale_kernels, with_head, within_task_probe)
+                                     recover_set, with_head, within_task_probe)
 from dfml_jax.blackbox import BlackBoxAPI
 from dfml_jax.data import ClassDataset
-from dfml_jax.models import create_model, functional
+from dfml_jax.models import create_model, functional, scale_kernels
 
 SIZE, K = 16, 5
 MEAN, STD = (0.5,), (0.5,)
@@ -70,7 +70,7 @@ def test_kd_student_learns_the_teacher():
 
 def test_kernel_scaling_and_head_swap_touch_only_their_leaves():
     m = meta()
-    s = scale_kernels(m.params, 0.5)
+    s = scale_kernels(m.params, 0.5)[0]
     np.testing.assert_allclose(s["convs"][0]["kernel"][...], 0.5 * m.params["convs"][0]["kernel"][...])
     np.testing.assert_allclose(s["classifier"]["kernel"][...], 0.5 * m.params["classifier"]["kernel"][...])
     np.testing.assert_array_equal(s["convs"][0]["bias"][...], m.params["convs"][0]["bias"][...])

@@ -43,11 +43,12 @@ from dfml_jax.blackbox import group_apis, surface_api_errors
 from dfml_jax.data import ClassDataset, Taskset
 from dfml_jax.losses import teacher_probs
 from dfml_jax.meta import evaluate_tasks, select_finetune_lr
+from dfml_jax.models import scale_kernels
 
 from .inversion import InversionConfig, inversion_queries, make_inverter
 
 __all__ = ["Recipe", "ProbeConfig", "RecoveredSet", "recover_set", "recover_sets", "kd_student", "within_task_probe",
-           "pool_probe", "replay_probe", "reference_rows", "scale_kernels", "with_head",
+           "pool_probe", "replay_probe", "reference_rows", "with_head",
            "few_shot_eval", "FewShotEval", "transfer_score", "run_probe", "RECIPE_SOURCES"]
 
 RECIPE_SOURCES = ("zo", "white_box", "real", "noise")
@@ -314,20 +315,6 @@ def with_head(params, head_params, head: str = "classifier"):
     return jax.tree_util.tree_map_with_path(pick, params, head_params)
 
 
-def scale_kernels(params, factor: float):
-    """``params`` with every convolution / linear ``kernel`` multiplied by ``factor`` (biases and
-    batch-norm parameters unchanged).
-
-    >>> p = {"conv": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}}
-    >>> scale_kernels(p, 0.5)["conv"]["kernel"].tolist(), scale_kernels(p, 0.5)["conv"]["bias"].tolist()
-    ([0.5, 0.5], [1.0, 1.0])
-    """
-    def f(path, a):
-        names = [getattr(e, "key", getattr(e, "name", None)) for e in path]
-        return a * factor if "kernel" in names else a
-    return jax.tree_util.tree_map_with_path(f, params)
-
-
 class FewShotEval(NamedTuple):
     """Validation tasks for the transfer score and separate ones for choosing the lr."""
     tasks: tuple
@@ -434,7 +421,7 @@ def reference_rows(meta, ev: FewShotEval, cfg: ProbeConfig, *,
     Average of the probed teachers' weights, under the pool probe's fine-tuning protocol."""
     rows = {"random": transfer_score(meta.apply_batchstats, meta.params, ev, cfg),
             "random_scaled": transfer_score(
-                meta.apply_batchstats, scale_kernels(meta.params, 1.0 / math.sqrt(cfg.num_apis)),
+                meta.apply_batchstats, scale_kernels(meta.params, 1.0 / math.sqrt(cfg.num_apis))[0],
                 ev, cfg)}
     if white_box_params:
         ok = [p for p in white_box_params if _same_body(p, meta.params) and

@@ -7,9 +7,11 @@ re-buying queries. The loop follows the official code (spec ``bidf_mkd.md`` sect
 * the first task is a KD task; later a new API is visited when the batch-mean replay training
   accuracy has not reached a new maximum for ``plateau_patience`` meta-iterations;
 * a meta-batch with a KD task is 1 KD task + ``meta_batch - 1`` replay tasks, losses summed;
-* every ``eval_every`` meta-iterations the meta-model is evaluated on meta-validation tasks (model
-  selection) and, if ``paper_eval_tasks > 0``, on meta-test tasks to report the paper's
-  "best over test evaluations" number, labelled as such.
+* the initial meta-model (iteration 0) and then every ``eval_every`` meta-iterations the
+  meta-model is evaluated on meta-validation tasks (model selection: the best of these, the
+  initial parameters included, is returned) and, if ``paper_eval_tasks > 0``, on meta-test tasks
+  with the paper's fine-tuning (``paper_lr``, ``paper_steps``) to report the paper's "best over
+  test evaluations" number, labelled as such.
 
 ``replay_source="real"`` replaces the memory by real meta-train tasks and skips the APIs: the
 "MAML on real data" upper bound. ``white_box=True`` uses true gradients through the teachers in the
@@ -92,6 +94,8 @@ class BiDfMKDConfig:
     eval_every: int = 500
     val_tasks: int = 100
     paper_eval_tasks: int = 0       # >0: also track max-over-test evaluations (paper protocol)
+    paper_lr: float = 0.01          # fine-tuning lr of the paper protocol's test evaluations
+    paper_steps: int = 10           # fine-tuning steps of the paper protocol's test evaluations
     finetune_steps: int = 10
     query_budget: Optional[int] = None
     checkpoint_every: int = 50
@@ -143,7 +147,7 @@ class LoopState(NamedTuple):
 
 
 class TrainResult(NamedTuple):
-    best_params: Any       # selected on meta-validation
+    best_params: Any       # selected on meta-validation (the initial parameters included)
     final_params: Any
     history: List[Dict[str, Any]]
     api_queries: int
@@ -224,7 +228,9 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
       gen_init, gen_apply: the generator's re-initialisation and ``(params, z) -> [0,1] images``.
       pool: the :class:`TeacherPool` (None with ``replay_source="real"``).
       val_tasks: fixed meta-validation tasks ``(sx, sy, qx, qy)`` in [0, 1] (model selection).
-      test_tasks: fixed meta-test tasks, used only if ``cfg.paper_eval_tasks > 0``.
+      test_tasks: fixed meta-test tasks, used only if ``cfg.paper_eval_tasks > 0`` (the first
+        ``paper_eval_tasks`` of them, fine-tuned with ``cfg.paper_lr`` for ``cfg.paper_steps``
+        steps at every evaluation; the maximum is ``TrainResult.paper_best_test``).
       real_tasks: ``key -> ReplayTasks`` in [0, 1] of real meta-train data (``replay_source="real"``).
       checkpoint_dir: orbax directory; the run resumes from its latest checkpoint.
       progress: show a tqdm bar.
@@ -236,7 +242,9 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
         unchanged single-device computation.
 
     Returns:
-      :class:`TrainResult`.
+      :class:`TrainResult`. ``best_params`` are the parameters with the best meta-validation
+      accuracy among the evaluations, the initial parameters (iteration 0, evaluated before
+      training) included: training that only degrades the model returns ``meta_init_params``.
     """
     _validate(cfg, pool)
     t_start = time.time()
@@ -445,10 +453,35 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
 
     val = tuple(jnp.asarray(a) for a in val_tasks)
 
-    def evaluate(params, tasks):
+    paper_test = None if not (cfg.paper_eval_tasks and test_tasks is not None) else tuple(
+        jnp.asarray(a)[:cfg.paper_eval_tasks] for a in test_tasks)
+
+    def evaluate(params, tasks, lr=cfg.inner_lr, steps=cfg.finetune_steps):
         sx, sy, qx, qy = tasks
         return evaluate_tasks(meta_apply, params, norm(sx), sy, norm(qx), qy,
-                              steps=cfg.finetune_steps, lr=cfg.inner_lr, batch_size=25)
+                              steps=steps, lr=lr, batch_size=25)
+
+    def eval_point(st: LoopState, it: int, **info) -> LoopState:
+        """Evaluates ``st.params`` on the meta-validation tasks (and, for the paper protocol, on
+        the test tasks with ``paper_lr`` / ``paper_steps``), appends the record to the history and
+        keeps the parameters as ``best_params`` if their validation accuracy is the best so far."""
+        r = evaluate(st.params, val)
+        rec = {"event": "eval", "iteration": it, "val_acc": r.mean, "val_ci": r.ci95,
+               "queries": total_queries(), "visits": host["visits"], **info,
+               "wall_s": time.time() - t_start}
+        if r.mean > host["best_val"]:
+            host["best_val"] = r.mean
+            st = st._replace(best_params=st.params)
+        if paper_test is not None:
+            tr = evaluate(st.params, paper_test, cfg.paper_lr, cfg.paper_steps)
+            rec.update(test_acc_paper_protocol=tr.mean, test_ci_paper_protocol=tr.ci95)
+            prev = host["paper_best_test"]
+            host["paper_best_test"] = tr.mean if prev is None else max(prev, tr.mean)
+        host["history"].append(rec)
+        return st
+
+    if host["iteration"] == 0 and not any(h.get("event") == "eval" for h in host["history"]):
+        state = eval_point(state, 0)  # the initial parameters compete in model selection too
 
     bar = tqdm(total=cfg.meta_iterations, initial=host["iteration"], disable=not progress,
                desc="BiDf-MKD" if not real else "MAML (real data)", dynamic_ncols=True)
@@ -488,19 +521,7 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
             bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{train_acc:.2f}", visits=host["visits"],
                             queries=total_queries())
             if it % cfg.eval_every == 0 or it == cfg.meta_iterations:
-                r = evaluate(state.params, val)
-                rec = {"event": "eval", "iteration": it, "val_acc": r.mean, "val_ci": r.ci95,
-                       "queries": total_queries(), "visits": host["visits"],
-                       "train_acc": train_acc, "wall_s": time.time() - t_start}
-                if r.mean > host["best_val"]:
-                    host["best_val"] = r.mean
-                    state = state._replace(best_params=state.params)
-                if cfg.paper_eval_tasks and test_tasks is not None:
-                    tr = evaluate(state.params, tuple(jnp.asarray(a)[:cfg.paper_eval_tasks] for a in test_tasks))
-                    rec["test_acc_paper_protocol"] = tr.mean
-                    prev = host["paper_best_test"]
-                    host["paper_best_test"] = tr.mean if prev is None else max(prev, tr.mean)
-                host["history"].append(rec)
+                state = eval_point(state, it, train_acc=train_acc)
             if it % cfg.checkpoint_every == 0:
                 save()
             if stop_after is not None and it >= stop_after:
@@ -511,13 +532,7 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
     evaluated_now = any(h.get("event") == "eval" and h["iteration"] == host["iteration"]
                         for h in host["history"][-1:])
     if host["stopped_by_budget"] and not evaluated_now:  # stop cleanly: evaluate what we have
-        r = evaluate(state.params, val)
-        host["history"].append({"event": "eval", "iteration": host["iteration"], "val_acc": r.mean,
-                                "val_ci": r.ci95, "queries": total_queries(),
-                                "visits": host["visits"], "wall_s": time.time() - t_start})
-        if r.mean > host["best_val"]:
-            host["best_val"] = r.mean
-            state = state._replace(best_params=state.params)
+        state = eval_point(state, host["iteration"])
     save()
     if ckpt is not None:
         ckpt.close()

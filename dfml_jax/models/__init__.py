@@ -87,9 +87,10 @@ from dfml_jax.models.strokes import StrokeGenerator
 __all__ = [
     "MODELS", "CLASSIFIERS", "GENERATORS", "create_model", "functional", "FunctionalModel",
     "model_config", "count_params", "Conv4", "ResNet", "BasicBlock", "LeNet5", "MLP",
-    "DCGANGenerator", "GENERATOR_HEADS", "StrokeGenerator", "normalize", "NORM_STATS", "DATASET_STATS", "layers",
+    "DCGANGenerator", "GENERATOR_HEADS", "StrokeGenerator", "normalize", "NORM_STATS",
+    "DATASET_STATS", "layers",
     "preprocess", "get_default_conv_impl", "set_default_conv_impl", "as_rngs",
-    "apply_from_graphdef", "stack_trees", "unstack_tree",
+    "apply_from_graphdef", "stack_trees", "unstack_tree", "scale_kernels",
 ]
 
 
@@ -335,3 +336,36 @@ def stack_trees(trees: Sequence[Any]) -> Any:
 def unstack_tree(tree: Any, index: int) -> Any:
     """Member ``index`` of a stacked population pytree."""
     return jax.tree.map(lambda a: a[index], tree)
+
+
+def scale_kernels(params, factor: float):
+    """Multiplies every convolution / linear KERNEL of a parameter tree by ``factor``.
+
+    A kernel is a leaf whose path holds the key ``kernel`` (the weight of every ``Conv2d`` and
+    ``Linear`` of :mod:`dfml_jax.models`); biases, BatchNorm scales and offsets and any other leaf
+    are returned unchanged.
+
+    Args:
+      params: a parameter pytree (``nnx.State`` or nested dicts).
+      factor: the multiplier.
+
+    Returns:
+      ``(scaled params, paths)``: a tree of the same structure, and the ``jax.tree_util.keystr``
+      paths of the scaled leaves.
+
+    Raises:
+      ValueError: the tree holds no kernel.
+    """
+    scaled = []
+
+    def one(path, leaf):
+        if any(getattr(k, "key", None) == "kernel" for k in path):
+            scaled.append(jax.tree_util.keystr(path))
+            return leaf * jnp.asarray(factor, leaf.dtype)
+        return leaf
+
+    out = jax.tree_util.tree_map_with_path(one, params)
+    if not scaled:
+        raise ValueError("scale_kernels: no leaf named 'kernel' in the parameters; random_scaled "
+                         "needs a meta-model built from dfml_jax.models conv / linear layers.")
+    return out, scaled
