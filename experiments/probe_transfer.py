@@ -87,6 +87,7 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown recipes {unknown}; valid: {sorted(RECIPES)}")
     import jax
+    import numpy as np
 
     from dfml_jax.bidf_mkd.probe import ProbeConfig, run_probe
     from dfml_jax.data import get_class_splits
@@ -108,14 +109,33 @@ def main(argv=None):
                        shots=bidf.shots, query=bidf.query,
                        replay_inner_steps=loop.replay_inner_steps, outer_lr=loop.outer_lr,
                        finetune_steps=bidf.finetune_steps)
+    out = os.path.join(args.workdir, "probe.json")
+    done = None
+    if os.path.exists(out):
+        with open(out) as f:
+            done = json.load(f)
+        if done.get("pool") != pool.directory:
+            done = None  # another pool: nothing to resume
+
+    grid_file = os.path.join(args.workdir, "recovered_images.npz")
+    old_grids = dict(np.load(grid_file)) if done and os.path.exists(grid_file) else {}
+
+    def save(results, grids):
+        np.savez(grid_file, **{**old_grids, **grids})
+        results.update(probe_config=dataclasses.asdict(cfg), bidf_config=bidf.name,
+                       base_inversion=dataclasses.asdict(loop.inversion()), jax=jax.__version__,
+                       pool=pool.directory)
+        with open(out + ".tmp", "w") as f:
+            json.dump(results, f, indent=1, default=float)
+        os.replace(out + ".tmp", out)
+
     results, grids = run_probe({n: RECIPES[n] for n in names}, pool=pool, train_split=train,
                                val_split=val, meta=meta, cfg=pcfg, base=loop.inversion(),
                                nz=bidf.nz, ngf=bidf.ngf,
-                               white_box=[(w.apply, w.params) for w in wb], progress=progress)
-    results.update(probe_config=dataclasses.asdict(cfg), bidf_config=bidf.name,
-                   base_inversion=dataclasses.asdict(loop.inversion()), jax=jax.__version__)
-    with open(os.path.join(args.workdir, "probe.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
+                               white_box=[(w.apply, w.params) for w in wb], progress=True,
+                               done=done, on_recipe=save)
+    save(results, grids)
+    grids = {**old_grids, **grids}
     table = _table(results)
     with open(os.path.join(args.workdir, "probe.md"), "w") as f:
         f.write(f"# Transfer probe '{cfg.name}' ({results['num_apis']} APIs of the "

@@ -432,6 +432,12 @@ def reference_rows(meta, ev: FewShotEval, cfg: ProbeConfig, *,
     return rows
 
 
+def json_ready(tree):
+    """``tree`` as it reads back from JSON (tuples become lists), for comparisons on resume."""
+    import json
+    return json.loads(json.dumps(tree, default=float))
+
+
 def _api_real_images(split: ClassDataset, record: Dict[str, Any]):
     """The API's own (training, held-out) real images by its output order: ``(K, n, ...)`` each."""
     imgs = split.images_of(record["classes"])
@@ -442,7 +448,9 @@ def _api_real_images(split: ClassDataset, record: Dict[str, Any]):
 def run_probe(recipes: Dict[str, Recipe], *, pool, train_split: ClassDataset,
               val_split: ClassDataset, meta, cfg: ProbeConfig, base: InversionConfig, nz: int,
               ngf: int, white_box: Optional[Sequence[Tuple[Callable, Any]]] = None,
-              progress: bool = True) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+              progress: bool = True, done: Optional[Dict[str, Any]] = None,
+              on_recipe: Optional[Callable[[Dict[str, Any], Dict[str, np.ndarray]], None]] = None
+              ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     """All three probes for every recipe, and the reference rows, on the pool's first APIs.
 
     Args:
@@ -457,6 +465,9 @@ def run_probe(recipes: Dict[str, Recipe], *, pool, train_split: ClassDataset,
       white_box: per API ``(apply, {"params", "state"})`` for white-box recipes and the Average
         row; None: those are skipped.
       progress: print one line per recipe.
+      done: results of an earlier, interrupted call with the same settings: its recipes are
+        kept, not recomputed (resume).
+      on_recipe: called with ``(results, grids)`` after every recipe (e.g. to save them).
 
     Returns:
       ``(results, grids)``: results is JSON-ready (``references``, ``recipes[name]`` with
@@ -473,12 +484,15 @@ def run_probe(recipes: Dict[str, Recipe], *, pool, train_split: ClassDataset,
                for _, ho in real]
     ev = few_shot_eval(val_split, cfg, mean, std)
     wb_params = [p["params"] for _, p in white_box[:n]] if white_box else None
-    results = {"references": reference_rows(meta, ev, cfg, white_box_params=wb_params),
-               "recipes": {}, "num_apis": n, "config": dataclasses.asdict(cfg)}
+    if done and done.get("config") == json_ready(dataclasses.asdict(cfg)):
+        results = done
+    else:
+        results = {"references": reference_rows(meta, ev, cfg, white_box_params=wb_params),
+                   "recipes": {}, "num_apis": n, "config": json_ready(dataclasses.asdict(cfg))}
     grids = {"real (API 0)": real[0][0][:, :4].transpose(1, 0, 2, 3, 4).reshape(
         (-1,) + real[0][0].shape[2:])}
     for name, recipe in recipes.items():
-        if recipe.source == "white_box" and not white_box:
+        if (recipe.source == "white_box" and not white_box) or name in results["recipes"]:
             continue
         t0 = time.time()
         sets = recover_sets(recipe, pool.apis[:n], jax.random.split(jax.random.key(cfg.seed + 1), n),
@@ -495,6 +509,8 @@ def run_probe(recipes: Dict[str, Recipe], *, pool, train_split: ClassDataset,
                "recovery_s": round(t_rec, 1), "wall_s": round(time.time() - t0, 1)}
         results["recipes"][name] = row
         grids[name] = sets[0].images[:4 * pool.apis[0].num_classes]
+        if on_recipe is not None:
+            on_recipe(results, grids)
         if progress:
             print(f"[probe] {name}: within {row['within_task']['mean']:.1f}%  pool-level "
                   f"{row['pool_level']['acc']:.1f}%  replay {row['replay_maml']['acc']:.1f}%  "
