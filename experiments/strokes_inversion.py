@@ -13,21 +13,24 @@ generator setting in ``--settings`` (``name:lr``, names ``dcgan``, ``strokes`` (
 targets, seconds. The PNG has one block per setting (rows: classes; columns: instances) above
 the teacher's training glyphs.
 
-Measured (seed 0, defaults: 5 classes x 8 images, 150 iterations, white-box; 2 shared CPU cores;
-final = mean clean CE of the last 10 iterates, acc = teacher accuracy on the selected batch):
+Measured (seed 0: the same teacher in every run; 5 classes x 8 images, 150 iterations, q = 50
+directions; 2 CPU cores shared with other jobs, so seconds are rough; CE = mean clean CE of the
+last 10 iterates, acc = the teacher's accuracy on the selected batch)::
 
-==================  =========  =====  ========  ====================================
-setting             final CE   acc    seconds   look
-==================  =========  =====  ========  ====================================
-dcgan:0.001         0.027      1.00   284       textures, near-identical per class
-strokes:0.001       0.835      0.78   58        diverse scribbles
-strokes:0.01        0.510      0.90   49        diverse scribbles
-strokes_direct:0.05 0.393      0.98   54        drawings, some resemble the class
-==================  =========  =====  ========  ====================================
+    setting              white-box      black-box (784-d dirs)   black-box (7x7 dirs)
+                         CE     acc     CE     acc               CE     acc
+    dcgan:0.001          0.027  1.00    0.476  0.88              0.236  0.98
+    strokes:0.001        0.835  0.78
+    strokes:0.01         0.510  0.90    1.746  0.48              0.968  0.75
+    strokes_direct:0.05  0.393  0.98    1.480  0.45              0.815  0.78
 
-The stroke generator reaches high targeted accuracy with every image still a drawing; its CE stays
-higher than the DCGAN's because it cannot paint arbitrary textures. ``strokes_direct`` wants a
-learning rate of a few 1e-2 (it moves stroke parameters directly).
+Look (PNG): the DCGAN paints textures, near-identical within a class; every stroke image is a
+drawing, diverse within a class, some with class features (the dot and hook of Canadian
+syllabics CWE, the L corner). The stroke generator's CE stays above the DCGAN's: it cannot paint
+arbitrary textures, and in black-box mode its image-space gradient estimate is noisier
+(ink moves only near stroke edges), so low-resolution directions (``--direction-resolution 7``)
+matter more for it. ``strokes_direct`` wants a learning rate of a few 1e-2 (it moves stroke
+parameters directly). One call per setting and one seed: indicative, not a benchmark.
 """
 from __future__ import annotations
 
@@ -90,6 +93,8 @@ def main(argv=None):
                                          "strokes_direct:0.05")
     p.add_argument("--black-box", action="store_true")
     p.add_argument("--num-directions", type=int, default=50)
+    p.add_argument("--direction-resolution", type=int, default=None,
+                   help="low-resolution zero-order directions (r x r), black-box only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
     args = p.parse_args(argv)
@@ -107,7 +112,8 @@ def main(argv=None):
                       "classes": [train.class_names[c] for c in classes],
                       "seconds": round(time.time() - t0, 1)}), flush=True)
     cfg = InversionConfig(iterations=args.iterations, per_class=args.per_class,
-                          num_directions=args.num_directions, smoothing=0.005, pad=2)
+                          num_directions=args.num_directions, smoothing=0.005, pad=2,
+                          direction_resolution=args.direction_resolution)
     blocks = []
     for setting in args.settings.split(","):
         name, lr = setting.split(":")
