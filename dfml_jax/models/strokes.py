@@ -55,7 +55,9 @@ Latent -> stroke parameters (``latent=``)
   the DCGAN's 1e-3 (e.g. 0.02 - 0.05).
 
 ``ngf`` is accepted and ignored (so callers can pass the DCGAN's keyword set); ``train`` is
-accepted and ignored (there is no batch normalisation).
+accepted and ignored (there is no batch normalisation). ``experiments/strokes_grid.py`` draws fresh
+generators next to real glyphs; ``experiments/strokes_inversion.py`` compares one inversion call
+with the DCGAN (white- and black-box numbers in its docstring).
 
 Example:
 
