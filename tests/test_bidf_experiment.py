@@ -114,9 +114,6 @@ def test_smoke_run_end_to_end(tmp_path):
     assert "1-shot_source" in out["methods"]["random"]["paper_protocol"]
     assert "TEST split" in out["protocols"]["paper_protocol"]
     assert out["methods"]["random_scaled"]["kernel_scale"] == pytest.approx(1 / math.sqrt(cfg.num_apis))
-    pool_classes = {c for t in json.load(open(os.path.join(work, "pool", "pool.json")))["teachers"]
-                    for c in t["classes"]}
-    assert set(out["methods"]["maml_pool_data"]["pool_classes"]) == pool_classes
     # the fine-tuning lr of every method and shot is the best of the grid on meta-validation
     for m, r in out["methods"].items():
         for s in cfg.test_shots:
@@ -133,6 +130,8 @@ def test_smoke_run_end_to_end(tmp_path):
     pool = json.load(open(os.path.join(work, pools[0], "pool.json")))
     assert len(pool["teachers"]) == cfg.num_apis and pools[0] == f"pool-{pool['build_key'][:12]}"
     assert pool["groups"][0]["recipe"]["augment"] == "crop"  # glyphs: shifts, no flips
+    pool_classes = {c for t in pool["teachers"] for c in t["classes"]}
+    assert set(out["methods"]["maml_pool_data"]["pool_classes"]) == pool_classes
     # a finished run is not redone
     t0 = time.time()
     assert run_experiment(cfg, work, progress=False) == out
