@@ -141,3 +141,22 @@ def test_priors_steer_the_recovered_images_at_the_same_queries(parts):
     api1, r1 = run(parts, dataclasses.replace(plain, l1_weight=5.0, tv_weight=1.0))
     assert api1.queries == api0.queries == inversion_queries(plain, K)
     assert float(r1.images.mean()) < float(r0.images.mean()) - 0.05
+
+
+def test_class_latents_make_each_class_one_drawing_with_variations(parts):
+    """class_jitter: one latent per class plus fixed per-image noise; 0 gives identical images
+    per class, a small jitter variations closer to their class than to other classes."""
+    base = dataclasses.replace(CFG, iterations=3)
+    api, same = run(parts, dataclasses.replace(base, class_jitter=0.0))
+    assert api.queries == inversion_queries(base, K)
+    img = np.asarray(same.images).reshape(base.per_class, K, -1)  # interleaved targets
+    np.testing.assert_allclose(img[1:], np.broadcast_to(img[:1], img[1:].shape), atol=1e-5)
+    _, var = run(parts, dataclasses.replace(base, class_jitter=0.3))
+    v = np.asarray(var.images).reshape(base.per_class, K, -1)
+    within = np.mean([np.abs(v[i, c] - v[j, c]).mean() for c in range(K)
+                      for i in range(base.per_class) for j in range(i)])
+    across = np.mean([np.abs(v[i, c] - v[i, d]).mean() for i in range(base.per_class)
+                      for c in range(K) for d in range(c)])
+    assert 0 < within < across
+    with pytest.raises(ValueError, match="class_jitter"):
+        run(parts, dataclasses.replace(base, class_jitter=-1.0))

@@ -73,6 +73,10 @@ class InversionConfig:
     tv_weight: float = 0.0         # total variation (mean |horizontal| + |vertical| differences)
     l1_weight: float = 0.0         # mean intensity (pulls the background to 0, as in line drawings)
     repulsion_weight: float = 0.0  # mean squared cosine similarity between the batch's images
+    # Departure (None = the paper: one free latent per image): a latent per CLASS plus fixed
+    # per-image noise of this scale, z_n = z_class(y_n) + class_jitter * eps_n, so the images of
+    # a class are variations of one drawing (as the fonts of one glyph), not unrelated solutions.
+    class_jitter: Optional[float] = None
 
 
 class InversionResult(NamedTuple):
@@ -209,6 +213,9 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
     if isinstance(group, BlackBoxAPI):
         group = APIGroup([group])
     group.require_output(("logits", "probs", "topk"), "BiDf-MKD inversion")
+    if cfg.class_jitter is not None and not cfg.class_jitter >= 0:
+        raise ValueError(f"InversionConfig.class_jitter must be None (a latent per image) or a "
+                         f"non-negative scale, got {cfg.class_jitter!r}")
     if cfg.select not in ("clean_ce", "surrogate"):
         raise ValueError(f"InversionConfig.select must be 'clean_ce' or 'surrogate', got {cfg.select!r}")
     if cfg.direction_resolution is not None:
@@ -324,11 +331,18 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
 
     def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
         k_z, k_loop = jax.random.split(key)
-        params = {"w": gen_params, "z": constrain(jax.random.normal(k_z, (b, nz)))}
+        if cfg.class_jitter is None:
+            params = {"w": gen_params, "z": constrain(jax.random.normal(k_z, (b, nz)))}
+            latents = lambda z: z
+        else:  # class latents + fixed per-image jitter
+            k_c, k_e = jax.random.split(k_z)
+            params = {"w": gen_params, "z": jax.random.normal(k_c, (k, nz))}
+            eps = constrain(cfg.class_jitter * jax.random.normal(k_e, (b, nz)))
+            latents = lambda z: z[targets] + eps
         opt = tx.init(params)
 
         def synth(p, k_aug):
-            x01 = gen_apply(p["w"], p["z"])
+            x01 = gen_apply(p["w"], latents(p["z"]))
             xa = batch_shared_augment(x01, k_aug, pad=cfg.pad, flip=cfg.flip, out_size=image_size,
                                       mean=mean, std=std)
             return xa, x01
@@ -362,7 +376,7 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
             best_score = jnp.where(better, score, best_score)
             return (params, opt, best_img, best_score), (ce, acc, zero_frac)
 
-        x0 = gen_apply(params["w"], params["z"])
+        x0 = gen_apply(params["w"], latents(params["z"]))
         init = (params, opt, jnp.zeros_like(x0), jnp.float32(jnp.inf))
         (_, _, best, _), (ce, acc, zf) = jax.lax.scan(step, init, jnp.arange(cfg.iterations))
         return InversionResult(best, targets, ce, acc, zf)

@@ -76,6 +76,7 @@ class BiDfMKDConfig:
     inv_tv_weight: float = 0.0       # departures (0 = the paper): image priors of the inversion
     inv_l1_weight: float = 0.0
     inv_repulsion_weight: float = 0.0
+    inv_class_jitter: Optional[float] = None  # departure: class latents + per-image jitter
     inv_direction_resolution: Optional[int] = None  # departure: low-res ZO directions (None: paper)
     inv_direction_upsample: str = "nearest"
     nz: int = 256
@@ -114,6 +115,7 @@ class BiDfMKDConfig:
                                flip=self.flip, select=self.inv_select,
                                tv_weight=self.inv_tv_weight, l1_weight=self.inv_l1_weight,
                                repulsion_weight=self.inv_repulsion_weight,
+                               class_jitter=self.inv_class_jitter,
                                direction_resolution=self.inv_direction_resolution,
                                direction_upsample=self.inv_direction_upsample)
 
