@@ -222,6 +222,30 @@ def test_naive_kd_labels_noise(student, teacher_w):
     assert float(rec.rows.std()) > 0.2                       # uniform noise, not a generator
 
 
+def test_naive_kd_gauss_noise_is_dark_and_counted(student, teacher_w):
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=100)
+    res = run_naive_kd(api, student, dataclasses.replace(IDEAL_CFG, noise="gauss"), seed=0)
+    assert res.queries == api.queries == len(rec.rows) == 100 == sum(res.class_histogram)
+    # N(0, 1) in MNIST's normalised space, clipped: mostly dark, about 1/3 exactly black
+    assert 0.12 < float(rec.rows.mean()) < 0.28
+    assert 0.2 < float(np.mean(rec.rows == 0.0)) < 0.5
+    with pytest.raises(ValueError, match="noise must be one of"):
+        run_naive_kd(api, student, dataclasses.replace(IDEAL_CFG, noise="pink"), seed=0)
+
+
+def test_generator_bias_darkens_images(student):
+    st = init_student(student, torch_sgd(0.01), jax.random.key(0))
+    means = []
+    for bias in (0.0, -2.0):
+        cfg = dataclasses.replace(IDEAL_CFG, gen_head="bn_sigmoid", gen_bias=bias)
+        gen = make_generator(cfg, SHAPE)
+        x, _, _ = make_generation_phase(student, gen[1], cfg, K, SHAPE)(st.params, st.bn,
+                                                                        jax.random.key(1))
+        means.append(float(x.mean()))
+    assert 0.4 < means[0] < 0.6 and 0.1 < means[1] < 0.25
+
+
 def test_ideal_soft_label_variant(student, teacher_w, tmp_path):
     api = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output="probs", budget=40)
     cfg = dataclasses.replace(IDEAL_CFG, soft_labels=True)

@@ -46,16 +46,17 @@ from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, Pool
                                      memoize_builder, torch_sgd)
 from dfml_jax.losses import cross_entropy, teacher_probs
 
-__all__ = ["IDEALConfig", "INFO_LOSSES", "TARGETS", "pool_balancing_targets", "info_loss",
+__all__ = ["IDEALConfig", "INFO_LOSSES", "TARGETS", "NOISES", "noise_images", "pool_balancing_targets", "info_loss",
            "make_generator", "make_generation_phase", "run_pool_distillation", "PoolRunResult",
            "GEN_HEADS"]
 
 INFO_LOSSES = ("per_sample", "class_balance", "none")
 # The IDEALConfig fields the generation phase depends on (its compiled form is shared otherwise).
 _GENERATION_FIELDS = ("batch_size", "g_steps", "lr_g", "betas_g", "nz", "ngf", "gen_head",
-                      "info_loss", "info_weight", "targets", "gen_augment", "aug_pad")
+                      "gen_bias", "info_loss", "info_weight", "targets", "gen_augment", "aug_pad")
 GEN_HEADS = ("sigmoid", "bn_sigmoid")
 TARGETS = ("balanced", "random", "pool_balancing")
+NOISES = ("uniform", "gauss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,10 @@ class IDEALConfig:
       nz, ngf: generator latent size and width (256, 64).
       gen_head: ``"sigmoid"`` (IDEAL's ``Generator_2``) or ``"bn_sigmoid"`` (a final
         BN(affine=False) before the sigmoid, as in DFME's generator; spec section 10).
+      gen_bias: a fixed offset added before the final sigmoid (0: the code). Negative values make
+        dark images (``bn_sigmoid`` with -2: pixels ~ sigmoid(N(-2, 1)), mean ~0.16, close to
+        MNIST's 0.13); bright images such as U[0,1] noise are answered "1" by a digit teacher
+        (``docs/ideal_diagnosis.md``).
       info_loss: one of :data:`INFO_LOSSES`.
       info_weight: weight of ``L_info`` (5 in the code, DAFL's beta).
       targets: ``"balanced"`` (``i mod K``, the code), ``"random"`` (uniform class draws) or
@@ -82,7 +87,12 @@ class IDEALConfig:
         aims more often at the classes the pool lacks; see :func:`pool_balancing_targets`).
       gen_augment: augmentation of the generated batch before the student (kornia crop(pad 4) +
         flip in the code: ``"crop_flip"``).
-      synth: ``"generator"`` (IDEAL) or ``"noise"`` (NaiveKD: uniform noise in [0, 1]).
+      synth: ``"generator"`` (IDEAL) or ``"noise"`` (NaiveKD: noise images).
+      noise: NaiveKD's noise: ``"uniform"`` (U[0, 1], the spec's baseline) or ``"gauss"``
+        (``clip(noise_mean + noise_std * N(0, 1), 0, 1)``: a standard normal in the teacher's
+        normalised input space, the field's NaiveKD (``torch.randn`` fed to a normalising
+        teacher); the defaults are MNIST's normalisation constants).
+      noise_mean, noise_std: of ``"gauss"`` noise (0.1307, 0.3081).
       lr_s, momentum_s, weight_decay_s: student SGD (0.01, 0.9, 5e-4; constant).
       student_batch: distillation minibatch (None: ``batch_size``).
       pool_loss: the student's loss on the pool (:data:`~dfml_jax.distill.common.POOL_LOSSES`):
@@ -113,11 +123,15 @@ class IDEALConfig:
     nz: int = 256
     ngf: int = 64
     gen_head: str = "sigmoid"
+    gen_bias: float = 0.0
     info_loss: str = "per_sample"
     info_weight: float = 5.0
     targets: str = "balanced"
     gen_augment: str = "crop_flip"
     synth: str = "generator"
+    noise: str = "uniform"
+    noise_mean: float = 0.1307
+    noise_std: float = 0.3081
     lr_s: float = 0.01
     momentum_s: float = 0.9
     weight_decay_s: float = 5e-4
@@ -138,6 +152,10 @@ class IDEALConfig:
             raise ValueError(f"gen_head must be one of {GEN_HEADS}, got {self.gen_head!r}")
         if self.synth not in ("generator", "noise"):
             raise ValueError(f"synth must be 'generator' or 'noise', got {self.synth!r}")
+        if self.noise not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {self.noise!r}")
+        if self.noise_std <= 0:
+            raise ValueError(f"noise_std must be positive, got {self.noise_std}")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
         for a in (self.gen_augment, self.distill_augment):
@@ -203,9 +221,24 @@ def info_loss(probs: jax.Array, kind: str) -> jax.Array:
 
 
 def _gen_images(gen_fm, cfg, params, z):
-    if cfg.gen_head == "bn_sigmoid":
-        return jax.nn.sigmoid(gen_fm.apply_batchstats(params, z, pre_activation=True))
+    if cfg.gen_head == "bn_sigmoid" or cfg.gen_bias:
+        return jax.nn.sigmoid(gen_fm.apply_batchstats(params, z, pre_activation=True)
+                              + cfg.gen_bias)
     return gen_fm.apply_batchstats(params, z)
+
+
+def noise_images(cfg: IDEALConfig, key: jax.Array, n: int, image_shape: Sequence[int]) -> jax.Array:
+    """NaiveKD's ``n`` noise images in [0, 1] (``cfg.noise``).
+
+    >>> cfg = IDEALConfig(synth="noise", noise="gauss")
+    >>> x = noise_images(cfg, jax.random.key(0), 4000, (4, 4, 1))
+    >>> 0.15 < float(x.mean()) < 0.25 and float(x.min()) == 0.0
+    True
+    """
+    shape = (n,) + tuple(image_shape)
+    if cfg.noise == "gauss":
+        return jnp.clip(cfg.noise_mean + cfg.noise_std * jax.random.normal(key, shape), 0.0, 1.0)
+    return jax.random.uniform(key, shape, jnp.float32)
 
 
 def make_generation_phase(student_fm, gen_fm, cfg: IDEALConfig, num_classes: int,
@@ -412,7 +445,7 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
                         x, best_l, _ = phase(state.params, state.bn, kgen, counts)
                         gen_loss = float(best_l)
                     else:
-                        x = jax.random.uniform(kgen, (b,) + tuple(image_shape), jnp.float32)
+                        x = noise_images(cfg, kgen, b, image_shape)
                     x_st = pool.prepare(x)
                     try:
                         with api.reserve(b), surface_api_errors():

@@ -61,6 +61,7 @@ class DistillExperimentConfig:
     ideal_nz: int = 64
     ideal_ngf: int = 8
     ideal_gen_head: str = "bn_sigmoid"
+    ideal_gen_bias: float = 0.0               # pre-sigmoid offset; < 0: dark, digit-like images
     ideal_info_loss: str = "per_sample"
     ideal_info_weight: float = 5.0
     ideal_targets: str = "balanced"
@@ -72,6 +73,9 @@ class DistillExperimentConfig:
     ideal_aug_pad: int = 4
     ideal_max_student_batches: Optional[int] = None   # None: whole-pool passes (the paper)
     ideal_soft_labels: bool = False
+    ideal_noise: str = "uniform"               # NaiveKD's noise: "uniform" or "gauss" (the field's)
+    ideal_noise_mean: float = 0.1307
+    ideal_noise_std: float = 0.3081
     ideal_quantize: bool = True
     ideal_eval_every: int = 4
     ideal_checkpoint_every: int = 4
