@@ -282,6 +282,47 @@ def test_ideal_pool_balancing_run(student, teacher_w, tmp_path):
         run_pool_distillation(api, student, dataclasses.replace(IDEAL_CFG, targets="pool"), seed=0)
 
 
+def test_balanced_selection_fills_quotas_then_best_scores():
+    from dfml_jax.distill.ideal import balanced_selection
+
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        pred = jnp.asarray(rng.integers(0, K, 200))
+        score = jnp.asarray(rng.uniform(size=200), jnp.float32)
+        quotas = jnp.asarray(rng.multinomial(40, np.ones(K) / K))
+        idx = np.asarray(balanced_selection(pred, score, quotas, 40))
+        assert idx.shape == (40,) and len(set(idx.tolist())) == 40
+        got = np.bincount(np.asarray(pred)[idx], minlength=K)
+        have = np.bincount(np.asarray(pred), minlength=K)
+        need = np.minimum(np.asarray(quotas), have)
+        assert np.all(got >= need)                               # every quota met if possible
+        for c in range(K):                                       # the best of each class first
+            cls = np.flatnonzero(np.asarray(pred) == c)
+            top = cls[np.argsort(-np.asarray(score)[cls])][:need[c]]
+            assert set(top.tolist()) <= set(idx.tolist())
+    # a class without candidates: its places go to the best remaining candidates
+    idx = balanced_selection(jnp.array([0, 0, 0, 0]), jnp.array([.1, .9, .5, .3]),
+                             jnp.array([1, 1]), 2)
+    assert sorted(idx.tolist()) == [1, 2]
+    with pytest.raises(ValueError, match="cannot select"):
+        balanced_selection(jnp.zeros(3, jnp.int32), jnp.zeros(3), jnp.array([4]), 4)
+
+
+@pytest.mark.parametrize("score", ["confidence", "entropy"])
+def test_ideal_balanced_selection_run_buys_each_sample_once(student, teacher_w, tmp_path, score):
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=60)
+    cfg = dataclasses.replace(IDEAL_CFG, select="balanced", select_score=score)
+    res = run_pool_distillation(api, student, cfg, seed=0, workdir=str(tmp_path),
+                                evaluator=None)
+    assert res.queries == api.queries == len(rec.rows) == 60 == sum(res.class_histogram)
+    np.testing.assert_array_equal(rec.rows, np.asarray(dequantize(jnp.asarray(
+        _pool_images(tmp_path)))))                              # the teacher saw the pool only
+    assert len({r.tobytes() for r in rec.rows}) == 60
+    with pytest.raises(ValueError, match="select must be one of"):
+        run_pool_distillation(api, student, dataclasses.replace(IDEAL_CFG, select="x"), seed=0)
+
+
 def test_ideal_rejects_unbalanced_batch(student, teacher_w):
     api = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output="label")
     with pytest.raises(ValueError, match="multiple of the number of classes"):
