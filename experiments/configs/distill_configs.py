@@ -65,6 +65,8 @@ class DistillExperimentConfig:
     ideal_info_loss: str = "per_sample"
     ideal_info_weight: float = 5.0
     ideal_targets: str = "balanced"
+    ideal_select: str = "best"                 # "balanced": buy class-balanced candidates
+    ideal_select_score: str = "confidence"
     ideal_gen_augment: str = "crop_flip"
     ideal_lr_s: float = 0.01
     ideal_student_batch: Optional[int] = None
