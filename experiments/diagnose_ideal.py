@@ -121,7 +121,7 @@ def load_ideal_pool(d):
     return jnp.asarray(x), jnp.asarray(np.concatenate(ys))
 
 
-def proxy_pool(cfg, data, teacher, n, seed, channels, g_steps, lr, log):
+def proxy_pool(cfg, data, teacher, n, seed, channels, g_steps, lr, log, gen_bias=0.0):
     """IDEAL's generation against a fixed proxy trained on real data; the teacher labels it."""
     pcfg = dataclasses.replace(cfg, student_kw={"channels": list(channels)})
     proxy = build(pcfg.student_arch, pcfg.student_kw, data, seed)
@@ -131,7 +131,7 @@ def proxy_pool(cfg, data, teacher, n, seed, channels, g_steps, lr, log):
     pacc = Evaluator(proxy, {"val": (data["x_val"], data["y_val"])})(pparams, pbn)["val_acc"]
     log(f"proxy {channels} trained on real digits: val {100 * pacc:.1f}")
     icfg = IDEALConfig(batch_size=cfg.ideal_batch_size, g_steps=g_steps, nz=cfg.ideal_nz,
-                       ngf=cfg.ideal_ngf, gen_head=cfg.ideal_gen_head)
+                       ngf=cfg.ideal_ngf, gen_head=cfg.ideal_gen_head, gen_bias=gen_bias)
     gen_fm = make_generator(icfg, data["input_shape"])[1]
     phase = make_generation_phase(proxy, gen_fm, icfg, data["num_classes"], data["input_shape"])
     xs = []
@@ -158,6 +158,7 @@ def main(argv=None):
     p.add_argument("--ideal-pool", default=None, help="pool/ directory of an IDEAL run")
     p.add_argument("--proxy-channels", type=int, nargs=2, default=[6, 16])
     p.add_argument("--g-steps", type=int, default=5)
+    p.add_argument("--gen-bias", type=float, default=0.0, help="IDEALConfig.gen_bias (proxy)")
     p.add_argument("--teacher-dir", default="/tmp/ideal_teacher")
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args(argv)
@@ -190,10 +191,10 @@ def main(argv=None):
     else:
         for n in args.n:
             x, yp, pacc = proxy_pool(cfg, data, teacher, n, args.seed, args.proxy_channels,
-                                     args.g_steps, args.lr, log)
+                                     args.g_steps, args.lr, log, args.gen_bias)
             y = label(teacher, x)
             rec = {"probe": "proxy", "proxy_channels": args.proxy_channels, "n": n,
-                   "g_steps": args.g_steps, "proxy_val": 100 * pacc, "hist": hist_of(y),
+                   "g_steps": args.g_steps, "gen_bias": args.gen_bias, "proxy_val": 100 * pacc, "hist": hist_of(y),
                    "proxy_hist": hist_of(yp),
                    "teacher_proxy_agree": 100 * float(jnp.mean(y == yp))}
             if not args.no_fit:
