@@ -21,10 +21,18 @@ Probes (``--probe``):
   the online student: the label histogram of what the generator makes when its proxy shares the
   teacher's classes, and the student trained on that pool.
 
+* ``loop``: the online IDEAL / NaiveKD loop (``run_pool_distillation``) for config variants
+  (``--variants`` JSON ``{name: {ideal_field_without_prefix: value, "synth": "noise"?}}``) at
+  one budget (``--budget``), the teacher shared: best VALIDATION accuracy within 5K and within
+  the budget, the pool's label histogram, and the curve of (queries, val %, student/teacher
+  agreement on the round's new images).
+
 Commands (from the repository root, ``PYTHONPATH=.``)::
 
     python experiments/diagnose_ideal.py --probe pools --kinds uniform gauss real_aug --n 25000
-    python experiments/diagnose_ideal.py --probe proxy --n 25000
+    python experiments/diagnose_ideal.py --probe proxy --n 5000 --gen-bias -2
+    python experiments/diagnose_ideal.py --probe loop --budget 25000 --seed 0 \
+        --variants '{"bias-2": {"gen_bias": -2.0, "targets": "pool_balancing"}}'
 """
 from __future__ import annotations
 
@@ -143,10 +151,46 @@ def proxy_pool(cfg, data, teacher, n, seed, channels, g_steps, lr, log, gen_bias
     return x, yp, pacc
 
 
+def run_loop(base, data, teacher, budget, variants, seed, log):
+    """The online loop for each variant; validation only (the test split is not read here)."""
+    from dfml_jax.distill.experiment import ideal_config, make_api
+    from dfml_jax.distill.ideal import run_pool_distillation
+
+    out = []
+    for name, over in variants.items():
+        over = dict(over)
+        synth = over.pop("synth", "generator")
+        cfg = dataclasses.replace(base, seed=seed, **{"ideal_" + k: v for k, v in over.items()})
+        student = build(cfg.student_arch, cfg.student_kw, data, cfg.seed)
+        ev = Evaluator(student, {"val": (data["x_val"], data["y_val"])})
+        icfg = dataclasses.replace(ideal_config(cfg, synth), eval_every=2)
+        api = make_api(teacher[:3], data, "label", budget, "teacher")
+        t0 = time.perf_counter()
+        r = run_pool_distillation(api, student, icfg, seed=seed, evaluator=ev,
+                                  eval_budgets=(5000, budget))
+        pts = [p for p in r.curve if "val_acc" in p]
+        best5 = max((p for p in pts if p["queries"] <= 5000), key=lambda p: p["val_acc"])
+        best = max(pts, key=lambda p: p["val_acc"])
+        h = np.array(r.class_histogram)
+        rec = {"probe": "loop", "variant": name, "synth": synth, "over": over, "seed": seed,
+               "budget": budget, "queries": r.queries,
+               "best_val_5k": round(100 * best5["val_acc"], 1),
+               "best_val": round(100 * best["val_acc"], 1), "at": best["queries"],
+               "hist": h.tolist(), "hist_pct": (100 * h / h.sum()).round(1).tolist(),
+               "seconds": round(time.perf_counter() - t0),
+               "curve": [(p["queries"], round(100 * p["val_acc"], 1),
+                          round(p.get("student_teacher_agree", float("nan")), 2)) for p in pts]}
+        log(json.dumps(rec))
+        out.append(rec)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--probe", choices=("pools", "proxy"), required=True)
+    p.add_argument("--probe", choices=("pools", "proxy", "loop"), required=True)
+    p.add_argument("--budget", type=int, default=5000, help="loop: queries")
+    p.add_argument("--variants", default='{"default": {}}', help="loop: JSON of variants")
     p.add_argument("--kinds", nargs="+", default=["uniform", "gauss", "real", "real_aug",
                                                   "real_mix"])
     p.add_argument("--n", type=int, nargs="+", default=[25_000])
@@ -173,7 +217,10 @@ def main(argv=None):
     teacher = get_teacher(cfg, RunDir(args.teacher_dir, cfg), data, log)
     key = jax.random.key(args.seed)
     results = []
-    if args.probe == "pools":
+    if args.probe == "loop":
+        results = run_loop(cfg, data, teacher, args.budget, json.loads(args.variants), args.seed,
+                           log)
+    elif args.probe == "pools":
         for kind in args.kinds:
             for n in args.n:
                 if kind == "ideal":
