@@ -241,7 +241,8 @@ def main(argv=None):
                                      args.g_steps, args.lr, log, args.gen_bias)
             y = label(teacher, x)
             rec = {"probe": "proxy", "proxy_channels": args.proxy_channels, "n": n,
-                   "g_steps": args.g_steps, "gen_bias": args.gen_bias, "proxy_val": 100 * pacc, "hist": hist_of(y),
+                   "g_steps": args.g_steps, "gen_bias": args.gen_bias, "proxy_val": 100 * pacc,
+                   "hist": hist_of(y),
                    "proxy_hist": hist_of(yp),
                    "teacher_proxy_agree": 100 * float(jnp.mean(y == yp))}
             if not args.no_fit:

@@ -46,15 +46,15 @@ from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, Pool
                                      memoize_builder, torch_sgd)
 from dfml_jax.losses import cross_entropy, teacher_probs
 
-__all__ = ["IDEALConfig", "INFO_LOSSES", "TARGETS", "NOISES", "noise_images", "pool_balancing_targets",
-           "balanced_selection", "SELECTS", "info_loss",
-           "make_generator", "make_generation_phase", "run_pool_distillation", "PoolRunResult",
-           "GEN_HEADS"]
+__all__ = ["IDEALConfig", "INFO_LOSSES", "TARGETS", "NOISES", "SELECTS", "noise_images",
+           "pool_balancing_targets", "balanced_selection", "info_loss", "make_generator",
+           "make_generation_phase", "run_pool_distillation", "PoolRunResult", "GEN_HEADS"]
 
 INFO_LOSSES = ("per_sample", "class_balance", "none")
 # The IDEALConfig fields the generation phase depends on (its compiled form is shared otherwise).
 _GENERATION_FIELDS = ("batch_size", "g_steps", "lr_g", "betas_g", "nz", "ngf", "gen_head",
-                      "gen_bias", "select", "select_score", "info_loss", "info_weight", "targets", "gen_augment", "aug_pad")
+                      "gen_bias", "select", "select_score", "info_loss", "info_weight", "targets",
+                      "gen_augment", "aug_pad")
 GEN_HEADS = ("sigmoid", "bn_sigmoid")
 TARGETS = ("balanced", "random", "pool_balancing")
 NOISES = ("uniform", "gauss")
@@ -283,7 +283,8 @@ def _gen_images(gen_fm, cfg, params, z):
     return gen_fm.apply_batchstats(params, z)
 
 
-def noise_images(cfg: IDEALConfig, key: jax.Array, n: int, image_shape: Sequence[int]) -> jax.Array:
+def noise_images(cfg: IDEALConfig, key: jax.Array, n: int,
+                 image_shape: Sequence[int]) -> jax.Array:
     """NaiveKD's ``n`` noise images in [0, 1] (``cfg.noise``).
 
     >>> cfg = IDEALConfig(synth="noise", noise="gauss")
