@@ -222,6 +222,30 @@ def test_naive_kd_labels_noise(student, teacher_w):
     assert float(rec.rows.std()) > 0.2                       # uniform noise, not a generator
 
 
+def test_naive_kd_gauss_noise_is_dark_and_counted(student, teacher_w):
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=100)
+    res = run_naive_kd(api, student, dataclasses.replace(IDEAL_CFG, noise="gauss"), seed=0)
+    assert res.queries == api.queries == len(rec.rows) == 100 == sum(res.class_histogram)
+    # N(0, 1) in MNIST's normalised space, clipped: mostly dark, about 1/3 exactly black
+    assert 0.12 < float(rec.rows.mean()) < 0.28
+    assert 0.2 < float(np.mean(rec.rows == 0.0)) < 0.5
+    with pytest.raises(ValueError, match="noise must be one of"):
+        run_naive_kd(api, student, dataclasses.replace(IDEAL_CFG, noise="pink"), seed=0)
+
+
+def test_generator_bias_darkens_images(student):
+    st = init_student(student, torch_sgd(0.01), jax.random.key(0))
+    means = []
+    for bias in (0.0, -2.0):
+        cfg = dataclasses.replace(IDEAL_CFG, gen_head="bn_sigmoid", gen_bias=bias)
+        gen = make_generator(cfg, SHAPE)
+        x, _, _ = make_generation_phase(student, gen[1], cfg, K, SHAPE)(st.params, st.bn,
+                                                                        jax.random.key(1))
+        means.append(float(x.mean()))
+    assert 0.4 < means[0] < 0.6 and 0.1 < means[1] < 0.25
+
+
 def test_ideal_soft_label_variant(student, teacher_w, tmp_path):
     api = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output="probs", budget=40)
     cfg = dataclasses.replace(IDEAL_CFG, soft_labels=True)
@@ -256,6 +280,47 @@ def test_ideal_pool_balancing_run(student, teacher_w, tmp_path):
     assert res.queries == 60 and res.rounds == 2 and sum(res.class_histogram) == 60
     with pytest.raises(ValueError, match="targets must be one of"):
         run_pool_distillation(api, student, dataclasses.replace(IDEAL_CFG, targets="pool"), seed=0)
+
+
+def test_balanced_selection_fills_quotas_then_best_scores():
+    from dfml_jax.distill.ideal import balanced_selection
+
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        pred = jnp.asarray(rng.integers(0, K, 200))
+        score = jnp.asarray(rng.uniform(size=200), jnp.float32)
+        quotas = jnp.asarray(rng.multinomial(40, np.ones(K) / K))
+        idx = np.asarray(balanced_selection(pred, score, quotas, 40))
+        assert idx.shape == (40,) and len(set(idx.tolist())) == 40
+        got = np.bincount(np.asarray(pred)[idx], minlength=K)
+        have = np.bincount(np.asarray(pred), minlength=K)
+        need = np.minimum(np.asarray(quotas), have)
+        assert np.all(got >= need)                               # every quota met if possible
+        for c in range(K):                                       # the best of each class first
+            cls = np.flatnonzero(np.asarray(pred) == c)
+            top = cls[np.argsort(-np.asarray(score)[cls])][:need[c]]
+            assert set(top.tolist()) <= set(idx.tolist())
+    # a class without candidates: its places go to the best remaining candidates
+    idx = balanced_selection(jnp.array([0, 0, 0, 0]), jnp.array([.1, .9, .5, .3]),
+                             jnp.array([1, 1]), 2)
+    assert sorted(idx.tolist()) == [1, 2]
+    with pytest.raises(ValueError, match="cannot select"):
+        balanced_selection(jnp.zeros(3, jnp.int32), jnp.zeros(3), jnp.array([4]), 4)
+
+
+@pytest.mark.parametrize("score", ["confidence", "entropy"])
+def test_ideal_balanced_selection_run_buys_each_sample_once(student, teacher_w, tmp_path, score):
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=60)
+    cfg = dataclasses.replace(IDEAL_CFG, select="balanced", select_score=score)
+    res = run_pool_distillation(api, student, cfg, seed=0, workdir=str(tmp_path),
+                                evaluator=None)
+    assert res.queries == api.queries == len(rec.rows) == 60 == sum(res.class_histogram)
+    np.testing.assert_array_equal(rec.rows, np.asarray(dequantize(jnp.asarray(
+        _pool_images(tmp_path)))))                              # the teacher saw the pool only
+    assert len({r.tobytes() for r in rec.rows}) == 60
+    with pytest.raises(ValueError, match="select must be one of"):
+        run_pool_distillation(api, student, dataclasses.replace(IDEAL_CFG, select="x"), seed=0)
 
 
 def test_ideal_rejects_unbalanced_batch(student, teacher_w):

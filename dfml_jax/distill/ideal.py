@@ -46,16 +46,20 @@ from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, Pool
                                      memoize_builder, torch_sgd)
 from dfml_jax.losses import cross_entropy, teacher_probs
 
-__all__ = ["IDEALConfig", "INFO_LOSSES", "TARGETS", "pool_balancing_targets", "info_loss",
-           "make_generator", "make_generation_phase", "run_pool_distillation", "PoolRunResult",
-           "GEN_HEADS"]
+__all__ = ["IDEALConfig", "INFO_LOSSES", "TARGETS", "NOISES", "SELECTS", "noise_images",
+           "pool_balancing_targets", "balanced_selection", "info_loss", "make_generator",
+           "make_generation_phase", "run_pool_distillation", "PoolRunResult", "GEN_HEADS"]
 
 INFO_LOSSES = ("per_sample", "class_balance", "none")
 # The IDEALConfig fields the generation phase depends on (its compiled form is shared otherwise).
 _GENERATION_FIELDS = ("batch_size", "g_steps", "lr_g", "betas_g", "nz", "ngf", "gen_head",
-                      "info_loss", "info_weight", "targets", "gen_augment", "aug_pad")
+                      "gen_bias", "select", "select_score", "info_loss", "info_weight", "targets",
+                      "gen_augment", "aug_pad")
 GEN_HEADS = ("sigmoid", "bn_sigmoid")
 TARGETS = ("balanced", "random", "pool_balancing")
+NOISES = ("uniform", "gauss")
+SELECTS = ("best", "balanced")
+SELECT_SCORES = ("confidence", "entropy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,10 @@ class IDEALConfig:
       nz, ngf: generator latent size and width (256, 64).
       gen_head: ``"sigmoid"`` (IDEAL's ``Generator_2``) or ``"bn_sigmoid"`` (a final
         BN(affine=False) before the sigmoid, as in DFME's generator; spec section 10).
+      gen_bias: a fixed offset added before the final sigmoid (0: the code). Negative values make
+        dark images (``bn_sigmoid`` with -2: pixels ~ sigmoid(N(-2, 1)), mean ~0.16, close to
+        MNIST's 0.13); bright images such as U[0,1] noise are answered "1" by a digit teacher
+        (``docs/ideal_diagnosis.md``).
       info_loss: one of :data:`INFO_LOSSES`.
       info_weight: weight of ``L_info`` (5 in the code, DAFL's beta).
       targets: ``"balanced"`` (``i mod K``, the code), ``"random"`` (uniform class draws) or
@@ -80,9 +88,25 @@ class IDEALConfig:
         inverse proportion to ``count_k + B/K``, where ``count_k`` is how often the teacher has
         answered class k on the pool so far (already paid for, no extra query): the generator
         aims more often at the classes the pool lacks; see :func:`pool_balancing_targets`).
+      select: which generated images are bought each round. ``"best"``: the lowest-loss batch
+        (the code). ``"balanced"`` (a departure): the candidates are the batches of all
+        ``g_steps`` generator steps (``g_steps * B`` images, no query); the student (eval mode)
+        predicts each, every class k gets a quota of the B purchases in inverse proportion to
+        the teacher's answers of class k in the pool so far (:func:`pool_balancing_targets`),
+        filled by the candidates the student assigns to k with the highest ``select_score``;
+        unfilled quotas go to the best-scoring remaining candidates
+        (:func:`balanced_selection`). The teacher still answers each bought image once.
+      select_score: ranking within a class for ``select="balanced"``: ``"confidence"`` (the
+        student's top probability: most likely to be answered that class) or ``"entropy"`` (the
+        student's uncertainty: where a label teaches most).
       gen_augment: augmentation of the generated batch before the student (kornia crop(pad 4) +
         flip in the code: ``"crop_flip"``).
-      synth: ``"generator"`` (IDEAL) or ``"noise"`` (NaiveKD: uniform noise in [0, 1]).
+      synth: ``"generator"`` (IDEAL) or ``"noise"`` (NaiveKD: noise images).
+      noise: NaiveKD's noise: ``"uniform"`` (U[0, 1], the spec's baseline) or ``"gauss"``
+        (``clip(noise_mean + noise_std * N(0, 1), 0, 1)``: a standard normal in the teacher's
+        normalised input space, the field's NaiveKD (``torch.randn`` fed to a normalising
+        teacher); the defaults are MNIST's normalisation constants).
+      noise_mean, noise_std: of ``"gauss"`` noise (0.1307, 0.3081).
       lr_s, momentum_s, weight_decay_s: student SGD (0.01, 0.9, 5e-4; constant).
       student_batch: distillation minibatch (None: ``batch_size``).
       pool_loss: the student's loss on the pool (:data:`~dfml_jax.distill.common.POOL_LOSSES`):
@@ -113,11 +137,17 @@ class IDEALConfig:
     nz: int = 256
     ngf: int = 64
     gen_head: str = "sigmoid"
+    gen_bias: float = 0.0
     info_loss: str = "per_sample"
     info_weight: float = 5.0
     targets: str = "balanced"
+    select: str = "best"
+    select_score: str = "confidence"
     gen_augment: str = "crop_flip"
     synth: str = "generator"
+    noise: str = "uniform"
+    noise_mean: float = 0.1307
+    noise_std: float = 0.3081
     lr_s: float = 0.01
     momentum_s: float = 0.9
     weight_decay_s: float = 5e-4
@@ -138,6 +168,15 @@ class IDEALConfig:
             raise ValueError(f"gen_head must be one of {GEN_HEADS}, got {self.gen_head!r}")
         if self.synth not in ("generator", "noise"):
             raise ValueError(f"synth must be 'generator' or 'noise', got {self.synth!r}")
+        if self.select not in SELECTS:
+            raise ValueError(f"select must be one of {SELECTS}, got {self.select!r}")
+        if self.select_score not in SELECT_SCORES:
+            raise ValueError(f"select_score must be one of {SELECT_SCORES}, "
+                             f"got {self.select_score!r}")
+        if self.noise not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {self.noise!r}")
+        if self.noise_std <= 0:
+            raise ValueError(f"noise_std must be positive, got {self.noise_std}")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
         for a in (self.gen_augment, self.distill_augment):
@@ -186,6 +225,41 @@ def pool_balancing_targets(counts: jax.Array, batch_size: int) -> jax.Array:
     return jnp.searchsorted(edges, jnp.arange(batch_size) + 0.5).astype(jnp.int32)
 
 
+def balanced_selection(pred: jax.Array, score: jax.Array, quotas: jax.Array,
+                       batch_size: int) -> jax.Array:
+    """Indices of ``batch_size`` candidates that fill per-class quotas (static shapes).
+
+    Candidate i is predicted class ``pred[i]`` with ``score[i]`` in [0, 1]. Within each class the
+    ``quotas[k]`` highest-scoring candidates are chosen; if a class has too few candidates, the
+    remaining places go to the highest-scoring candidates not yet chosen, whatever their class.
+
+    Args:
+      pred: (N,) int predicted classes. score: (N,) scores in [0, 1].
+      quotas: (K,) int, summing to ``batch_size``. batch_size: number to select (<= N).
+
+    Returns:
+      (batch_size,) int32 distinct indices into the candidates.
+
+    >>> pred = jnp.array([0, 0, 0, 1, 2, 2]); score = jnp.array([.9, .5, .7, .2, .8, .1])
+    >>> sorted(balanced_selection(pred, score, jnp.array([1, 1, 1]), 3).tolist())
+    [0, 3, 4]
+    >>> sorted(balanced_selection(pred, score, jnp.array([0, 2, 1]), 3).tolist())   # 1 lacks one
+    [0, 3, 4]
+    """
+    n = pred.shape[0]
+    if batch_size > n:
+        raise ValueError(f"cannot select {batch_size} of {n} candidates")
+    k = quotas.shape[0]
+    order = jnp.lexsort((-score, pred))                 # by class, then by score (descending)
+    counts = jnp.bincount(pred, length=k)
+    starts = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(n) - starts[pred[order]]
+    rank = jnp.zeros(n, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+    chosen = rank < quotas[pred]
+    priority = 2.0 * chosen + jnp.clip(score, 0.0, 1.0)
+    return jax.lax.top_k(priority, batch_size)[1].astype(jnp.int32)
+
+
 def info_loss(probs: jax.Array, kind: str) -> jax.Array:
     """IDEAL's information term on student probabilities ``(B, K)`` (to be *minimised*).
 
@@ -203,9 +277,25 @@ def info_loss(probs: jax.Array, kind: str) -> jax.Array:
 
 
 def _gen_images(gen_fm, cfg, params, z):
-    if cfg.gen_head == "bn_sigmoid":
-        return jax.nn.sigmoid(gen_fm.apply_batchstats(params, z, pre_activation=True))
+    if cfg.gen_head == "bn_sigmoid" or cfg.gen_bias:
+        return jax.nn.sigmoid(gen_fm.apply_batchstats(params, z, pre_activation=True)
+                              + cfg.gen_bias)
     return gen_fm.apply_batchstats(params, z)
+
+
+def noise_images(cfg: IDEALConfig, key: jax.Array, n: int,
+                 image_shape: Sequence[int]) -> jax.Array:
+    """NaiveKD's ``n`` noise images in [0, 1] (``cfg.noise``).
+
+    >>> cfg = IDEALConfig(synth="noise", noise="gauss")
+    >>> x = noise_images(cfg, jax.random.key(0), 4000, (4, 4, 1))
+    >>> 0.15 < float(x.mean()) < 0.25 and float(x.min()) == 0.0
+    True
+    """
+    shape = (n,) + tuple(image_shape)
+    if cfg.noise == "gauss":
+        return jnp.clip(cfg.noise_mean + cfg.noise_std * jax.random.normal(key, shape), 0.0, 1.0)
+    return jax.random.uniform(key, shape, jnp.float32)
 
 
 def make_generation_phase(student_fm, gen_fm, cfg: IDEALConfig, num_classes: int,
@@ -260,12 +350,26 @@ def _build_generation_phase(student_fm, gen_fm, cfg, num_classes, image_shape):
             best_x = jnp.where(better, x, best_x)
             best_l = jnp.where(better, loss, best_l)
             updates, os_ = tx.update(grads, os_, gp)
-            return (optax.apply_updates(gp, updates), os_, best_x, best_l), loss
+            out = (loss, x) if cfg.select == "balanced" else (loss, None)
+            return (optax.apply_updates(gp, updates), os_, best_x, best_l), out
 
         carry = (gparams, opt_state, jnp.zeros((b,) + image_shape, jnp.float32),
                  jnp.asarray(jnp.inf, jnp.float32))
-        (_, _, best_x, best_l), losses = jax.lax.scan(step, carry,
-                                                      jax.random.split(ksteps, cfg.g_steps))
+        (_, _, best_x, best_l), (losses, xs) = jax.lax.scan(
+            step, carry, jax.random.split(ksteps, cfg.g_steps))
+        if cfg.select == "balanced":
+            if pool_counts is None:
+                raise ValueError("select='balanced' needs the pool's label counts "
+                                 "(phase(..., pool_counts=...))")
+            cand = xs.reshape((-1,) + image_shape)
+            logits, _ = student_fm.apply(student_params, student_bn, cand, train=False)
+            p = jax.nn.softmax(logits, axis=-1)
+            if cfg.select_score == "entropy":
+                score = -jnp.sum(jax.scipy.special.xlogy(p, p), axis=-1) / jnp.log(k)
+            else:
+                score = jnp.max(p, axis=-1)
+            quotas = jnp.bincount(pool_balancing_targets(pool_counts, b), length=k)
+            best_x = cand[balanced_selection(jnp.argmax(p, -1), score, quotas, b)]
         return best_x, best_l, losses
 
     return phase
@@ -277,8 +381,10 @@ class PoolRunResult:
 
     Attributes:
       curve: evaluated points: dicts with round, queries, pool_size, val_acc, test_acc, the pool
-        pass's mean loss, the generation phase's best loss, student steps, and the class histogram
-        of the teacher's labels in the pool.
+        pass's mean loss, the generation phase's best loss, student steps, the class histogram
+        of the teacher's labels in the pool, and ``student_teacher_agree``: the fraction of the
+        round's new images on which the student (before learning from them) predicted the
+        teacher's answer (hard labels; NaN for a resumed round).
       queries: samples charged by the API's ledger over the whole run (resumes included).
       rounds: rounds completed.
       stopped: why the run ended: ``"budget"``, ``"rounds"`` or ``"interrupted"`` (``max_rounds``).
@@ -357,6 +463,7 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
         gen_fm = (generator or make_generator(cfg, image_shape))[1]
         phase = make_generation_phase(student_fm, gen_fm, cfg, k, image_shape)
 
+    predict = jax.jit(lambda p, bn, x: jnp.argmax(student_fm.apply(p, bn, x, train=False)[0], -1))
     base = jax.random.key(seed)
     state = init_student(student_fm, tx, jax.random.fold_in(base, 0))
     max_samples = None
@@ -394,7 +501,7 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
             gen_round = cfg.stop_gen is None or r < cfg.stop_gen
             key = _round_key(seed, r)
             kgen, kpass = jax.random.split(key)
-            gen_loss = float("nan")
+            gen_loss, agree = float("nan"), float("nan")
             if gen_round:
                 cached = pool.cached_round(r)
                 if cached is not None:          # bought before a kill: never re-query
@@ -408,11 +515,12 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
                         break
                     if phase is not None:
                         counts = (jnp.asarray(pool.class_histogram(k), jnp.float32)
-                                  if cfg.targets == "pool_balancing" else None)
+                                  if cfg.targets == "pool_balancing"
+                                  or cfg.select == "balanced" else None)
                         x, best_l, _ = phase(state.params, state.bn, kgen, counts)
                         gen_loss = float(best_l)
                     else:
-                        x = jax.random.uniform(kgen, (b,) + tuple(image_shape), jnp.float32)
+                        x = noise_images(cfg, kgen, b, image_shape)
                     x_st = pool.prepare(x)
                     try:
                         with api.reserve(b), surface_api_errors():
@@ -427,6 +535,9 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
                     else:
                         answers = jnp.argmax(out, axis=-1).astype(jnp.int32)
                     answered = api.queries
+                    if not cfg.soft_labels:     # how far the student's classes are the teacher's
+                        agree = float(jnp.mean(predict(state.params, state.bn,
+                                                       dequantize(x_st)) == answers))
                 pool.append(r, x_st, answers, answered)
             state, loss, nsteps = pool_pass(state, pool.x, pool.y, jnp.int32(pool.size), kpass)
             # Evaluate on schedule, at budget crossings and at the end of the run.
@@ -440,6 +551,7 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
                                           or next_unaffordable or r == 0):
                 point = tracker.evaluate(r, state.params, state.bn, pool_size=pool.size,
                                          loss=float(loss), gen_loss=gen_loss,
+                                         student_teacher_agree=agree,
                                          student_steps=int(nsteps),
                                          pool_histogram=pool.class_histogram(k))
             if (r + 1) % cfg.checkpoint_every == 0 or point is not None or next_unaffordable:
