@@ -46,7 +46,15 @@ def apply_overrides(cfg, overrides: Iterable[str]):
     >>> apply_overrides(C(), ["steps=5", "lr=1e-2"])
     C(steps=5, lr=0.01)
 
-    Fields annotated ``Optional[...]`` also accept ``none`` / ``null``.
+    Fields annotated ``Optional[...]`` also accept ``none`` / ``null``. A field that is itself a
+    dataclass is reached with a dotted key:
+
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Outer:
+    ...     inner: C = C()
+    ...     name: str = "x"
+    >>> apply_overrides(Outer(), ["inner.steps=7"]).inner.steps
+    7
     """
     fields = {f.name for f in dataclasses.fields(cfg)}
     optional = {f.name for f in dataclasses.fields(cfg) if "Optional" in str(f.type)
@@ -56,6 +64,11 @@ def apply_overrides(cfg, overrides: Iterable[str]):
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
+        head, dot, rest = key.partition(".")
+        if dot and head in fields and dataclasses.is_dataclass(getattr(cfg, head)):
+            sub = changes.get(head, getattr(cfg, head))
+            changes[head] = apply_overrides(sub, [f"{rest}={raw}"])
+            continue
         if key not in fields:
             raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(fields)}")
         if key in optional and raw.strip().lower() in ("none", "null"):

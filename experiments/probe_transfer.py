@@ -1,7 +1,7 @@
 """Transfer probes: which recovery recipe gives images that teach NEW classes? Minutes, not hours.
 
     python experiments/probe_transfer.py --config smoke --workdir runs/probe_smoke
-    python experiments/probe_transfer.py --config default --workdir runs/probe [--recipes zo,real] [--set pool_steps=300]
+    python experiments/probe_transfer.py --config default --workdir runs/probe [--recipes zo,real] [--set probe.pool_steps=300]
 
 Builds (or reuses, by build key) a pool of the BiDf-MKD config's first ``num_apis`` teachers in
 ``<workdir>/pool-<key>``,
@@ -32,7 +32,7 @@ def _pool(bidf, cfg, workdir):
     from dfml_jax.bidf_mkd.experiment import pool_build_args
     from dfml_jax.pool import load_pool, load_white_box_teachers, obtain_pool
 
-    build = pool_build_args(bidf, num_apis=cfg.num_apis)
+    build = pool_build_args(bidf, num_apis=cfg.probe.num_apis)
     if cfg.pool_seed is not None:
         build["seed"] = cfg.pool_seed
     pool_dir = obtain_pool(build, parent=workdir)
@@ -89,7 +89,7 @@ def main(argv=None):
     import jax
     import numpy as np
 
-    from dfml_jax.bidf_mkd.probe import ProbeConfig, run_probe
+    from dfml_jax.bidf_mkd.probe import run_probe
     from dfml_jax.data import get_class_splits
     from dfml_jax.models import create_model, functional
 
@@ -101,14 +101,12 @@ def main(argv=None):
                                      channels=bidf.channels, progress=progress)
     pool, wb = _pool(bidf, cfg, args.workdir)
     meta = functional(create_model(bidf.meta_arch, num_classes=bidf.ways,
-                                   input_shape=train.image_shape, rngs_or_key=cfg.seed,
+                                   input_shape=train.image_shape, rngs_or_key=cfg.probe.seed,
                                    width=bidf.meta_width))
-    fields = {f.name for f in dataclasses.fields(ProbeConfig)}
-    pcfg = ProbeConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields},
-                       student_width=bidf.meta_width, inner_lr=loop.inner_lr, ways=bidf.ways,
-                       shots=bidf.shots, query=bidf.query,
-                       replay_inner_steps=loop.replay_inner_steps, outer_lr=loop.outer_lr,
-                       finetune_steps=bidf.finetune_steps)
+    pcfg = dataclasses.replace(cfg.probe, student_width=bidf.meta_width, inner_lr=loop.inner_lr,
+                               ways=bidf.ways, shots=bidf.shots, query=bidf.query,
+                               replay_inner_steps=loop.replay_inner_steps,
+                               outer_lr=loop.outer_lr, finetune_steps=bidf.finetune_steps)
     out = os.path.join(args.workdir, "probe.json")
     done = None
     if os.path.exists(out):
@@ -140,7 +138,7 @@ def main(argv=None):
     with open(os.path.join(args.workdir, "probe.md"), "w") as f:
         f.write(f"# Transfer probe '{cfg.name}' ({results['num_apis']} APIs of the "
                 f"'{bidf.name}' pool)\n\nPool-level: one student distilled on all recovered sets, "
-                f"its body fine-tuned on {cfg.val_tasks} new-class 5-way {bidf.shots}-shot "
+                f"its body fine-tuned on {pcfg.val_tasks} new-class 5-way {bidf.shots}-shot "
                 "meta-validation tasks (lr chosen on separate validation tasks); references use "
                 "the same protocol. Within-task: a student per API scored on that API's held-out "
                 "real images. Replay-MAML: best meta-validation accuracy of MAML on the recovered "

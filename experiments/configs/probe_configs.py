@@ -1,14 +1,14 @@
 """Configurations and recipes of ``experiments/probe_transfer.py`` (transfer probes).
 
     python experiments/probe_transfer.py --config smoke --workdir runs/probe_smoke
-    python experiments/probe_transfer.py --config default --workdir runs/probe --recipes zo,zo_priors,real
+    python experiments/probe_transfer.py --config default --workdir runs/probe --recipes zo,real --set probe.replay_iterations=300
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
-from dfml_jax.bidf_mkd.probe import Recipe
+from dfml_jax.bidf_mkd.probe import ProbeConfig, Recipe
 from dfml_jax.experiment import select_config
 
 __all__ = ["ProbeRunConfig", "CONFIGS", "RECIPES", "get_config"]
@@ -16,30 +16,23 @@ __all__ = ["ProbeRunConfig", "CONFIGS", "RECIPES", "get_config"]
 
 @dataclasses.dataclass(frozen=True)
 class ProbeRunConfig:
-    """A probe run: the BiDf-MKD config whose pool, inversion and meta-model it probes, and the
-    probe sizes (:class:`dfml_jax.bidf_mkd.probe.ProbeConfig` fields)."""
+    """A probe run: the BiDf-MKD config whose pool, inversion and meta-model it probes, the
+    recipes, and the probe sizes (``--set probe.pool_steps=300``; the task shape, student width and
+    MAML settings are taken from the BiDf-MKD config)."""
     name: str = "default"
     bidf_config: str = "default"    # a name of experiments/configs/bidf_mkd_configs.py
     recipes: tuple = ("zo", "zo_flip", "zo_priors", "zo_repulsion", "zo_wide", "strokes",
                       "strokes_priors", "strokes_wide", "white_box", "white_box_priors",
                       "white_box_strokes", "real", "noise")
-    num_apis: int = 5
-    within_steps: int = 300
-    pool_steps: int = 600
-    replay_iterations: int = 150
-    val_tasks: int = 100
-    lr_select_tasks: int = 50
-    finetune_lrs: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)
-    temperature: float = 4.0
-    kd_batch: int = 64
-    seed: int = 0
     pool_seed: Optional[int] = None  # None: the BiDf-MKD config's
+    probe: ProbeConfig = ProbeConfig()
 
 
 _DEFAULT = ProbeRunConfig()
 _SMOKE = ProbeRunConfig(name="smoke", bidf_config="smoke", recipes=("zo", "zo_priors", "real", "noise"),
-                        num_apis=2, within_steps=5, pool_steps=5, replay_iterations=2,
-                        val_tasks=6, lr_select_tasks=4, finetune_lrs=(0.01, 0.1), kd_batch=8)
+                        probe=ProbeConfig(num_apis=2, within_steps=5, pool_steps=5,
+                                          replay_iterations=2, val_tasks=6, lr_select_tasks=4,
+                                          finetune_lrs=(0.01, 0.1), kd_batch=8))
 CONFIGS = {"default": _DEFAULT, "smoke": _SMOKE}
 
 # Recovery recipes: overrides of the BiDf-MKD config's inversion (same queries per API unless the
