@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -43,9 +45,10 @@ from dfml_jax.blackbox import group_apis, surface_api_errors
 from dfml_jax.data import ClassDataset, Taskset
 from dfml_jax.losses import teacher_probs
 from dfml_jax.meta import evaluate_tasks, select_finetune_lr
-from dfml_jax.models import scale_kernels
+from dfml_jax.models import create_model, functional, scale_kernels
 
 from .inversion import InversionConfig, inversion_queries, make_inverter
+from .train import BiDfMKDConfig, train_bidf_mkd
 
 __all__ = ["Recipe", "ProbeConfig", "RecoveredSet", "recover_set", "recover_sets", "kd_student", "within_task_probe",
            "pool_probe", "replay_probe", "reference_rows", "with_head",
@@ -115,7 +118,6 @@ class RecoveredSet(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def _gen(name: str, nz: int, ngf: int, image_size: int, channels: int):
-    from dfml_jax.models import create_model, functional
     return functional(create_model(name, nz=nz, ngf=ngf, img_size=image_size, nc=channels,
                                    rngs_or_key=0))
 
@@ -250,7 +252,6 @@ _kd_student = jax.jit(kd_student, static_argnames=("apply_fn", "steps", "lr", "b
 @functools.lru_cache(maxsize=8)
 def _student_model(num_classes: int, shape: tuple, width: int):
     """One functional Conv4 per signature, so its jitted training compiles once."""
-    from dfml_jax.models import create_model, functional
     return functional(create_model("conv4", num_classes=num_classes, input_shape=shape,
                                    rngs_or_key=0, width=width))
 
@@ -386,8 +387,6 @@ def replay_probe(sets: Sequence[RecoveredSet], meta, ev: FewShotEval, cfg: Probe
     Returns:
       ``{"acc": best validation %, "history": [...]}``.
     """
-    from .train import BiDfMKDConfig, train_bidf_mkd
-
     per = min(int(np.sum(s.targets == t)) for s in sets for t in np.unique(s.targets))
     if per < cfg.shots + cfg.query:
         raise ValueError(f"replay probe: {per} images per recovered class cannot fill tasks of "
@@ -434,7 +433,6 @@ def reference_rows(meta, ev: FewShotEval, cfg: ProbeConfig, *,
 
 def json_ready(tree):
     """``tree`` as it reads back from JSON (tuples become lists), for comparisons on resume."""
-    import json
     return json.loads(json.dumps(tree, default=float))
 
 
@@ -474,8 +472,6 @@ def run_probe(recipes: Dict[str, Recipe], *, pool, train_split: ClassDataset,
       ``within_task``, ``pool_level``, ``replay_maml``, ``queries_per_api``, ``mean_intensity``,
       ``wall_s``); grids maps a recipe name (and ``"real"``) to the first API's images.
     """
-    import time
-
     n = min(cfg.num_apis, len(pool.apis))
     mean, std = pool.mean, pool.std
     records = pool.records[:n]
