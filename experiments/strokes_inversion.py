@@ -95,6 +95,9 @@ def main(argv=None):
     p.add_argument("--num-directions", type=int, default=50)
     p.add_argument("--direction-resolution", type=int, default=None,
                    help="low-resolution zero-order directions (r x r), black-box only")
+    p.add_argument("--zo-space", default="image", choices=("image", "latent"),
+                   help="black-box directions over the pixels or over each image's latent")
+    p.add_argument("--smoothing", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
     args = p.parse_args(argv)
@@ -112,8 +115,9 @@ def main(argv=None):
                       "classes": [train.class_names[c] for c in classes],
                       "seconds": round(time.time() - t0, 1)}), flush=True)
     cfg = InversionConfig(iterations=args.iterations, per_class=args.per_class,
-                          num_directions=args.num_directions, smoothing=0.005, pad=2,
-                          direction_resolution=args.direction_resolution)
+                          num_directions=args.num_directions, smoothing=args.smoothing, pad=2,
+                          direction_resolution=args.direction_resolution,
+                          zo_space=args.zo_space)
     blocks = []
     for setting in args.settings.split(","):
         name, lr = setting.split(":")

@@ -90,6 +90,9 @@ class BiDfExperimentConfig(BiDfMKDConfig):
     # inversion's image parameterisation: "dcgan" (the paper) or "strokes" (line drawings by
     # construction, dfml_jax.models.strokes; a departure)
     generator: str = "dcgan"
+    # the stroke generator's latent: "linear" (z -> strokes by a learnable map) or "direct"
+    # (z are the 8 * num_strokes stroke parameters: set nz=32 for 4 strokes)
+    stroke_latent: str = "linear"
     # meta-model
     meta_arch: str = "conv4"
     meta_width: int = 32
@@ -186,8 +189,9 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
     shape = train_split.image_shape
     meta = functional(create_model(cfg.meta_arch, num_classes=cfg.ways, input_shape=shape,
                                    rngs_or_key=cfg.seed, width=cfg.meta_width))
+    gen_kw = {"latent": cfg.stroke_latent} if cfg.generator == "strokes" else {}
     gen = functional(create_model(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=cfg.image_size,
-                                  nc=shape[-1], rngs_or_key=cfg.seed))
+                                  nc=shape[-1], rngs_or_key=cfg.seed, **gen_kw))
     mean, std = (pool.mean, pool.std) if pool is not None else _stats(train_split)
     val_tasks, test_sets, lr_sets = _eval_tasks(cfg, val_split, test_split)
 

@@ -46,7 +46,9 @@ from dfml_jax.augment import batch_shared_augment
 from dfml_jax.blackbox import APIGroup, BlackBoxAPI
 from dfml_jax.estimators import num_queries, zo_gradient, zo_gradient_lowres
 
-__all__ = ["InversionConfig", "InversionResult", "make_inverter", "inversion_queries",
+ZO_SPACES = ("image", "latent")
+
+__all__ = ["ZO_SPACES", "InversionConfig", "InversionResult", "make_inverter", "inversion_queries",
            "per_sample_objective", "image_prior"]
 
 
@@ -77,6 +79,12 @@ class InversionConfig:
     # per-image noise of this scale, z_n = z_class(y_n) + class_jitter * eps_n, so the images of
     # a class are variations of one drawing (as the fonts of one glyph), not unrelated solutions.
     class_jitter: Optional[float] = None
+    # Departure ("image" = the paper: directions over the pixels, pulled back through the
+    # generator): "latent" estimates the gradient over each image's generator INPUT z_n, the
+    # generator becoming part of the black-box objective, and updates Z only (the generator's
+    # weights stay as initialised). For a stroke generator with latent="direct" (z = 32 stroke
+    # parameters) the q directions then search d = 32 instead of H * W * C dimensions.
+    zo_space: str = "image"
 
 
 class InversionResult(NamedTuple):
@@ -216,6 +224,12 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
     if cfg.class_jitter is not None and not cfg.class_jitter >= 0:
         raise ValueError(f"InversionConfig.class_jitter must be None (a latent per image) or a "
                          f"non-negative scale, got {cfg.class_jitter!r}")
+    if cfg.zo_space not in ZO_SPACES:
+        raise ValueError(f"InversionConfig.zo_space must be one of {ZO_SPACES}, got {cfg.zo_space!r}")
+    if cfg.zo_space == "latent" and (mesh is not None or cfg.direction_resolution is not None):
+        raise ValueError("InversionConfig.zo_space='latent' runs on one device with full-latent "
+                         "directions: pass mesh=None and direction_resolution=None (or use "
+                         "zo_space='image')")
     if cfg.select not in ("clean_ce", "surrogate"):
         raise ValueError(f"InversionConfig.select must be 'clean_ce' or 'surrogate', got {cfg.select!r}")
     if cfg.direction_resolution is not None:
@@ -329,6 +343,71 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
         from dfml_jax.parallel import constrain_batch
         return constrain_batch(x, mesh, axis)
 
+    def synth(w, z, k_aug):
+        """Generator output ``x01`` and its augmented, normalised view ``xa``."""
+        x01 = gen_apply(w, z)
+        xa = batch_shared_augment(x01, k_aug, pad=cfg.pad, flip=cfg.flip, out_size=image_size,
+                                  mean=mean, std=std)
+        return xa, x01
+
+    def student_logits(student_params, xs):
+        if student_params is None:
+            return None
+        return jax.lax.stop_gradient(student_apply(student_params, xs))
+
+    def white_box_objective(teacher_params, x, s):
+        return per_sample_objective(teacher_fn(teacher_params, x), targets, group.output, s,
+                                    cfg.boundary_weight).sum()
+
+    def image_gradient(params, latents, k_aug, k_zo, index, operand, student_params,
+                       teacher_params):
+        """Directions over the pixels, pulled back through augmentation and generator."""
+        synth_p = lambda p: synth(p["w"], latents(p["z"]), k_aug)  # noqa: E731
+        if _uses_prior(cfg):
+            (xa, x01), vjp_pair = jax.vjp(synth_p, params)
+            prior_g = jax.grad(lambda x: image_prior(x, cfg))(x01)
+            vjp_fn = lambda ga: vjp_pair((ga, prior_g))  # noqa: E731
+        else:
+            xa, vjp_fn, x01 = jax.vjp(synth_p, params, has_aux=True)
+        xs = jax.lax.stop_gradient(xa)
+        s = student_logits(student_params, xs)
+        out0, g, zero_frac = black_box(index, operand, xs, targets, s, k_zo)
+        if teacher_fn is not None:  # white-box upper bound: true gradient through the teacher
+            g = jax.grad(lambda x: white_box_objective(teacher_params, x, s))(xs)
+        (grads,) = vjp_fn(g / b)
+        return grads, x01, xs, out0, g, zero_frac
+
+    def latent_gradient(params, latents, k_aug, k_zo, index, operand, student_params,
+                        teacher_params):
+        """Directions over each image's latent z_n; the generator is inside the objective and
+        only Z is updated (``zo_space="latent"``; one device)."""
+        zl, latent_vjp = jax.vjp(latents, params["z"])
+        xa, x01 = synth(params["w"], zl, k_aug)
+        xs = jax.lax.stop_gradient(xa)
+        s = student_logits(student_params, xs)
+        out0 = group(index, xs, operand)  # the clean answer (charged by the API's ledger)
+        zero_frac = jnp.float32(0.0)
+        if teacher_fn is not None:
+            g = jax.grad(lambda z: white_box_objective(
+                teacher_params, synth(params["w"], z, k_aug)[0], s))(zl)
+        else:
+            objective = lambda o: per_sample_objective(  # noqa: E731
+                o, targets, group.output, s, cfg.boundary_weight)
+            r = zo_gradient(lambda z: objective(group(index, synth(params["w"], z, k_aug)[0],
+                                                      operand)),
+                            jax.lax.stop_gradient(zl), k_zo, estimator=cfg.estimator,
+                            num_directions=cfg.num_directions, smoothing=cfg.smoothing,
+                            chunk_size=cfg.chunk_size, fx=objective(out0),
+                            on_zero_differences="ignore")
+            g, zero_frac = r.grad, r.zero_difference_fraction
+        g_latent = g / b
+        if _uses_prior(cfg):
+            g_latent = g_latent + jax.grad(
+                lambda z: image_prior(synth(params["w"], z, k_aug)[1], cfg))(zl)
+        (gz,) = latent_vjp(g_latent)
+        grads = {"w": jax.tree.map(jnp.zeros_like, params["w"]), "z": gz}
+        return grads, x01, zl, out0, g, zero_frac
+
     def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
         k_z, k_loop = jax.random.split(key)
         if cfg.class_jitter is None:
@@ -341,36 +420,18 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
             latents = lambda z: z[targets] + eps
         opt = tx.init(params)
 
-        def synth(p, k_aug):
-            x01 = gen_apply(p["w"], latents(p["z"]))
-            xa = batch_shared_augment(x01, k_aug, pad=cfg.pad, flip=cfg.flip, out_size=image_size,
-                                      mean=mean, std=std)
-            return xa, x01
-
         def step(carry, i):
             params, opt, best_img, best_score = carry
             k_aug, k_zo = jax.random.split(jax.random.fold_in(k_loop, i))
-            if _uses_prior(cfg):
-                (xa, x01), vjp_pair = jax.vjp(lambda p: synth(p, k_aug), params)
-                prior_g = jax.grad(lambda x: image_prior(x, cfg))(x01)
-                vjp_fn = lambda ga: vjp_pair((ga, prior_g))
-            else:
-                xa, vjp_fn, x01 = jax.vjp(lambda p: synth(p, k_aug), params, has_aux=True)
-            xs = jax.lax.stop_gradient(xa)
-            s = None
-            if student_params is not None:
-                s = jax.lax.stop_gradient(student_apply(student_params, xs))
-            out0, g, zero_frac = black_box(index, operand, xs, targets, s, k_zo)
-            if teacher_fn is not None:  # white-box upper bound: true gradient through the teacher
-                g = jax.grad(lambda x: per_sample_objective(
-                    teacher_fn(teacher_params, x), targets, group.output, s,
-                    cfg.boundary_weight).sum())(xs)
+            gradient = image_gradient if cfg.zo_space == "image" else latent_gradient
+            grads, x01, point, out0, g, zero_frac = gradient(
+                params, latents, k_aug, k_zo, index, operand, student_params, teacher_params)
             ce = jnp.mean(per_sample_objective(out0, targets, group.output))
             acc = jnp.mean(jnp.argmax(out0, -1) == targets)
-            (grads,) = vjp_fn(g / b)
             updates, opt = tx.update(grads, opt, params)
             params = optax.apply_updates(params, updates)
-            score = ce if cfg.select == "clean_ce" else jnp.mean(jnp.sum(xs * g, axis=(1, 2, 3)))
+            score = ce if cfg.select == "clean_ce" else jnp.mean(
+                jnp.sum((point * g).reshape(b, -1), axis=1))
             better = score < best_score
             best_img = jnp.where(better, jax.lax.stop_gradient(x01), best_img)
             best_score = jnp.where(better, score, best_score)

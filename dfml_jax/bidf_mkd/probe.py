@@ -69,11 +69,15 @@ class Recipe:
         :data:`dfml_jax.models.GENERATORS`.
       images_scale: ``s`` times more images per class with ``s`` times fewer iterations: the
         same query budget spread over more, less optimised images (diversity).
+      generator_options: ``(keyword, value)`` pairs for the generator's constructor, overriding
+        the probe's ``nz`` / ``ngf`` (e.g. ``(("latent", "direct"), ("nz", 32))``: the stroke
+        generator's latents are its stroke parameters).
     """
     source: str = "zo"
     inversion: Tuple[Tuple[str, Any], ...] = ()
     generator: str = "dcgan"
     images_scale: int = 1
+    generator_options: Tuple[Tuple[str, Any], ...] = ()
 
     def inversion_config(self, base: InversionConfig) -> InversionConfig:
         cfg = dataclasses.replace(base, **dict(self.inversion))
@@ -117,9 +121,10 @@ class RecoveredSet(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def _gen(name: str, nz: int, ngf: int, image_size: int, channels: int):
-    return functional(create_model(name, nz=nz, ngf=ngf, img_size=image_size, nc=channels,
-                                   rngs_or_key=0))
+def _gen(name: str, nz: int, ngf: int, image_size: int, channels: int, options=()):
+    kw = dict(nz=nz, ngf=ngf, img_size=image_size, nc=channels, rngs_or_key=0)
+    kw.update(options)
+    return functional(create_model(name, **kw))
 
 
 def recover_sets(recipe: Recipe, apis: Sequence, keys: jax.Array, *, base: InversionConfig,
@@ -180,7 +185,9 @@ def _group_inverter(recipe: Recipe, apis, cfg: InversionConfig, *, nz, ngf, mean
                     image_size, teacher_fn):
     """``(i, key, teacher_params) -> images`` of API ``i``; one compile per group of APIs."""
     groups, locate = group_apis(apis)
-    gen = _gen(recipe.generator, nz, ngf, image_size, apis[0].input_shape[-1])
+    gen = _gen(recipe.generator, nz, ngf, image_size, apis[0].input_shape[-1],
+               recipe.generator_options)
+    nz = dict(recipe.generator_options).get("nz", nz)
     invs = [make_inverter(g, gen.apply_batchstats, nz=nz, cfg=cfg, mean=mean, std=std,
                           image_size=image_size, teacher_fn=teacher_fn) for g in groups]
 

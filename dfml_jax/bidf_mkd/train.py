@@ -79,6 +79,7 @@ class BiDfMKDConfig:
     inv_class_jitter: Optional[float] = None  # departure: class latents + per-image jitter
     inv_direction_resolution: Optional[int] = None  # departure: low-res ZO directions (None: paper)
     inv_direction_upsample: str = "nearest"
+    inv_zo_space: str = "image"      # departure: "latent" estimates over the generator's input
     nz: int = 256
     ngf: int = 64
     white_box: bool = False
@@ -117,7 +118,8 @@ class BiDfMKDConfig:
                                repulsion_weight=self.inv_repulsion_weight,
                                class_jitter=self.inv_class_jitter,
                                direction_resolution=self.inv_direction_resolution,
-                               direction_upsample=self.inv_direction_upsample)
+                               direction_upsample=self.inv_direction_upsample,
+                               zo_space=self.inv_zo_space)
 
 
 class TeacherPool(NamedTuple):

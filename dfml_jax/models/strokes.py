@@ -33,12 +33,13 @@ the box-filtered pixel coverage of the supersampled Glyphs renders) and combines
 soft union ``1 - prod_s (1 - ink_s)``. Images are white strokes on black, the polarity of Glyphs
 (``invert=True`` gives black on white), replicated to ``nc`` channels. Everything is vectorised
 (no Python loop over pixels, segments or strokes), differentiable everywhere and
-``jit``/``vmap``-friendly. The nearest segment of every pixel is found without gradients
-(``N * S * (T - 1) * H * W`` work, forward only); the distance to it is then recomputed with
-gradients, so the backward pass costs ``N * S * H * W`` (same value and, almost everywhere, same
-gradient as differentiating the min). For 80 images, 4 strokes, T = 16 at 28 px a jitted
-``jax.vjp`` needs 21 MB of temporaries and 0.13 s on 2 shared CPU cores (the DCGAN with
-``nz = 256, ngf = 64``: 727 MB, 3.0 s).
+``jit``/``vmap``-friendly. The forward pass takes the min over the segments
+(``N * S * (T - 1) * H * W`` work, nothing stored: zero-order queries through the renderer pay
+only this); a custom VJP finds every pixel's nearest segment again and differentiates only the
+distance to it, so the backward pass costs ``N * S * H * W`` (same value and, almost everywhere,
+same gradient as differentiating the min). Rendering 2,000 images of 4 strokes at T = 16 and
+28 px takes about 0.35 s forward on 2 CPU cores (the argmin-and-gather forward it replaced:
+0.9 s).
 
 Latent -> stroke parameters (``latent=``)
 -----------------------------------------
@@ -205,6 +206,40 @@ def _segment_d2(pts, grid):
                              e(ab[..., 0]), e(ab[..., 1]))
 
 
+@jax.custom_vjp
+def _polyline_d2(pts, grid):
+    """``(N, S, H, W)`` squared distance from every pixel centre to each stroke's polyline.
+
+    Forward: the min over the ``T - 1`` segments (``N * S * (T - 1) * H * W`` work, nothing
+    stored). Backward: the nearest segment of every pixel is found again and only the distance
+    to it is differentiated (``N * S * H * W`` backward work instead of the min's full-size
+    mask); same value and, almost everywhere, the same gradient as differentiating the min.
+    So forward-only callers (zero-order queries through the renderer) pay the cheap path.
+    """
+    return jnp.min(_segment_d2(pts, grid), axis=-3)
+
+
+def _nearest_segment_d2(pts, grid):
+    idx = jnp.argmin(_segment_d2(jax.lax.stop_gradient(pts), grid), axis=-3)  # (N, S, H, W)
+    a = jnp.take_along_axis(pts[..., None, None, :-1, :], idx[..., None, None], axis=-2)[..., 0, :]
+    b = jnp.take_along_axis(pts[..., None, None, 1:, :], idx[..., None, None], axis=-2)[..., 0, :]
+    return _point_segment_d2(grid[None, :], grid[:, None], a[..., 0], a[..., 1],
+                             b[..., 0] - a[..., 0], b[..., 1] - a[..., 1])
+
+
+def _polyline_d2_fwd(pts, grid):
+    return _polyline_d2(pts, grid), (pts, grid)
+
+
+def _polyline_d2_bwd(res, ct):
+    pts, grid = res
+    _, vjp = jax.vjp(lambda p: _nearest_segment_d2(p, grid), pts)
+    return vjp(ct)[0], jnp.zeros_like(grid)
+
+
+_polyline_d2.defvjp(_polyline_d2_fwd, _polyline_d2_bwd)
+
+
 def render_strokes(p0: jax.Array, control: jax.Array, p1: jax.Array, width: jax.Array,
                    intensity: jax.Array, *, img_size: int, num_points: int = 16,
                    softness: float = 0.25) -> jax.Array:
@@ -225,15 +260,7 @@ def render_strokes(p0: jax.Array, control: jax.Array, p1: jax.Array, width: jax.
     if num_points < 2:
         raise ValueError(f"render_strokes: num_points must be >= 2, got {num_points}.")
     pts = bezier_points(p0, control, p1, num_points) * img_size  # (N, S, T, 2) in pixels
-    grid = jnp.arange(img_size, dtype=jnp.float32) + 0.5
-    # 1) nearest segment of every pixel, without gradients: (N, S, T-1, H, W) work, forward only
-    idx = jnp.argmin(_segment_d2(jax.lax.stop_gradient(pts), grid), axis=-3)  # (N, S, H, W)
-    # 2) distance to that segment, with gradients: (N, S, H, W) work. Equal to the min over the
-    # segments and with the same (almost everywhere) gradient, at a fraction of the backward cost.
-    a = jnp.take_along_axis(pts[..., None, None, :-1, :], idx[..., None, None], axis=-2)[..., 0, :]
-    b = jnp.take_along_axis(pts[..., None, None, 1:, :], idx[..., None, None], axis=-2)[..., 0, :]
-    d2 = _point_segment_d2(grid[None, :], grid[:, None], a[..., 0], a[..., 1],
-                           b[..., 0] - a[..., 0], b[..., 1] - a[..., 1])
+    d2 = _polyline_d2(pts, jnp.arange(img_size, dtype=jnp.float32) + 0.5)  # (N, S, H, W)
     dist = jnp.sqrt(d2 + _DIST_EPS)                               # (N, S, H, W) to the polyline
     half_w = 0.5 * width * img_size
     ink = intensity[..., None, None] * jax.nn.sigmoid((half_w[..., None, None] - dist) / softness)

@@ -37,6 +37,9 @@ CONFIGS = {"default": _DEFAULT, "smoke": _SMOKE}
 
 # Recovery recipes: overrides of the BiDf-MKD config's inversion (same queries per API unless the
 # name says otherwise; "wide" trades iterations for images at the same budget).
+_DIRECT = (("latent", "direct"), ("nz", 32))  # stroke parameters as the latents (4 strokes)
+_LATENT = (("zo_space", "latent"), ("direction_resolution", None), ("lr", 0.03),
+           ("num_directions", 20))  # q = 20 directions search d = 32 (the default q: same queries)
 RECIPES = {
     "zo": Recipe("zo"),
     "zo_flip": Recipe("zo", (("flip", True),)),
@@ -56,6 +59,18 @@ RECIPES = {
     "strokes_priors": Recipe("zo", (("tv_weight", 1.0), ("l1_weight", 1.0)), generator="strokes"),
     "strokes_wide": Recipe("zo", generator="strokes", images_scale=2),
     "white_box_strokes": Recipe("white_box", generator="strokes"),
+    # zero-order directions over the 32 stroke parameters of each image (the renderer inside the
+    # black-box objective) instead of its 784 pixels; same queries
+    "strokes_latent": Recipe("zo", _LATENT, generator="strokes",
+                             generator_options=_DIRECT),
+    "strokes_latent_lr0.1": Recipe("zo", _LATENT + (("lr", 0.1),), generator="strokes",
+                                   generator_options=_DIRECT),
+    "strokes_latent_long": Recipe("zo", _LATENT + (("num_directions", 10), ("iterations", 60)),
+                                  generator="strokes", generator_options=_DIRECT),  # same queries
+    "white_box_strokes_latent_lr0.1": Recipe("white_box", _LATENT + (("lr", 0.1),),
+                                             generator="strokes", generator_options=_DIRECT),
+    "white_box_strokes_latent": Recipe("white_box", _LATENT,
+                                       generator="strokes", generator_options=_DIRECT),
     "real": Recipe("real"),
     "noise": Recipe("noise"),
 }
