@@ -203,7 +203,18 @@ def test_latent_space_zero_order_inversion_over_stroke_parameters():
     assert float(np.mean(np.asarray(lat.zero_fraction))) < 0.5
     with pytest.raises(ValueError, match="zo_space"):
         invert(zo_space="pixels")
-    with pytest.raises(ValueError, match="mesh=None"):
-        make_inverter(BlackBoxAPI.from_jax(teacher, (size, size, 1), k), gen.apply_batchstats,
-                      nz=nz, cfg=dataclasses.replace(base, zo_space="latent"), mean=(0.5,),
-                      std=(0.5,), image_size=size, mesh=make_mesh(2))
+    with pytest.raises(ValueError, match="direction_resolution=None"):
+        invert(zo_space="latent", direction_resolution=4)
+    # samples sharded over 2 devices: each renders and queries its half, same directions
+    cfg = dataclasses.replace(base, zo_space="latent", iterations=3)
+    api = BlackBoxAPI.from_jax(teacher, (size, size, 1), k, name="lin")
+    inv = make_inverter(api, gen.apply_batchstats, nz=nz, cfg=cfg, mean=(0.5,), std=(0.5,),
+                        image_size=size, mesh=make_mesh(2))
+    sharded = inv(jax.random.key(1), 0, gen.init(jax.random.key(2))[0], None)
+    _, _, single = invert(zo_space="latent", iterations=3)
+    assert api.queries == inversion_queries(cfg, k)
+    np.testing.assert_allclose(sharded.clean_ce, single.clean_ce, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sharded.images, single.images, atol=1e-4)
+    with pytest.raises(ValueError, match="shard='samples'"):
+        make_inverter(api, gen.apply_batchstats, nz=nz, cfg=cfg, mean=(0.5,), std=(0.5,),
+                      image_size=size, mesh=make_mesh(2), shard="directions")

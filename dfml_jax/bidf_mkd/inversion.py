@@ -226,10 +226,12 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
                          f"non-negative scale, got {cfg.class_jitter!r}")
     if cfg.zo_space not in ZO_SPACES:
         raise ValueError(f"InversionConfig.zo_space must be one of {ZO_SPACES}, got {cfg.zo_space!r}")
-    if cfg.zo_space == "latent" and (mesh is not None or cfg.direction_resolution is not None):
-        raise ValueError("InversionConfig.zo_space='latent' runs on one device with full-latent "
-                         "directions: pass mesh=None and direction_resolution=None (or use "
-                         "zo_space='image')")
+    if cfg.zo_space == "latent" and cfg.direction_resolution is not None:
+        raise ValueError("InversionConfig.zo_space='latent' draws full-latent directions: set "
+                         "direction_resolution=None (low-resolution directions are for pixels)")
+    if cfg.zo_space == "latent" and mesh is not None and shard == "directions":
+        raise ValueError("InversionConfig.zo_space='latent' shards the samples over the mesh: use "
+                         "shard='samples' (or zo_space='image' to shard the directions)")
     if cfg.select not in ("clean_ce", "surrogate"):
         raise ValueError(f"InversionConfig.select must be 'clean_ce' or 'surrogate', got {cfg.select!r}")
     if cfg.direction_resolution is not None:
@@ -377,29 +379,57 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
         (grads,) = vjp_fn(g / b)
         return grads, x01, xs, out0, g, zero_frac
 
+    def latent_zo_local(w, z, xs, tgt, s, index, operand, k_aug, k_zo, sample_offset=0):
+        """Clean answers and the zero-order latent gradient of (a shard of) the batch."""
+        objective = lambda o: per_sample_objective(  # noqa: E731
+            o, tgt, group.output, s, cfg.boundary_weight)
+        out0 = group(index, xs, operand)  # the clean answer (charged by the API's ledger)
+        r = zo_gradient(lambda zp: objective(group(index, synth(w, zp, k_aug)[0], operand)), z,
+                        k_zo, estimator=cfg.estimator, num_directions=cfg.num_directions,
+                        smoothing=cfg.smoothing, chunk_size=cfg.chunk_size, fx=objective(out0),
+                        on_zero_differences="ignore", sample_offset=sample_offset)
+        return r.grad, out0, r.zero_difference_fraction
+
+    def latent_zo(w, z, xs, s, index, operand, k_aug, k_zo):
+        """:func:`latent_zo_local` on one device, or per device on its samples under a mesh
+        (each device renders and queries its shard; the directions one device would draw)."""
+        if mesh is None:
+            return latent_zo_local(w, z, xs, targets, s, index, operand, k_aug, k_zo)
+        from dfml_jax.parallel import P, shard_offset, shard_over
+
+        args = {"w": w, "z": z, "xs": xs, "tgt": targets, "index": index, "k_aug": k_aug,
+                "k_zo": k_zo}
+        specs = {"w": jax.tree.map(lambda _: P(), w), "z": P(axis), "xs": P(axis),
+                 "tgt": P(axis), "index": P(), "k_aug": P(), "k_zo": P()}
+        if operand is not None:
+            args["operand"], specs["operand"] = operand, jax.tree.map(lambda _: P(), operand)
+        if s is not None:
+            args["s"], specs["s"] = s, P(axis)
+
+        def local(a):
+            g, out0, zf = latent_zo_local(
+                a["w"], a["z"], a["xs"], a["tgt"], a.get("s"), a["index"], a.get("operand"),
+                a["k_aug"], a["k_zo"], sample_offset=shard_offset(a["z"].shape[0], axis))
+            return g, out0, jax.lax.pmean(zf, axis)
+
+        return shard_over(local, mesh, (specs,), (P(axis), P(axis), P()))(args)
+
     def latent_gradient(params, latents, k_aug, k_zo, index, operand, student_params,
                         teacher_params):
         """Directions over each image's latent z_n; the generator is inside the objective and
-        only Z is updated (``zo_space="latent"``; one device)."""
+        only Z is updated (``zo_space="latent"``)."""
         zl, latent_vjp = jax.vjp(latents, params["z"])
         xa, x01 = synth(params["w"], zl, k_aug)
         xs = jax.lax.stop_gradient(xa)
         s = student_logits(student_params, xs)
-        out0 = group(index, xs, operand)  # the clean answer (charged by the API's ledger)
-        zero_frac = jnp.float32(0.0)
         if teacher_fn is not None:
+            out0 = black_box(index, operand, xs, targets, s, k_zo)[0]
+            zero_frac = jnp.float32(0.0)
             g = jax.grad(lambda z: white_box_objective(
                 teacher_params, synth(params["w"], z, k_aug)[0], s))(zl)
         else:
-            objective = lambda o: per_sample_objective(  # noqa: E731
-                o, targets, group.output, s, cfg.boundary_weight)
-            r = zo_gradient(lambda z: objective(group(index, synth(params["w"], z, k_aug)[0],
-                                                      operand)),
-                            jax.lax.stop_gradient(zl), k_zo, estimator=cfg.estimator,
-                            num_directions=cfg.num_directions, smoothing=cfg.smoothing,
-                            chunk_size=cfg.chunk_size, fx=objective(out0),
-                            on_zero_differences="ignore")
-            g, zero_frac = r.grad, r.zero_difference_fraction
+            g, out0, zero_frac = latent_zo(params["w"], jax.lax.stop_gradient(zl), xs, s,
+                                           index, operand, k_aug, k_zo)
         g_latent = g / b
         if _uses_prior(cfg):
             g_latent = g_latent + jax.grad(
