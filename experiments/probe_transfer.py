@@ -93,7 +93,7 @@ def main(argv=None):
     from dfml_jax.data import get_class_splits
     from dfml_jax.models import create_model, functional
 
-    bidf = get_bidf_config(cfg.bidf_config)
+    bidf = apply_overrides(get_bidf_config(cfg.bidf_config), list(cfg.bidf_set))
     loop = bidf.loop_config()
     os.makedirs(args.workdir, exist_ok=True)
     progress = not args.no_progress

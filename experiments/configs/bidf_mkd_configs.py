@@ -12,7 +12,10 @@ be overridden with ``--set key=value``.
 * ``default``: the README's main job. Glyphs 28x28, an SS pool of 20 Conv4 teachers (random
   shifts), BiDf-MKD with every mechanism of the paper at CPU scale (zero-order inversion with
   q = 20 directions, boundary query sets, second-order bi-level KD, memory replay,
-  plateau-triggered API visits, 300 meta-iterations) and the baselines. Departures, each chosen
+  plateau-triggered API visits, 300 meta-iterations) against ``random``, ``random_scaled`` and
+  ``average``; the bounds ``white_box``, ``maml_real`` and ``maml_pool_data`` (about 40 more
+  minutes) run with ``--set 'methods=["white_box","maml_real","maml_pool_data"]'`` in another
+  workdir. Departures, each chosen
   on meta-VALIDATION (tables in ``docs/results.md``): images are drawings of 4 Bezier strokes
   (``generator="strokes"``, ``stroke_latent="direct"``) inverted with zero-order directions over
   their 32 stroke parameters (``inv_zo_space="latent"``, ``inv_lr=0.1``); ``inner_lr=0.1`` and
@@ -28,14 +31,19 @@ import dataclasses
 from dfml_jax.bidf_mkd.experiment import BiDfExperimentConfig
 from dfml_jax.experiment import select_config
 
-__all__ = ["CONFIGS", "get_config"]
+__all__ = ["CONFIGS", "get_config", "DEFAULT_METHODS"]
+
+# the default's methods fit its one-hour budget on 2 CPU cores; the bounds (white_box, maml_real,
+# maml_pool_data) are one --set away: --set 'methods=["white_box","maml_real","maml_pool_data"]'
+DEFAULT_METHODS = ("bidf_mkd", "random", "random_scaled", "average")
 
 _SMOKE = BiDfExperimentConfig(
     name="smoke", num_apis=3, pool_epochs=15, pool_width=8, meta_width=8,
     shots=1, query=3, meta_iterations=6, meta_batch=2, replay_inner_steps=2, kd_inner_steps=2,
-    inv_iterations=3, inv_per_class=4, q=4, mu=0.01, chunk_size=None, nz=16, ngf=8,
+    inv_iterations=3, inv_per_class=4, q=4, mu=0.01, chunk_size=None, nz=32, ngf=8,
     boundary_start=3, plateau_patience=2, memory_slots=3, eval_every=3, val_tasks=10,
-    test_tasks=20, finetune_steps=3, checkpoint_every=3, inv_lr=0.01, seed=0,
+    test_tasks=20, finetune_steps=3, checkpoint_every=3, inv_lr=0.1, seed=0,
+    generator="strokes", stroke_latent="direct", inv_zo_space="latent",
     finetune_lrs=(0.01, 0.1), lr_select_tasks=10, paper_eval_tasks=20, paper_steps=3)
 
 _DEFAULT = BiDfExperimentConfig(
@@ -47,7 +55,8 @@ _DEFAULT = BiDfExperimentConfig(
     inv_direction_resolution=None, boundary_start=100, plateau_patience=5, memory_slots=10,
     eval_every=50, val_tasks=100,
     test_tasks=600, finetune_steps=10, checkpoint_every=25, seed=0,
-    finetune_lrs=(0.01, 0.03, 0.1, 0.3, 1.0), lr_select_tasks=100, paper_eval_tasks=600)
+    finetune_lrs=(0.01, 0.03, 0.1, 0.3, 1.0), lr_select_tasks=100, paper_eval_tasks=600,
+    methods=DEFAULT_METHODS)
 
 _PAPER = BiDfExperimentConfig(
     name="paper_cifar_fs_ss", dataset="cifar_fs", image_size=32, channels=3, num_apis=100,

@@ -14,6 +14,10 @@ from dfml_jax.experiment import select_config
 __all__ = ["ProbeRunConfig", "CONFIGS", "RECIPES", "get_config"]
 
 
+PIXEL_REFERENCE = ("generator=dcgan", "nz=64", "inv_lr=0.01", "inv_direction_resolution=7",
+                   "inv_zo_space=image")
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeRunConfig:
     """A probe run: the BiDf-MKD config whose pool, inversion and meta-model it probes, the
@@ -25,11 +29,15 @@ class ProbeRunConfig:
                       "strokes_priors", "strokes_wide", "white_box", "white_box_priors",
                       "white_box_strokes", "real", "noise")
     pool_seed: Optional[int] = None  # None: the BiDf-MKD config's
+    # --set overrides of the BiDf-MKD config before probing: the probe's reference inversion,
+    # which the recipes modify (the DCGAN with 7x7 pixel directions, the pre-stroke default)
+    bidf_set: tuple = PIXEL_REFERENCE
     probe: ProbeConfig = ProbeConfig()
 
 
 _DEFAULT = ProbeRunConfig()
-_SMOKE = ProbeRunConfig(name="smoke", bidf_config="smoke", recipes=("zo", "zo_priors", "real", "noise"),
+_SMOKE = ProbeRunConfig(name="smoke", bidf_config="smoke",
+                        bidf_set=("generator=dcgan", "nz=16", "inv_lr=0.01", "inv_zo_space=image"), recipes=("zo", "zo_priors", "real", "noise"),
                         probe=ProbeConfig(num_apis=2, within_steps=5, pool_steps=5,
                                           replay_iterations=2, val_tasks=6, lr_select_tasks=4,
                                           finetune_lrs=(0.01, 0.1), kd_batch=8))
