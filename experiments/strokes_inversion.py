@@ -48,6 +48,7 @@ import numpy as np
 import optax
 
 from dfml_jax.bidf_mkd import InversionConfig, make_inverter
+from dfml_jax.bidf_mkd.inversion import ZO_SPACES
 from dfml_jax.blackbox import BlackBoxAPI
 from dfml_jax.data.glyphs import glyph_splits
 from dfml_jax.models import create_model, functional
@@ -99,7 +100,7 @@ def main(argv=None):
     p.add_argument("--num-directions", type=int, default=50)
     p.add_argument("--direction-resolution", type=int, default=None,
                    help="low-resolution zero-order directions (r x r), black-box only")
-    p.add_argument("--zo-space", default="image", choices=("image", "latent"),
+    p.add_argument("--zo-space", default="image", choices=ZO_SPACES,
                    help="black-box directions over the pixels or over each image's latent")
     p.add_argument("--smoothing", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)

@@ -269,9 +269,11 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
     tx = optax.adam(cfg.lr, b1=0.5, b2=0.999)
 
     def zo_grad(index, operand, xs, tgt, s, k_zo, out0, *, sample_offset=0,
-                num_directions=cfg.num_directions, direction_offset=0):
-        """Zero-order image gradient on (a shard of) the batch, from its clean answers ``out0``;
-        full-resolution or low-resolution directions. Returns (gradient, zero-difference frac)."""
+                num_directions=cfg.num_directions, direction_offset=0, to_images=None):
+        """Zero-order gradient on (a shard of) the batch, from its clean answers ``out0``;
+        full-resolution or low-resolution directions. ``xs`` are the images, or with
+        ``to_images`` (latents -> API inputs) the latents the directions perturb.
+        Returns (gradient, zero-difference frac)."""
         def objective(outputs):
             return per_sample_objective(outputs, tgt, group.output, s, cfg.boundary_weight)
 
@@ -282,7 +284,8 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
         if cfg.direction_resolution is not None:
             kw.update(resolution=cfg.direction_resolution, method=cfg.direction_upsample)
         estimate = zo_gradient if cfg.direction_resolution is None else zo_gradient_lowres
-        r = estimate(lambda xp: objective(group(index, xp, operand)), xs, k_zo, **kw)
+        render = (lambda x: x) if to_images is None else to_images
+        r = estimate(lambda xp: objective(group(index, render(xp), operand)), xs, k_zo, **kw)
         return r.grad, r.zero_difference_fraction
 
     if mesh is None:
@@ -381,14 +384,10 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
 
     def latent_zo_local(w, z, xs, tgt, s, index, operand, k_aug, k_zo, sample_offset=0):
         """Clean answers and the zero-order latent gradient of (a shard of) the batch."""
-        objective = lambda o: per_sample_objective(  # noqa: E731
-            o, tgt, group.output, s, cfg.boundary_weight)
         out0 = group(index, xs, operand)  # the clean answer (charged by the API's ledger)
-        r = zo_gradient(lambda zp: objective(group(index, synth(w, zp, k_aug)[0], operand)), z,
-                        k_zo, estimator=cfg.estimator, num_directions=cfg.num_directions,
-                        smoothing=cfg.smoothing, chunk_size=cfg.chunk_size, fx=objective(out0),
-                        on_zero_differences="ignore", sample_offset=sample_offset)
-        return r.grad, out0, r.zero_difference_fraction
+        g, zero_frac = zo_grad(index, operand, z, tgt, s, k_zo, out0, sample_offset=sample_offset,
+                               to_images=lambda zp: synth(w, zp, k_aug)[0])
+        return g, out0, zero_frac
 
     def latent_zo(w, z, xs, s, index, operand, k_aug, k_zo):
         """:func:`latent_zo_local` on one device, or per device on its samples under a mesh

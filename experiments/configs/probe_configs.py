@@ -37,7 +37,8 @@ class ProbeRunConfig:
 
 _DEFAULT = ProbeRunConfig()
 _SMOKE = ProbeRunConfig(name="smoke", bidf_config="smoke",
-                        bidf_set=("generator=dcgan", "nz=16", "inv_lr=0.01", "inv_zo_space=image"), recipes=("zo", "zo_priors", "real", "noise"),
+                        bidf_set=("generator=dcgan", "nz=16", "inv_lr=0.01", "inv_zo_space=image"),
+                        recipes=("zo", "zo_priors", "real", "noise"),
                         probe=ProbeConfig(num_apis=2, within_steps=5, pool_steps=5,
                                           replay_iterations=2, val_tasks=6, lr_select_tasks=4,
                                           finetune_lrs=(0.01, 0.1), kd_batch=8))
