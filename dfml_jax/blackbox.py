@@ -10,10 +10,9 @@ Constructors:
   ``(n, *input_shape)`` float32 batch to ``(n, num_classes)`` scores. Inside ``jax.jit`` it is a
   ``jax.pure_callback(..., vmap_method="expand_dims")``, so a vmapped (even nested) batch of queries
   is ONE host call.
-* :meth:`BlackBoxAPI.from_http` reaches a model served over the Open Inference Protocol (Triton,
-  KServe, MLServer, ``python -m dfml_jax.serve``)
-  through the same host path, with batching, bounded retries and pending-answer caching
-  (:mod:`dfml_jax.remote`).
+* :func:`dfml_jax.remote.from_http` reaches a model served over the Open Inference Protocol
+  (Triton, KServe, MLServer, ``python -m dfml_jax.serve``) through the same host path, with
+  batching, bounded retries and pending-answer caching (the client layer sits above this module).
 * :meth:`BlackBoxAPI.from_jax` is the in-graph fast path for simulated teachers: the teacher's
   forward pass is compiled into the caller's graph and only the final ``(n, K)`` outputs pass through
   a tiny host callback that charges the ledger (so counting is identical to the host path).
@@ -54,6 +53,7 @@ __all__ = [
     "QueryBudgetExceeded",
     "QueryLedger",
     "record_api_error",
+    "scores_to_outputs",
     "surface_api_errors",
 ]
 
@@ -242,9 +242,25 @@ class _Reservation:
         return False
 
 
-def _to_outputs(scores: np.ndarray, scores_kind: str, output: str, k: Optional[int],
+def scores_to_outputs(scores: np.ndarray, scores_kind: str, output: str, k: Optional[int],
                 decimals: Optional[int], xp):
-    """Convert raw scores (n, K) to the API's output mode, with NumPy (host) or jnp (in graph)."""
+    """Raw scores ``(n, K)`` in the API's output mode, with NumPy (host) or jnp (in graph).
+
+    Shared by every API path and by the server (``dfml_jax.serve``), so a served teacher reveals
+    exactly what a local API would.
+
+    Args:
+      scores: ``(n, K)`` raw scores. scores_kind: ``"logits"`` or ``"probs"`` (what ``scores`` are).
+      output: one of :data:`OUTPUT_MODES`. k: classes kept by ``"topk"``.
+      decimals: round the scores to this many decimals (None: no rounding).
+      xp: ``numpy`` or ``jax.numpy``.
+
+    Returns:
+      ``(n,)`` int32 labels for ``"label"``, else ``(n, K)`` float scores.
+
+    >>> scores_to_outputs(np.array([[0.0, 2.0, 1.0]]), "logits", "label", None, None, np).tolist()
+    [1]
+    """
     if output == "label":
         return xp.argmax(scores, axis=-1).astype(xp.int32)
     if scores_kind == "logits":
@@ -332,68 +348,6 @@ class BlackBoxAPI:
         return cls(name=name, input_shape=input_shape, num_classes=num_classes, output=output, k=k,
                    decimals=decimals, budget=budget, host_fn=fn, scores_kind=scores)
 
-    @classmethod
-    def from_http(cls, url: str, input_shape: Optional[Sequence[int]] = None,
-                  num_classes: Optional[int] = None, *, model: Optional[str] = None,
-                  output: Optional[str] = None, k: Optional[int] = None,
-                  decimals: Optional[int] = None, budget: Optional[int] = None,
-                  name: Optional[str] = None, api_key: Optional[str] = None,
-                  timeout: float = 10.0, max_retries: int = 4, backoff: float = 0.05,
-                  max_backoff: float = 2.0, concurrency: int = 4,
-                  max_batch: Optional[int] = None, cache_dir: Optional[str] = None,
-                  binary: bool = True, server_output: Optional[str] = None) -> "BlackBoxAPI":
-        """A model served over the Open Inference Protocol (Triton, KServe, MLServer, or
-        ``python -m dfml_jax.serve``) as a black-box API.
-
-        The client (:class:`dfml_jax.remote.OIPClient`, kept as ``api.remote``) reads the model's
-        metadata, splits a query into requests of at most the server's batch limit, sends them
-        concurrently (binary tensor data extension, JSON fallback), retries timeouts, 429 and 5xx
-        with capped exponential backoff, and never returns a partial batch; the ledger charges a
-        query once all of it is answered. Chunks the server answered for a query that failed are
-        cached and delivered without re-buying when the query is retried (see
-        :mod:`dfml_jax.remote`). Under ``jit``/``vmap`` it is the host-callback path of
-        :meth:`from_host`. Errors are :class:`dfml_jax.remote.RemoteAPIError` subclasses
-        (``BlackBoxError`` s): wrong key, oversize request, malformed answer, unavailable.
-
-        Args:
-          url: the server's base URL (``"http://127.0.0.1:8000"``) or a model URL
-            (``"http://127.0.0.1:8000/v2/models/NAME"``).
-          input_shape: shape of one sample; None: from the model metadata (checked against it).
-          num_classes: number of classes; None: from the model metadata (checked against it).
-          model: the model name (None: from the URL, else the server's only model).
-          output: what the API reveals (None: what the server answers). A ``"label"`` server
-            can only back ``"label"``; a scores server any mode.
-          k, decimals, budget, name: as in :meth:`from_host` (``name`` defaults to
-            ``model@host:port``).
-          api_key: sent as ``Authorization: Bearer KEY``, if the server requires one.
-          timeout: seconds for connecting and for each read of a request.
-          max_retries: retries per request (timeouts, connection errors, 429/5xx).
-          backoff, max_backoff: retry delay scale and cap, in seconds (doubling, jittered).
-          concurrency: most requests (and connections) in flight for one query.
-          max_batch: samples per request (None: the server's ``max_batch_size``, else 64).
-          cache_dir: keep the pending cache of answered-but-undelivered chunks on disk, so a
-            resumed process re-buys nothing (None: in memory).
-          binary: use the binary tensor data extension (False: JSON tensors).
-          server_output: what the model answers, for a server whose configuration does not say
-            (``"logits"``, ``"probs"``, ``"topk"`` or ``"label"``).
-
-        Returns:
-          A :class:`BlackBoxAPI` with the client as ``api.remote`` (``.stats()`` reads the
-          server's bill, ``.close()`` closes its connections).
-
-        Raises:
-          ValueError: the server's model does not match ``input_shape``/``num_classes`` or
-            cannot reveal ``output``.
-          dfml_jax.remote.RemoteAPIError: the server cannot be reached or rejects the key.
-        """
-        from dfml_jax.remote import build_http_api   # the client layer sits above this module
-
-        return build_http_api(cls, url, input_shape, num_classes, model=model, output=output,
-                              k=k, decimals=decimals, budget=budget, name=name,
-                              server_output=server_output, api_key=api_key, timeout=timeout,
-                              max_retries=max_retries, backoff=backoff, max_backoff=max_backoff,
-                              concurrency=concurrency, max_batch=max_batch, cache_dir=cache_dir,
-                              binary=binary)
 
     @classmethod
     def from_jax(cls, apply_fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int],
@@ -529,7 +483,7 @@ class BlackBoxAPI:
             except Exception as e:  # surfaces with the API's name; not charged
                 raise BlackBoxError(f"API '{self.name}' failed: {type(e).__name__}: {e}") from e
             scores = self._validate(raw, n)
-            out = _to_outputs(scores, self._scores_kind, self.output, self.k, self.decimals, np)
+            out = scores_to_outputs(scores, self._scores_kind, self.output, self.k, self.decimals, np)
             self.ledger.charge(n)
         except (BlackBoxError, QueryBudgetExceeded) as e:
             record_api_error(e)
@@ -551,7 +505,7 @@ class BlackBoxAPI:
             lead = x.shape[: x.ndim - len(api.input_shape)]
             flat = x.astype(jnp.float32).reshape((-1,) + api.input_shape)
             scores = api._jax_fn(flat)
-            out = _to_outputs(scores, api._scores_kind, api.output, api.k, api.decimals, jnp)
+            out = scores_to_outputs(scores, api._scores_kind, api.output, api.k, api.decimals, jnp)
             return out.reshape(lead + api.output_shape)
 
         eager_forward = jax.jit(forward)
@@ -749,7 +703,7 @@ class APIGroup:
             params = jax.tree.map(lambda a: a[index], operand)
             flat = x.astype(jnp.float32).reshape((-1,) + group.input_shape)
             scores = first._shared_fn(params, flat)
-            out = _to_outputs(scores, first._scores_kind, group.output, group.k, first.decimals, jnp)
+            out = scores_to_outputs(scores, first._scores_kind, group.output, group.k, first.decimals, jnp)
             out = out.reshape(lead + group.output_shape)
             shape = jax.ShapeDtypeStruct(out.shape, out.dtype)
             return jax.pure_callback(group._charge_dispatch, shape, index, out,

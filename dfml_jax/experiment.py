@@ -189,8 +189,20 @@ def write_results(run: RunDir, rows: List[Dict[str, Any]], *, title: str,
 
 def plot_curves(path: str, curves: Mapping[str, Tuple[Sequence[float], Sequence[float]]], *,
                 xlabel: str, ylabel: str, title: str, logx: bool = False,
-                bands: Optional[Mapping[str, Sequence[float]]] = None) -> str:
-    """Saves a PNG line plot, one line per named curve (optional +- bands, e.g. 95% CIs)."""
+                bands: Optional[Mapping[str, Sequence[float]]] = None,
+                ranges: Optional[Mapping[str, Tuple[Sequence[float], Sequence[float]]]] = None
+                ) -> str:
+    """Saves a PNG line plot, one line per named curve.
+
+    Args:
+      path: the PNG file. curves: ``{name: (x, y)}``. xlabel, ylabel, title, logx: axes.
+      bands: optional ``{name: half_widths}``, shaded ``y +- half_width`` (e.g. 95% CIs).
+      ranges: optional ``{name: (lower, upper)}``, shaded between the two (e.g. min-max over
+        seeds).
+
+    Returns:
+      ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,6 +216,9 @@ def plot_curves(path: str, curves: Mapping[str, Tuple[Sequence[float], Sequence[
 
             b = np.asarray(bands[name])
             ax.fill_between(x, np.asarray(y) - b, np.asarray(y) + b, alpha=0.2, color=line.get_color())
+        if ranges and name in ranges:
+            ax.fill_between(x, ranges[name][0], ranges[name][1], alpha=0.2,
+                            color=line.get_color())
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

@@ -75,6 +75,7 @@ from dfml_jax.models import CLASSIFIERS, create_model, functional, stack_trees
 from dfml_jax.models.preprocess import compute_stats, normalize, stats_for_dataset
 from dfml_jax.train_teacher import TRAINER_VERSION, augment_pad_for, evaluate_population, \
     recipe_for, resolve_devices, train_population
+from dfml_jax.data import content_key, get_class_splits
 
 __all__ = [
     "POOL_FORMAT", "POOL_FORMAT_VERSION", "SCENARIOS", "DEFAULT_ARCHS", "PoolError", "APIPool",
@@ -282,11 +283,6 @@ class APIPool:
 # ----------------------------------------------------------------------------- building
 
 def _default_split_loader(name: str, **kwargs):
-    try:
-        from dfml_jax.data import get_class_splits
-    except ImportError as e:  # pragma: no cover - depends on the data package
-        raise ImportError("build_pool needs dfml_jax.data.get_class_splits (or pass "
-                          "split_loader=...).") from e
     return get_class_splits(name, **kwargs)[0]
 
 
@@ -610,8 +606,6 @@ def pool_spec(*, scenario: str, datasets: Sequence[str], archs: Sequence[str] | 
         overrides["epochs"] = int(epochs)
     dkw = dict(dataset_kwargs or {})
     if data_keys is None:
-        from dfml_jax.data import content_key
-
         data_keys = {d: content_key(d, **dkw) for d in datasets}
     missing = [d for d in datasets if d not in data_keys]
     if missing:

@@ -3,7 +3,7 @@
 Any server that speaks the Open Inference Protocol (OIP) REST API is a teacher: NVIDIA Triton, a
 KServe ``ModelServer`` (``kserve.Model``), Seldon MLServer, or this project's own server
 (``python -m dfml_jax.serve``, :mod:`dfml_jax.serve`).
-:meth:`dfml_jax.blackbox.BlackBoxAPI.from_http` wraps an :class:`OIPClient` exactly as
+:func:`from_http` wraps an :class:`OIPClient` exactly as
 :meth:`~dfml_jax.blackbox.BlackBoxAPI.from_host` wraps any host function: inside ``jit`` / ``vmap``
 a query is one ``pure_callback``, and the ledger charges answered samples only.
 
@@ -61,12 +61,11 @@ model="resnet")``, or one URL ``"http://host:8000/v2/models/resnet"`` (see
 
 Example (a server in this process; see :mod:`dfml_jax.serve`):
   >>> import numpy as np
-  >>> from dfml_jax.blackbox import BlackBoxAPI
   >>> from dfml_jax.serve import TeacherServer
   >>> w = np.arange(12, dtype=np.float32).reshape(4, 3)
   >>> with TeacherServer(lambda x: x.reshape(len(x), -1) @ w, (2, 2, 1), 3, max_batch=2,
   ...                    name="lin") as srv:
-  ...     api = BlackBoxAPI.from_http(srv.url, model="lin", output="label")
+  ...     api = from_http(srv.url, model="lin", output="label")
   ...     labels = api(np.ones((5, 2, 2, 1), np.float32))
   ...     answered = srv.stats()["answered_samples"]
   ...     api.remote.close()
@@ -90,7 +89,8 @@ import httpx
 import numpy as np
 import tenacity
 
-from dfml_jax.blackbox import BlackBoxError
+from dfml_jax.blackbox import BlackBoxAPI, BlackBoxError
+from dfml_jax.pool import APIPool
 
 __all__ = [
     "SERVER_OUTPUTS",
@@ -107,7 +107,7 @@ __all__ = [
     "encode_infer_request",
     "decode_infer_response",
     "http_api_kwargs",
-    "build_http_api",
+    "from_http",
     "remote_api_factory",
     "load_remote_pool",
 ]
@@ -351,7 +351,7 @@ def _error_text(data: bytes) -> str:
 class OIPClient:
     """Host-side client of one OIP model: a callable ``(n, *input_shape) -> (n, K)`` scores.
 
-    Use it through :meth:`dfml_jax.blackbox.BlackBoxAPI.from_http` (which adds the ledger, output
+    Use it through :func:`from_http` (which adds the ledger, output
     modes and the jit/vmap path); see the module docstring for the retry, billing and cache rules.
 
     Args:
@@ -996,32 +996,71 @@ def http_api_kwargs(client: OIPClient, input_shape: Optional[Sequence[int]],
             "name": client.name}
 
 
-def build_http_api(api_cls, url: str, input_shape: Optional[Sequence[int]] = None,
-                   num_classes: Optional[int] = None, *, model: Optional[str] = None,
-                   output: Optional[str] = None, k: Optional[int] = None,
-                   decimals: Optional[int] = None, budget: Optional[int] = None,
-                   name: Optional[str] = None, server_output: Optional[str] = None,
-                   **client_options):
-    """Build a black-box API on an OIP endpoint (the body of ``BlackBoxAPI.from_http``).
+def from_http(url: str, input_shape: Optional[Sequence[int]] = None,
+              num_classes: Optional[int] = None, *, model: Optional[str] = None,
+              output: Optional[str] = None, k: Optional[int] = None,
+              decimals: Optional[int] = None, budget: Optional[int] = None,
+              name: Optional[str] = None, api_key: Optional[str] = None,
+              timeout: float = 10.0, max_retries: int = 4, backoff: float = 0.05,
+              max_backoff: float = 2.0, concurrency: int = 4,
+              max_batch: Optional[int] = None, cache_dir: Optional[str] = None,
+              binary: bool = True, server_output: Optional[str] = None) -> BlackBoxAPI:
+    """A model served over the Open Inference Protocol (Triton, KServe, MLServer, or
+    ``python -m dfml_jax.serve``) as a black-box API.
+
+    The client (:class:`OIPClient`, kept as ``api.remote``) reads the model's
+    metadata, splits a query into requests of at most the server's batch limit, sends them
+    concurrently (binary tensor data extension, JSON fallback), retries timeouts, 429 and 5xx
+    with capped exponential backoff, and never returns a partial batch; the ledger charges a
+    query once all of it is answered. Chunks the server answered for a query that failed are
+    cached and delivered without re-buying when the query is retried (see
+    :mod:`dfml_jax.remote`). Under ``jit``/``vmap`` it is the host-callback path of
+    :meth:`BlackBoxAPI.from_host`. Errors are :class:`dfml_jax.remote.RemoteAPIError` subclasses
+    (``BlackBoxError`` s): wrong key, oversize request, malformed answer, unavailable.
 
     Args:
-      api_cls: :class:`dfml_jax.blackbox.BlackBoxAPI` (passed in, so that this module need not
-        import it at module level).
-      url, input_shape, num_classes, model, output, k, decimals, budget, name, server_output:
-        see :meth:`dfml_jax.blackbox.BlackBoxAPI.from_http`.
-      **client_options: the other :class:`OIPClient` arguments.
+      url: the server's base URL (``"http://127.0.0.1:8000"``) or a model URL
+        (``"http://127.0.0.1:8000/v2/models/NAME"``).
+      input_shape: shape of one sample; None: from the model metadata (checked against it).
+      num_classes: number of classes; None: from the model metadata (checked against it).
+      model: the model name (None: from the URL, else the server's only model).
+      output: what the API reveals (None: what the server answers). A ``"label"`` server
+        can only back ``"label"``; a scores server any mode.
+      k, decimals, budget, name: as in :meth:`BlackBoxAPI.from_host` (``name`` defaults to
+        ``model@host:port``).
+      api_key: sent as ``Authorization: Bearer KEY``, if the server requires one.
+      timeout: seconds for connecting and for each read of a request.
+      max_retries: retries per request (timeouts, connection errors, 429/5xx).
+      backoff, max_backoff: retry delay scale and cap, in seconds (doubling, jittered).
+      concurrency: most requests (and connections) in flight for one query.
+      max_batch: samples per request (None: the server's ``max_batch_size``, else 64).
+      cache_dir: keep the pending cache of answered-but-undelivered chunks on disk, so a
+        resumed process re-buys nothing (None: in memory).
+      binary: use the binary tensor data extension (False: JSON tensors).
+      server_output: what the model answers, for a server whose configuration does not say
+        (``"logits"``, ``"probs"``, ``"topk"`` or ``"label"``).
 
     Returns:
-      The API, with the client as ``api.remote``.
+      A :class:`BlackBoxAPI` with the client as ``api.remote`` (``.stats()`` reads the
+      server's bill, ``.close()`` closes its connections).
+
+    Raises:
+      ValueError: the server's model does not match ``input_shape``/``num_classes`` or
+        cannot reveal ``output``.
+      dfml_jax.remote.RemoteAPIError: the server cannot be reached or rejects the key.
     """
     client = OIPClient(url, model=model, name=name, input_shape=input_shape,
-                       num_classes=num_classes, server_output=server_output, **client_options)
+                       num_classes=num_classes, server_output=server_output, api_key=api_key,
+                       timeout=timeout, max_retries=max_retries, backoff=backoff,
+                       max_backoff=max_backoff,
+                       concurrency=concurrency, max_batch=max_batch, cache_dir=cache_dir,
+                       binary=binary)
     kw = http_api_kwargs(client, input_shape, num_classes, output)
     if output is None and kw["output"] == "topk" and k is None:
         k = client.info().get("k")
-    api = api_cls.from_host(client, kw["input_shape"], kw["num_classes"], output=kw["output"],
-                            k=k, scores=kw["scores"], decimals=decimals, budget=budget,
-                            name=name or kw["name"])
+    api = BlackBoxAPI.from_host(client, kw["input_shape"], kw["num_classes"], output=kw["output"],
+                                k=k, scores=kw["scores"], decimals=decimals, budget=budget,
+                                name=name or kw["name"])
     api.remote = client
     return api
 
@@ -1043,10 +1082,8 @@ def remote_api_factory(url: str, *, model: Optional[str] = None, api_key: Option
       ``factory(*, output, budget, name, input_shape, num_classes) -> BlackBoxAPI``, with a
       ``description`` attribute for reports.
     """
-    from dfml_jax.blackbox import BlackBoxAPI
-
     def factory(*, output, budget, name, input_shape, num_classes):
-        return BlackBoxAPI.from_http(url, input_shape, num_classes, model=model, output=output,
+        return from_http(url, input_shape, num_classes, model=model, output=output,
                                      budget=budget, name=name, api_key=api_key,
                                      cache_dir=cache_dir, **client_options)
 
@@ -1081,15 +1118,12 @@ def load_remote_pool(urls: Sequence[str], *, output: str = "logits", k: Optional
       ValueError: no URLs, or a model that does not publish its teacher's classes and
         normalisation (not a pool teacher).
     """
-    from dfml_jax.blackbox import BlackBoxAPI
-    from dfml_jax.pool import APIPool
-
     urls = list(urls)
     if not urls:
         raise ValueError("load_remote_pool needs at least one URL")
     apis, records = [], []
     for u in urls:
-        api = BlackBoxAPI.from_http(u, None, None, output=output, k=k, budget=budget,
+        api = from_http(u, None, None, output=output, k=k, budget=budget,
                                     decimals=decimals, api_key=api_key, cache_dir=cache_dir,
                                     **client_options)
         info = api.remote.info()

@@ -82,10 +82,15 @@ import time
 import uuid
 from typing import Callable, Dict, Optional, Sequence
 
+import jax
 import numpy as np
 
-from dfml_jax.blackbox import _to_outputs
+from dfml_jax.blackbox import scores_to_outputs
 from dfml_jax.remote import CONFIG_PARAMETER, SERVER_OUTPUTS
+from dfml_jax.checkpoint import RunCheckpointer
+from dfml_jax.data import load_single_task
+from dfml_jax.models import create_model, functional
+from dfml_jax.pool import load_white_box_teachers, read_manifest
 
 
 def _import_kserve():
@@ -182,10 +187,6 @@ def pool_teacher(directory: str, index: int, *, input_space: str = "normalized",
     Raises:
       ValueError: index out of range; :class:`dfml_jax.pool.PoolError` for a broken pool.
     """
-    import jax
-
-    from dfml_jax.pool import load_white_box_teachers, read_manifest
-
     records = read_manifest(directory)["teachers"]
     if not 0 <= index < len(records):
         raise ValueError(f"--api {index} is out of range: the pool in {directory} has "
@@ -227,12 +228,6 @@ def distill_teacher(workdir: str):
     Raises:
       ValueError: no trained teacher in ``workdir``.
     """
-    import jax
-
-    from dfml_jax.checkpoint import RunCheckpointer
-    from dfml_jax.data import load_single_task
-    from dfml_jax.distill.experiment import build
-
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "teacher")):
         raise ValueError(f"{workdir} holds no trained distillation teacher (config.json and "
@@ -242,8 +237,8 @@ def distill_teacher(workdir: str):
     d = load_single_task(cfg["dataset"])
     shape = tuple(int(s) for s in np.asarray(d.x_train).shape[1:])
     k = int(d.num_classes)
-    fm = build(cfg["teacher_arch"], cfg["teacher_kw"], {"num_classes": k, "input_shape": shape},
-               cfg["teacher_seed"])
+    fm = functional(create_model(cfg["teacher_arch"], num_classes=k, input_shape=shape,
+                                 rngs_or_key=cfg["teacher_seed"], **cfg["teacher_kw"]))
     with RunCheckpointer(os.path.join(workdir, "teacher"), max_to_keep=1) as ck:
         restored = ck.restore_latest({"params": fm.params, "bn": fm.state})
     if restored is None:
@@ -840,7 +835,7 @@ class TeacherServer:
         except Exception as e:  # noqa: BLE001 - a server error, reported as 500
             self._count("errors")
             raise _HTTPStatus(500, f"teacher failed: {type(e).__name__}: {e}")
-        out = _to_outputs(raw.astype(np.float32), self.scores, self.output, self.k,
+        out = scores_to_outputs(raw.astype(np.float32), self.scores, self.output, self.k,
                           self.decimals, np)
         out = self._maybe_corrupt(out)
         with self._lock:       # the bill: counted once the answer exists

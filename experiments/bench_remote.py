@@ -5,7 +5,7 @@ A teacher is served by ``python -m dfml_jax.serve`` (KServe's v2 REST data plane
 separate process on 127.0.0.1 (a seeded linear teacher by default, so the numbers measure the
 transport: HTTP, the binary tensor data extension, chunking, threads; ``--pool DIR --api I``
 serves a real pool teacher instead), once per simulated latency. For every (latency, batch,
-concurrency) the client (``BlackBoxAPI.from_http`` with ``max_batch=batch``) answers queries of
+concurrency) the client (``from_http`` with ``max_batch=batch``) answers queries of
 ``batch * concurrency * 2`` samples (two waves of ``concurrency`` requests) for about ``--seconds``
 seconds. One JSON line per point:
 
@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.remote import from_http
 from dfml_jax.serve import make_linear_teacher
 
 
@@ -158,7 +159,7 @@ def main(argv=None):
                 for binary in (True, False) if args.json_too else (True,):
                     for b in args.batches:
                         for c in args.concurrency:
-                            api = BlackBoxAPI.from_http(url, shape, args.classes, output="probs",
+                            api = from_http(url, shape, args.classes, output="probs",
                                                         max_batch=b, concurrency=c, timeout=30.0,
                                                         max_retries=8, binary=binary)
                             before = api.remote.stats()["answered_samples"]

@@ -22,7 +22,7 @@ Probes (``--probe``):
   teacher's classes, and the student trained on that pool.
 
 * ``loop``: the online IDEAL / NaiveKD loop (``run_pool_distillation``) for config variants
-  (``--variants`` JSON ``{name: {ideal_field_without_prefix: value, "synth": "noise"?}}``) at
+  (``--variants`` JSON ``{name: {IDEALConfig_field: value, "synth": "noise"?}}``) at
   one budget (``--budget``), the teacher shared: best VALIDATION accuracy within 5K and within
   the budget, the pool's label histogram, and the curve of (queries, val %, student/teacher
   agreement on the round's new images).
@@ -55,7 +55,8 @@ from configs.distill_configs import get_config  # noqa: E402
 from dfml_jax.distill.common import (Evaluator, augment_images, make_generator,  # noqa: E402
                                      torch_sgd, train_supervised)
 from dfml_jax.distill.experiment import build, get_teacher, load_data  # noqa: E402
-from dfml_jax.distill.ideal import IDEALConfig, make_generation_phase  # noqa: E402
+from dfml_jax.distill.generation import make_generation_phase  # noqa: E402
+from dfml_jax.distill.ideal import IDEALConfig  # noqa: E402
 from dfml_jax.experiment import RunDir  # noqa: E402
 from dfml_jax.models import set_default_conv_impl  # noqa: E402
 
@@ -138,8 +139,8 @@ def proxy_pool(cfg, data, teacher, n, seed, channels, g_steps, lr, log, gen_bias
                                        key=jax.random.key(seed))
     pacc = Evaluator(proxy, {"val": (data["x_val"], data["y_val"])})(pparams, pbn)["val_acc"]
     log(f"proxy {channels} trained on real digits: val {100 * pacc:.1f}")
-    icfg = IDEALConfig(batch_size=cfg.ideal_batch_size, g_steps=g_steps, nz=cfg.ideal_nz,
-                       ngf=cfg.ideal_ngf, gen_head=cfg.ideal_gen_head, gen_bias=gen_bias)
+    icfg = IDEALConfig(batch_size=cfg.ideal.batch_size, g_steps=g_steps, nz=cfg.ideal.nz,
+                       ngf=cfg.ideal.ngf, gen_head=cfg.ideal.gen_head, gen_bias=gen_bias)
     gen_fm = make_generator(icfg, data["input_shape"])[1]
     phase = make_generation_phase(proxy, gen_fm, icfg, data["num_classes"], data["input_shape"])
     xs = []
@@ -160,7 +161,7 @@ def run_loop(base, data, teacher, budget, variants, seed, log):
     for name, over in variants.items():
         over = dict(over)
         synth = over.pop("synth", "generator")
-        cfg = dataclasses.replace(base, seed=seed, **{"ideal_" + k: v for k, v in over.items()})
+        cfg = dataclasses.replace(base, seed=seed, ideal=dataclasses.replace(base.ideal, **over))
         student = build(cfg.student_arch, cfg.student_kw, data, cfg.seed)
         ev = Evaluator(student, {"val": (data["x_val"], data["y_val"])})
         icfg = dataclasses.replace(ideal_config(cfg, synth), eval_every=2)

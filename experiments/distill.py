@@ -12,16 +12,16 @@ Command lines (configs and their notes: ``experiments/configs/distill_configs.py
     python experiments/distill.py --method all --config default --workdir runs/distill_s1 --seed 1
     python experiments/distill.py --method ideal --config default --workdir runs/distill_default
     python experiments/distill.py --method dfme --config default --workdir runs/d1 \\
-        --set dfme_grad_m=2 --seed 1
+        --set dfme.grad_m=2 --seed 1
 
-Measured results of ``default`` (3 seeds) and why IDEAL does not reliably beat DFME at 25K: the
-docstring of ``get_config`` in ``experiments/configs/distill_configs.py`` and the README.
+Measured results of ``default``: the README and ``docs/results.md``; the IDEAL diagnosis:
+``docs/ideal_diagnosis.md``.
 
 The reported accuracy at a budget is the test accuracy of the student selected on the validation
 split (carved from the training images), never on the test set; the papers' best-over-test number
 is a separate, labelled column. Rerunning the same command after a kill resumes every unfinished
 run from its last checkpoint (IDEAL/NaiveKD re-buy no label: the label cache is on disk; DFME redoes
-at most ``dfme_checkpoint_every`` iterations and records the queries it bought again); finished runs
+at most ``dfme.checkpoint_every`` iterations and records the queries it bought again); finished runs
 are reused, and a finished experiment (``DONE``) only reprints its table.
 
 Remote teacher: ``--api-url`` makes every method query a model served over the Open Inference

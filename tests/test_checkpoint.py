@@ -1,5 +1,4 @@
 """Run checkpoints: round-trip of arrays, keys, optimiser state and JSON metadata; clear errors."""
-import json
 import os
 
 import jax

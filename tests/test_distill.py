@@ -261,7 +261,7 @@ def test_ideal_soft_label_variant(student, teacher_w, tmp_path):
 
 
 def test_pool_balancing_targets_favour_the_classes_the_pool_lacks():
-    from dfml_jax.distill.ideal import pool_balancing_targets
+    from dfml_jax.distill.balance import pool_balancing_targets
 
     for seed in range(5):
         counts = jnp.asarray(np.random.default_rng(seed).integers(0, 500, K), jnp.float32)
@@ -283,7 +283,7 @@ def test_ideal_pool_balancing_run(student, teacher_w, tmp_path):
 
 
 def test_balanced_selection_fills_quotas_then_best_scores():
-    from dfml_jax.distill.ideal import balanced_selection
+    from dfml_jax.distill.balance import balanced_selection
 
     rng = np.random.default_rng(0)
     for trial in range(5):
@@ -321,6 +321,71 @@ def test_ideal_balanced_selection_run_buys_each_sample_once(student, teacher_w, 
     assert len({r.tobytes() for r in rec.rows}) == 60
     with pytest.raises(ValueError, match="select must be one of"):
         run_pool_distillation(api, student, dataclasses.replace(IDEAL_CFG, select="x"), seed=0)
+
+
+def test_class_floor_images_mix_pool_images_of_the_rare_class():
+    from dfml_jax.distill.balance import class_floor_deficit, class_floor_images
+
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(np.r_[np.zeros(30), np.full(4, 3), np.zeros(30)], jnp.int32)   # 4 threes
+    x = jnp.asarray(rng.uniform(0.0, 0.2, (64,) + SHAPE), jnp.float32)
+    x = x.at[30:34].set(jnp.asarray(rng.uniform(0.6, 0.8, (4,) + SHAPE), jnp.float32))
+    m, deficit = class_floor_deficit(np.bincount(np.asarray(y[:60]), minlength=K), 60, 20, 0.1, 6)
+    assert m == 5 and deficit[3] == 8 - 4 and deficit.sum() == 4     # only class 3 is short
+    out = np.asarray(class_floor_images(jax.random.key(1), x, y, 60, deficit, m, pad=0))
+    assert out.shape == (5,) + SHAPE and out.min() >= 0.6 and out.max() <= 0.8   # threes only
+    assert len({o.tobytes() for o in out}) == 5                        # new images, not copies
+    assert class_floor_deficit([6, 6, 6], 18, 3, 0.3, 3)[0] == 0       # nobody short: none
+
+
+def test_ideal_class_floor_lifts_rare_teacher_classes_at_the_same_budget(student, teacher_w):
+    """A linear teacher (convex class regions): un-shifted mixtures of two pool images it
+    answered c are answered c again, so the floor lifts the rare classes; the budget, the round
+    size and the one-query-per-sample rule are unchanged."""
+    cfg = dataclasses.replace(IDEAL_CFG, synth="noise", floor_shift=0, eval_every=100)
+    hists = {}
+    for floor in (0.0, 0.08):
+        rec = Recorder(teacher_w)
+        api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=400)
+        res = run_pool_distillation(api, student, dataclasses.replace(cfg, class_floor=floor),
+                                    seed=0)
+        assert res.queries == api.queries == len(rec.rows) == 400
+        assert [len(b) for b in rec.batches] == [20] * 20
+        hists[floor] = np.asarray(res.class_histogram)
+    rare = (hists[0.0] > 0) & (hists[0.0] < 0.08 * 400)
+    assert rare.any() and np.all(hists[0.08][rare] > hists[0.0][rare])
+    assert hists[0.08][rare].min() >= 2 * hists[0.0][rare].min()
+    with pytest.raises(ValueError, match="class_floor must be in"):
+        run_pool_distillation(api, student, dataclasses.replace(cfg, class_floor=0.1), seed=0)
+
+
+def test_min_student_batches_cycles_a_small_pool(student):
+    from dfml_jax.distill.common import make_pool_pass
+
+    tx = torch_sgd(0.05, 0.9, 0.0)
+    state = init_student(student, tx, jax.random.key(0))
+    x = jnp.zeros((64,) + SHAPE, jnp.float32)
+    y = jnp.zeros((64,), jnp.int32)
+    one_pass = make_pool_pass(student, tx, batch_size=20)
+    cycled = make_pool_pass(student, tx, batch_size=20, min_batches=5)
+    assert int(one_pass(state, x, y, jnp.int32(40), jax.random.key(1))[2]) == 2
+    assert int(cycled(state, x, y, jnp.int32(40), jax.random.key(1))[2]) == 5
+    assert int(cycled(state, x, y, jnp.int32(7), jax.random.key(1))[2]) == 5    # < one batch
+    assert int(cycled(state, x, y, jnp.int32(0), jax.random.key(1))[2]) == 0    # empty pool
+    assert int(cycled(state, x, y, jnp.int32(64), jax.random.key(1))[2]) == 5   # 3 < 5
+
+
+def test_workdir_of_the_flat_config_layout_is_refused_with_the_version(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import distill
+
+    (tmp_path / "config.json").write_text(json.dumps({"name": "smoke", "ideal_batch_size": 100,
+                                                      "dfme_batch_size": 20}))
+    with pytest.raises(ValueError, match="dfml_jax 0.1.0 before the config redesign"):
+        distill.main(["--config", "smoke", "--workdir", str(tmp_path), "--no-progress"])
+    with pytest.raises(ValueError, match="unknown config key 'ideal_lr_s'"):
+        distill.main(["--config", "smoke", "--workdir", str(tmp_path / "b"),
+                      "--set", "ideal_lr_s=0.1"])
 
 
 def test_ideal_rejects_unbalanced_batch(student, teacher_w):
@@ -416,3 +481,5 @@ def test_smoke_run_end_to_end(tmp_path):
     assert again["done"] and time.perf_counter() - t1 < 10
     with pytest.raises(ValueError, match="different config"):
         distill.main(argv + ["--seed", "5"])
+    with pytest.raises(ValueError, match=r"keys \['ideal'\] differ"):     # nested: ideal.<field>
+        distill.main(argv + ["--set", "ideal.lr_s=0.5"])

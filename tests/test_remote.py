@@ -1,4 +1,4 @@
-"""Remote black-box APIs over the Open Inference Protocol (dfml_jax.serve + BlackBoxAPI.from_http):
+"""Remote black-box APIs over the Open Inference Protocol (dfml_jax.serve + from_http):
 answers, counting, retries under seeded failures, the pending-answer cache across a server crash,
 clear errors for wrong keys, oversize requests, malformed answers and timeouts; the official
 Triton client on the project's server, and the project's client on a plain KServe ModelServer.
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from dfml_jax.blackbox import BlackBoxAPI, surface_api_errors
-from dfml_jax.remote import (RemoteAuthError, RemoteProtocolError, RemoteRequestTooLarge,
+from dfml_jax.remote import (from_http, RemoteAuthError, RemoteProtocolError, RemoteRequestTooLarge,
                              RemoteUnavailable, decode_infer_response, encode_infer_request,
                              parse_endpoint)
 from dfml_jax.serve import TeacherServer, make_linear_teacher
@@ -67,7 +67,7 @@ def serve(request):
 
 
 def remote(serve, srv, **kw):
-    return serve.track(BlackBoxAPI.from_http(srv.url, SHAPE, K, model=srv.name,
+    return serve.track(from_http(srv.url, SHAPE, K, model=srv.name,
                                              **{**FAST, **kw}))
 
 
@@ -161,10 +161,10 @@ def test_info_json_clients_and_output_rules(serve):
     api = remote(serve, srv, api_key="k1")                     # adopts the server's mode
     assert api.output == "label" and api.remote.info()["classes"] == [3, 1, 4, 1, 5]
     with pytest.raises(ValueError, match="reveal"):
-        BlackBoxAPI.from_http(srv.model_url, SHAPE, K, output="probs", api_key="k1", **FAST)
+        from_http(srv.model_url, SHAPE, K, output="probs", api_key="k1", **FAST)
     with pytest.raises(ValueError, match="input_shape"):
-        BlackBoxAPI.from_http(srv.model_url, (8, 8, 1), K, api_key="k1", **FAST)
-    auto = serve.track(BlackBoxAPI.from_http(srv.url, api_key="k1", **FAST))  # the only model
+        from_http(srv.model_url, (8, 8, 1), K, api_key="k1", **FAST)
+    auto = serve.track(from_http(srv.url, api_key="k1", **FAST))  # the only model
     assert (auto.input_shape, auto.num_classes) == (SHAPE, K)
     req = urllib.request.Request(srv.url + "/metrics", headers={"Authorization": "Bearer k1"})
     with urllib.request.urlopen(req, timeout=5) as r:          # Prometheus: the bill
@@ -201,7 +201,7 @@ def test_wrong_or_missing_api_key_is_a_clear_error(serve):
     srv = serve(api_key="secret")
     for key in (None, "wrong"):
         with pytest.raises(RemoteAuthError, match="rejected the API key"):
-            BlackBoxAPI.from_http(srv.model_url, SHAPE, K, api_key=key, **FAST)
+            from_http(srv.model_url, SHAPE, K, api_key=key, **FAST)
     api = remote(serve, srv, api_key="secret")
     api.remote.api_key = "revoked"                            # key rejected in the middle of a run
     step = jax.jit(lambda x: api(x).sum())
@@ -253,7 +253,7 @@ def test_bad_input_and_unknown_endpoint(serve):
                                                           headers=headers), timeout=5)
         assert e.value.code == 404, path
     with pytest.raises(Exception, match="404.*model name 'other'"):
-        BlackBoxAPI.from_http(srv.url, SHAPE, K, model="other", **FAST)
+        from_http(srv.url, SHAPE, K, model="other", **FAST)
     assert srv.stats()["bad_requests"] == 1 and srv.stats()["answered_samples"] == 0
 
 
@@ -325,7 +325,7 @@ def test_unreachable_server(serve):
     url = srv.url
     srv.stop()
     with pytest.raises(RemoteUnavailable, match="could not connect.*health/ready"):
-        BlackBoxAPI.from_http(url, SHAPE, K, model="teacher", max_retries=1,
+        from_http(url, SHAPE, K, model="teacher", max_retries=1,
                               **{**FAST, "timeout": 1.0})
 
 
@@ -411,7 +411,7 @@ def test_client_on_a_plain_kserve_server_failing_10pct(plain_kserve):
     """The project's client on a KServe ModelServer written here: 1,000 samples answered under
     10% HTTP 503s, the ledger exactly 1,000, the answers those of the model."""
     w = np.random.default_rng(7).normal(size=(16, 5)).astype(np.float32)
-    api = BlackBoxAPI.from_http(plain_kserve + "/v2/models/linear", output="logits", max_batch=50,
+    api = from_http(plain_kserve + "/v2/models/linear", output="logits", max_batch=50,
                                 concurrency=4, max_retries=8, backoff=0.005, max_backoff=0.05,
                                 timeout=10.0)
     try:
@@ -504,7 +504,7 @@ def test_cli_serves_a_pool_teacher_read_by_the_triton_client(tiny_pool, tmp_path
                 tc.get_model_metadata("toy-mlp-1")
         finally:
             tc.close()
-        api = BlackBoxAPI.from_http(f"http://127.0.0.1:{port}/v2/models/toy-mlp-1", shape, 5,
+        api = from_http(f"http://127.0.0.1:{port}/v2/models/toy-mlp-1", shape, 5,
                                     api_key="pool-key", **FAST)
         info = api.remote.info()
         assert info["teacher"] == "toy/mlp/1" and info["classes"] == [1, 2, 3, 4, 5]
@@ -572,8 +572,8 @@ FAIL_SEED = 2          # the server's seeded failure sequence (10% rate)
 # overrides below, so that the script test reuses the compiled IDEAL steps of the other tests.
 SCRIPT_SETS = ["teacher_arch=mlp", 'teacher_kw={"hidden": [8]}', "teacher_epochs=1",
                "reference_epochs=1", "student_arch=mlp", 'student_kw={"hidden": [8]}',
-               "budgets=[40]", "ideal_budgets=[40]", "dfme_budgets=[40]", "ideal_batch_size=20",
-               "ideal_g_steps=1"]
+               "budgets=[40]", "ideal_budgets=[40]", "dfme_budgets=[40]", "ideal.batch_size=20",
+               "ideal.g_steps=1"]
 
 
 def _script_config():
@@ -600,7 +600,7 @@ def ideal_setup():
 
 
 def _ideal_remote(srv, budget=80, **kw):
-    return BlackBoxAPI.from_http(srv.model_url, DSHAPE, DK, output="label", budget=budget,
+    return from_http(srv.model_url, DSHAPE, DK, output="label", budget=budget,
                                  **{**FAST, "concurrency": 2, **kw})
 
 

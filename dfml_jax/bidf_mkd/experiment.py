@@ -50,6 +50,8 @@ from dfml_jax.data import ClassDataset, get_class_splits, Taskset
 from dfml_jax.experiment import RunDir, plot_curves, write_results
 from dfml_jax.meta import evaluate_tasks, select_finetune_lr
 from dfml_jax.models import create_model, functional, scale_kernels
+from dfml_jax.pool import load_pool, load_white_box_teachers, obtain_pool
+from dfml_jax.remote import load_remote_pool
 
 from .train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
 
@@ -131,11 +133,7 @@ def pool_build_args(cfg: BiDfExperimentConfig, num_apis: Optional[int] = None) -
 
 
 def _pool(cfg: BiDfExperimentConfig, run: RunDir, need_white_box: bool, pool_urls=None):
-    from dfml_jax.pool import load_pool, load_white_box_teachers, obtain_pool
-
     if pool_urls:
-        from dfml_jax.remote import load_remote_pool
-
         if need_white_box:
             raise ValueError("methods 'average' and 'white_box' need white-box teachers, which a "
                              "pool of URLs does not give; drop them from methods.")

@@ -45,6 +45,9 @@ import optax
 from dfml_jax.augment import batch_shared_augment
 from dfml_jax.blackbox import APIGroup, BlackBoxAPI
 from dfml_jax.estimators import num_queries, zo_gradient, zo_gradient_lowres
+from dfml_jax.estimators.subspace import UPSAMPLE_METHODS
+from dfml_jax.parallel import (P, check_divisible, constrain_batch, replicate, shard_offset,
+                               shard_over)
 
 ZO_SPACES = ("image", "latent")
 
@@ -235,8 +238,6 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
     if cfg.select not in ("clean_ce", "surrogate"):
         raise ValueError(f"InversionConfig.select must be 'clean_ce' or 'surrogate', got {cfg.select!r}")
     if cfg.direction_resolution is not None:
-        from dfml_jax.estimators.subspace import UPSAMPLE_METHODS
-
         r = cfg.direction_resolution
         if not isinstance(r, int) or not 1 <= r <= image_size:
             raise ValueError(f"InversionConfig.direction_resolution must be None or an int in "
@@ -254,14 +255,10 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
         raise ValueError(f"shard must be 'samples' or 'directions', got {shard!r}")
     by_directions = mesh is not None and shard == "directions"
     if by_directions:
-        from dfml_jax.parallel import check_divisible
-
         q_local = check_divisible(
             cfg.num_directions, mesh, what="the zero-order directions q", axis=axis,
             fix="choose num_directions (q) as a multiple of the device count, or shard='samples'")
     elif mesh is not None:
-        from dfml_jax.parallel import check_divisible
-
         check_divisible(b, mesh, what=f"the inversion batch B = classes x per_class = {k} x "
                         f"{cfg.per_class}", axis=axis,
                         fix="choose inv_per_class so that B is a multiple of the device count")
@@ -295,7 +292,6 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
                 return out0, None, jnp.float32(0.0)
             return (out0,) + zo_grad(index, operand, xs, tgt, s, k_zo, out0)
     elif by_directions:
-        from dfml_jax.parallel import P, shard_over
 
         def black_box(index, operand, xs, tgt, s, k_zo):
             out0 = group(index, xs, operand)  # clean answers: one host call, charged once
@@ -317,7 +313,6 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
             g, zf = shard_over(local, mesh, (specs,), (P(), P()))(args)
             return out0, g, zf
     else:
-        from dfml_jax.parallel import P, shard_offset, shard_over
 
         def black_box(index, operand, xs, tgt, s, k_zo):
             # Only non-None arguments enter shard_map; per-sample ones are sharded.
@@ -345,7 +340,6 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
     def constrain(x):
         if mesh is None or by_directions:
             return x
-        from dfml_jax.parallel import constrain_batch
         return constrain_batch(x, mesh, axis)
 
     def synth(w, z, k_aug):
@@ -394,7 +388,6 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
         (each device renders and queries its shard; the directions one device would draw)."""
         if mesh is None:
             return latent_zo_local(w, z, xs, targets, s, index, operand, k_aug, k_zo)
-        from dfml_jax.parallel import P, shard_offset, shard_over
 
         args = {"w": w, "z": z, "xs": xs, "tgt": targets, "index": index, "k_aug": k_aug,
                 "k_zo": k_zo}
@@ -475,8 +468,6 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
     if mesh is None:
         jitted.batch_size = b
         return jitted
-
-    from dfml_jax.parallel import replicate
 
     def invert(key, index, gen_params, operand, student_params=None, teacher_params=None):
         # Everything enters replicated on the mesh's devices (the mesh may be a subset of the

@@ -26,6 +26,7 @@ import optax
 
 from dfml_jax.losses import KD_LOSSES, cross_entropy
 from dfml_jax.meta import adapt, maml_task_loss
+from dfml_jax.parallel import constrain_batch, replicate
 
 __all__ = ["KDTask", "ReplayTasks", "kd_task_loss", "replay_loss", "make_meta_steps", "cached_meta_steps",
            "MetaSteps"]
@@ -128,7 +129,6 @@ def make_meta_steps(apply_fn: Callable, optimizer: optax.GradientTransformation,
     def shard_tasks(tasks):
         if mesh is None:
             return tasks
-        from dfml_jax.parallel import constrain_batch
         return constrain_batch(tasks, mesh, axis)
 
     def replay_total(params, tasks):
@@ -171,8 +171,6 @@ def make_meta_steps(apply_fn: Callable, optimizer: optax.GradientTransformation,
 
     if mesh is None:
         return MetaSteps(replay, kd_replay, adapt_support)
-
-    from dfml_jax.parallel import replicate
 
     def on_mesh(fn):  # inputs replicated on the mesh's devices; the step shards the tasks
         return functools.wraps(fn)(lambda *args: fn(*replicate(args, mesh)))

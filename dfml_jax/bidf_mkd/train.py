@@ -35,9 +35,10 @@ from dfml_jax.augment import batch_shared_augment, normalize
 from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, group_apis, surface_api_errors
 from dfml_jax.checkpoint import RunCheckpointer
 from dfml_jax.losses import teacher_probs
-from dfml_jax.memory import (MemoryState, PlateauTrigger, init_memory, num_filled, row_of_classes,
+from dfml_jax.memory import (MemoryState, PlateauTrigger, init_memory, row_of_classes,
                              sample_tasks, write)
 from dfml_jax.meta import evaluate_tasks
+from dfml_jax.parallel import replicate, sharded_group_query
 
 from .inversion import InversionConfig, inversion_queries, make_inverter
 from .metastep import KDTask, ReplayTasks, cached_meta_steps
@@ -286,7 +287,6 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
                 for api, led in zip(pool.apis, host["ledgers"]):
                     api.ledger.load_state_dict(led)
     if mesh is not None:  # the state lives replicated on the mesh (whatever wrote the checkpoint)
-        from dfml_jax.parallel import replicate
         state = replicate(state, mesh)
 
     def total_queries():
@@ -307,7 +307,6 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
         if mesh is None:
             return groups[g].operand
         if g not in operands:
-            from dfml_jax.parallel import replicate
             operands[g] = replicate(groups[g].operand, mesh)
         return operands[g]
     inverters: Dict[tuple, Callable] = {}
@@ -336,7 +335,6 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
         shard (works across hosts)."""
         if mesh is None:
             return pool.apis[i](x)
-        from dfml_jax.parallel import sharded_group_query
         g, m = locate[i]
         if g not in askers:
             askers[g] = sharded_group_query(groups[g], mesh)

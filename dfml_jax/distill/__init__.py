@@ -6,6 +6,8 @@
 * :func:`run_dfme` (:mod:`.dfme`): DFME (CVPR 2021), a min-max game on the L1 distance between the
   student's logits and logits recovered from the teacher's probabilities, generator gradients
   from a zero-order estimator of :mod:`dfml_jax.estimators`.
+* :mod:`.generation` (IDEAL's generator phase, NaiveKD's noise) and :mod:`.balance` (class
+  balance of the paid-for pool: generator targets, balanced purchase, the class floor).
 * :mod:`.common`: student optimisers and training steps, per-sample augmentation, evaluation, the
   on-disk label cache (:class:`PoolStore`), validation-based selection within a budget.
 
@@ -20,12 +22,16 @@ from dfml_jax.distill.common import (AUGMENTATIONS, Evaluator, PoolStore, Studen
                                      train_supervised)
 from dfml_jax.distill.dfme import (DFMEConfig, DFMERunResult, DFMEState, cost_per_iteration,
                                    make_dfme_iteration, num_iterations, recover_logits, run_dfme)
-from dfml_jax.distill.ideal import (INFO_LOSSES, IDEALConfig, PoolRunResult, info_loss,
-                                    make_generation_phase, make_generator, run_pool_distillation)
+from dfml_jax.distill.balance import (balanced_selection, class_floor_deficit,
+                                      class_floor_images, pool_balancing_targets)
+from dfml_jax.distill.common import make_generator
+from dfml_jax.distill.generation import INFO_LOSSES, info_loss, make_generation_phase, noise_images
+from dfml_jax.distill.ideal import IDEALConfig, PoolRunResult, run_pool_distillation
 from dfml_jax.distill.naive import naive_config, run_naive_kd
 
 __all__ = [
-    "AUGMENTATIONS", "DFMEConfig", "DFMERunResult", "DFMEState", "Evaluator", "IDEALConfig",
+    "AUGMENTATIONS", "balanced_selection", "class_floor_deficit", "class_floor_images",
+    "noise_images", "pool_balancing_targets", "DFMEConfig", "DFMERunResult", "DFMEState", "Evaluator", "IDEALConfig",
     "INFO_LOSSES", "PoolRunResult", "PoolStore", "StudentState", "augment_images",
     "cost_per_iteration", "info_loss", "init_student", "make_dfme_iteration",
     "make_generation_phase", "make_generator", "make_pool_pass", "make_supervised_epoch",

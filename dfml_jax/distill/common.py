@@ -38,6 +38,7 @@ import optax
 from dfml_jax.augment import AUGMENTATIONS, augment_images, random_crop_flip
 from dfml_jax.checkpoint import RunCheckpointer
 from dfml_jax.losses import cross_entropy, kd_kl
+from dfml_jax.models import create_model, functional, get_default_conv_impl
 
 __all__ = [
     "StudentState",
@@ -325,7 +326,8 @@ def balanced_loss(kind: str, logits: jax.Array, labels: jax.Array, prior: jax.Ar
 
 def make_pool_pass(fm, tx, *, batch_size: int, augment: str = "none", pad: int = 4,
                    targets_kind: str = "hard", max_batches: Optional[int] = None,
-                   pool_loss: str = "ce", num_classes: Optional[int] = None) -> Callable:
+                   pool_loss: str = "ce", num_classes: Optional[int] = None,
+                   min_batches: int = 0) -> Callable:
     """Jitted ``pool_pass(state, pool_x, pool_y, n, key) -> (state, mean_loss, num_steps)``.
 
     One shuffled pass over the first ``n`` samples of a capacity-padded pool (minibatches of
@@ -344,6 +346,9 @@ def make_pool_pass(fm, tx, *, batch_size: int, augment: str = "none", pad: int =
         the pool.
       pool_loss: one of :data:`POOL_LOSSES` (hard labels only; ``"ce"`` is the paper's loss).
       num_classes: K (needed by the class-balanced losses).
+      min_batches: at least this many minibatches per pass: a pool smaller than
+        ``min_batches * batch_size`` is cycled through (one permutation, repeated) until they are
+        done (0: one pass, the paper). Raises the early student's (IDEAL's proxy's) training.
     """
     if pool_loss not in POOL_LOSSES:
         raise ValueError(f"pool_loss must be one of {POOL_LOSSES}, got {pool_loss!r}")
@@ -361,12 +366,13 @@ def make_pool_pass(fm, tx, *, batch_size: int, augment: str = "none", pad: int =
         def loss_factory(pool_y, n):
             return loss_fn
     return memoize_builder("pool_pass", (fm.apply, tx), (batch_size, augment, pad, targets_kind,
-                                                         max_batches, pool_loss, num_classes),
+                                                         max_batches, pool_loss, num_classes,
+                                                         min_batches),
                            lambda: _build_pool_pass(fm, tx, batch_size, augment, pad,
-                                                    loss_factory, max_batches))
+                                                    loss_factory, max_batches, min_batches))
 
 
-def _build_pool_pass(fm, tx, batch_size, augment, pad, loss_factory, max_batches):
+def _build_pool_pass(fm, tx, batch_size, augment, pad, loss_factory, max_batches, min_batches=0):
     @jax.jit
     def pool_pass(state: StudentState, pool_x, pool_y, n, key):
         cap = pool_x.shape[0]
@@ -377,11 +383,16 @@ def _build_pool_pass(fm, tx, batch_size, augment, pad, loss_factory, max_batches
         nb = n // batch_size
         if max_batches is not None:
             nb = jnp.minimum(nb, max_batches)
+        if min_batches:
+            nb = jnp.where(n > 0, jnp.maximum(nb, min_batches), nb)
         loss_fn = loss_factory(pool_y, n)
 
         def body(i, carry):
             st, total = carry
-            idx = jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
+            if min_batches:     # wraps around the n valid entries when cycling a small pool
+                idx = perm[(i * batch_size + jnp.arange(batch_size)) % jnp.maximum(n, 1)]
+            else:
+                idx = jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
             xb = augment_images(dequantize(pool_x[idx]), jax.random.fold_in(ka, i), augment, pad)
             st, loss = _train_step(fm, tx, loss_fn, st, xb, pool_y[idx])
             return st, total + loss
@@ -618,8 +629,6 @@ def make_generator(cfg, image_shape: Sequence[int], *, key: Any = 0, head: Optio
     Returns:
       ``(module, functional_model)``.
     """
-    from dfml_jax.models import create_model, functional, get_default_conv_impl
-
     conv_impl = conv_impl or get_default_conv_impl()
     h, w, c = image_shape
     if h != w or h % 4:

@@ -39,6 +39,7 @@ from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, surface_api_erro
 from dfml_jax.distill.common import (Evaluator, RunTracker, StudentState, atomic_write_json,
                                      config_dict, init_student, make_generator, memoize_builder,
                                      multistep_schedule, torch_sgd)
+from dfml_jax.estimators import ESTIMATORS, num_queries, zo_gradient
 
 __all__ = ["DFMEConfig", "DFMEState", "cost_per_iteration", "num_iterations", "make_dfme_iteration",
            "recover_logits", "run_dfme", "DFMERunResult", "init_dfme_state"]
@@ -99,8 +100,6 @@ class DFMEConfig:
     on_zero_differences: str = "warn"
 
     def validate(self) -> None:
-        from dfml_jax.estimators import ESTIMATORS
-
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; valid: {sorted(ESTIMATORS)}")
         if self.loss not in ("l1", "kl"):
@@ -119,8 +118,6 @@ def cost_per_iteration(cfg: DFMEConfig) -> int:
     >>> cost_per_iteration(DFMEConfig())
     1792
     """
-    from dfml_jax.estimators import num_queries
-
     return cfg.g_iter * num_queries(cfg.estimator, cfg.batch_size, cfg.grad_m) + \
         cfg.d_iter * cfg.batch_size
 
@@ -187,8 +184,6 @@ def make_dfme_iteration(api: BlackBoxAPI, student_fm, gen_fm, cfg: DFMEConfig, t
 
 
 def _build_dfme_iteration(api, student_fm, gen_fm, cfg, total_iters):
-    from dfml_jax.estimators import zo_gradient
-
     k = api.num_classes
     b = cfg.batch_size
     stx, gtx = _txs(cfg, total_iters)
@@ -331,6 +326,28 @@ def run_dfme(api: BlackBoxAPI, student_fm, cfg: DFMEConfig, *, seed: int,
 
     tracker = RunTracker(api, workdir=workdir, evaluator=evaluator, eval_budgets=eval_budgets,
                          step_key="iteration")
+    state, requeried = _restore(tracker, state, api, workdir)
+    tracker.open_progress(progress, total, name, "it")
+    run = _Iterations(api, cfg, tracker, iteration, base, total, cost, requeried,
+                      os.path.join(workdir, "queries_log.json") if workdir else None)
+    try:
+        state, it, stopped, metrics = run(state, max_iterations)
+    finally:
+        tracker.close()
+    tracker.evaluate_end(it, stopped, state.student.params, state.student.bn,
+                         loss_G=float(metrics.get("loss_G", float("nan"))),
+                         loss_S=float(metrics.get("loss_S", float("nan"))))
+    result = DFMERunResult(curve=tracker.curve, queries=api.queries, iterations=it,
+                           stopped=stopped, finished=stopped != "interrupted",
+                           params=state.student.params, bn=state.student.bn,
+                           cost_per_iteration=cost, requeried=requeried,
+                           seconds=time.perf_counter() - t0)
+    tracker.write_result(result.summary(), result.finished, cfg, seed, name)
+    return result
+
+
+def _restore(tracker: RunTracker, state: DFMEState, api: BlackBoxAPI, workdir: Optional[str]):
+    """The checkpointed state (or ``state``) and the queries bought again after a kill."""
     requeried = 0
     restored = tracker.restore({"state": state})
     if restored is not None:
@@ -344,52 +361,50 @@ def run_dfme(api: BlackBoxAPI, student_fm, cfg: DFMEConfig, *, seed: int,
             logged = json.load(f)["answered"]
         # Everything bought beyond the checkpoint's trajectory was lost and is bought again.
         requeried = max(requeried, logged - api.queries)
-    tracker.open_progress(progress, total, name, "it")
+    return state, requeried
 
-    stopped, it = "iterations", tracker.start
-    metrics = {}
-    try:
+
+class _Iterations:
+    """DFME's loop: ``(state, max_iterations) -> (state, iterations_done, why_stopped, metrics)``;
+    each iteration reserves its queries first, logs what was bought, evaluates and checkpoints."""
+
+    def __init__(self, api, cfg, tracker, iteration, base, total, cost, requeried, log_path):
+        self.api, self.cfg, self.tracker, self.iteration = api, cfg, tracker, iteration
+        self.base, self.total, self.cost = base, total, cost
+        self.requeried, self.log_path = requeried, log_path
+
+    def __call__(self, state, max_iterations):
+        api, cfg, cost, it, metrics = self.api, self.cfg, self.cost, self.tracker.start, {}
         while True:
-            if it >= total:
-                stopped = "budget" if cfg.iterations is None or total < cfg.iterations else \
-                    "iterations"
-                break
+            if it >= self.total:
+                return state, it, ("budget" if cfg.iterations is None or self.total < cfg.iterations
+                                   else "iterations"), metrics
             if max_iterations is not None and it >= max_iterations:
-                stopped = "interrupted"
-                break
+                return state, it, "interrupted", metrics
             if api.remaining is not None and api.remaining < cost:
-                stopped = "budget"
-                break
-            key = jax.random.fold_in(jax.random.fold_in(base, 1), it)
+                return state, it, "budget", metrics
+            key = jax.random.fold_in(jax.random.fold_in(self.base, 1), it)
             try:
                 with api.reserve(cost), surface_api_errors():
-                    state, metrics = iteration(state, key)
+                    state, metrics = self.iteration(state, key)
                     jax.block_until_ready(state)
             except QueryBudgetExceeded:
-                stopped = "budget"
-                break
-            if log_path:
-                atomic_write_json(log_path, {"answered": api.queries + requeried, "iteration": it})
-            last = it + 1 >= total
-            point = None
-            if evaluator is not None and ((it + 1) % cfg.eval_every == 0
-                                          or tracker.crosses_budget(cost) or last):
-                point = tracker.evaluate(it, state.student.params, state.student.bn,
-                                         loss_G=float(metrics["loss_G"]),
-                                         loss_S=float(metrics["loss_S"]))
-            if (it + 1) % cfg.checkpoint_every == 0 or point is not None or last:
-                tracker.save(it, {"state": state}, requeried=requeried, config=config_dict(cfg))
-            tracker.tick(point, queries=api.queries, loss_S=f"{float(metrics['loss_S']):.3f}")
+                return state, it, "budget", metrics
+            self.record(it, state, metrics)
             it += 1
-    finally:
-        tracker.close()
-    tracker.evaluate_end(it, stopped, state.student.params, state.student.bn,
-                         loss_G=float(metrics.get("loss_G", float("nan"))),
-                         loss_S=float(metrics.get("loss_S", float("nan"))))
-    result = DFMERunResult(curve=tracker.curve, queries=api.queries, iterations=it,
-                           stopped=stopped, finished=stopped != "interrupted",
-                           params=state.student.params, bn=state.student.bn,
-                           cost_per_iteration=cost, requeried=requeried,
-                           seconds=time.perf_counter() - t0)
-    tracker.write_result(result.summary(), result.finished, cfg, seed, name)
-    return result
+
+    def record(self, it, state, metrics):
+        cfg, tracker = self.cfg, self.tracker
+        if self.log_path:
+            atomic_write_json(self.log_path, {"answered": self.api.queries + self.requeried,
+                                              "iteration": it})
+        last = it + 1 >= self.total
+        point = None
+        if tracker.evaluator is not None and ((it + 1) % cfg.eval_every == 0
+                                              or tracker.crosses_budget(self.cost) or last):
+            point = tracker.evaluate(it, state.student.params, state.student.bn,
+                                     loss_G=float(metrics["loss_G"]),
+                                     loss_S=float(metrics["loss_S"]))
+        if (it + 1) % cfg.checkpoint_every == 0 or point is not None or last:
+            tracker.save(it, {"state": state}, requeried=self.requeried, config=config_dict(cfg))
+        tracker.tick(point, queries=self.api.queries, loss_S=f"{float(metrics['loss_S']):.3f}")

@@ -38,6 +38,8 @@ from dfml_jax.distill.common import (Evaluator, atomic_write_json, select_within
 from dfml_jax.distill.dfme import DFMEConfig, cost_per_iteration, run_dfme
 from dfml_jax.distill.ideal import IDEALConfig, run_pool_distillation
 from dfml_jax.experiment import RunDir, plot_curves, write_results
+from dfml_jax.data import load_single_task
+from dfml_jax.models import create_model, functional, set_default_conv_impl
 
 __all__ = ["METHODS", "run_experiment", "load_data", "get_teacher", "get_reference", "make_api",
            "ideal_config", "dfme_config", "build_rows"]
@@ -49,9 +51,7 @@ LABELS = {"ideal": "IDEAL", "naive": "NaiveKD", "dfme": "DFME"}
 # ----------------------------------------------------------------------------- data and models
 def load_data(cfg, loader=None):
     """Training/validation/test splits of ``cfg.dataset`` as float32 NHWC in [0, 1]."""
-    if loader is None:
-        from dfml_jax.data import load_single_task as loader
-    d = loader(cfg.dataset)
+    d = (loader or load_single_task)(cfg.dataset)
     x_tr, y_tr = np.asarray(d.x_train, np.float32), np.asarray(d.y_train, np.int32)
     x_fit, y_fit, x_val, y_val = split_validation(x_tr, y_tr, cfg.val_size, cfg.split_seed)
     return {"x_train": x_tr, "y_train": y_tr, "x_fit": x_fit, "y_fit": y_fit, "x_val": x_val,
@@ -61,8 +61,6 @@ def load_data(cfg, loader=None):
 
 
 def build(arch, kw, data, seed):
-    from dfml_jax.models import create_model, functional
-
     return functional(create_model(arch, num_classes=data["num_classes"],
                                    input_shape=data["input_shape"], rngs_or_key=seed, **kw))
 
@@ -129,18 +127,29 @@ def make_api(teacher, data, output, budget, name):
                                 output=output, budget=budget, name=name)
 
 
-def _prefixed(cfg, prefix, target):
-    names = {f.name for f in dataclasses.fields(target)}
-    return {k[len(prefix):]: v for k, v in dataclasses.asdict(cfg).items()
-            if k.startswith(prefix) and k[len(prefix):] in names}
+def ideal_config(cfg, synth: str) -> IDEALConfig:
+    """The experiment's IDEAL section with ``synth`` (``"generator"``: IDEAL, ``"noise"``: NaiveKD)."""
+    return dataclasses.replace(cfg.ideal, synth=synth)
 
 
-def ideal_config(cfg, synth):
-    return IDEALConfig(**_prefixed(cfg, "ideal_", IDEALConfig), synth=synth)
+def dfme_config(cfg) -> DFMEConfig:
+    """The experiment's DFME section."""
+    return cfg.dfme
 
 
-def dfme_config(cfg):
-    return DFMEConfig(**_prefixed(cfg, "dfme_", DFMEConfig))
+def _refuse_flat_config(workdir: str) -> None:
+    """A work directory started before the nested method configs cannot resume: say so."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    if "ideal" not in old and any(k.startswith(("ideal_batch", "dfme_batch")) for k in old):
+        raise ValueError(
+            f"{workdir} was started by dfml_jax 0.1.0 before the config redesign (flat "
+            "ideal_*/dfme_* fields); this version nests them (ideal.*, dfme.*: --set "
+            "ideal.lr_s=0.03). Its finished results stay readable; to run again, use a new "
+            "--workdir, or resume it with the commit it was started from.")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -246,10 +255,10 @@ def report(cfg, run, results, teacher_meta, reference, seconds):
         "official IDEAL and DFME code; for comparison with published numbers only.",
         "IDEAL and NaiveKD: one run up to the largest budget (the algorithm does not depend on the "
         "budget, so every prefix is exactly the run with the smaller budget); teacher queried "
-        f"once per synthetic sample ({cfg.ideal_batch_size} per round, top-1 labels).",
+        f"once per synthetic sample ({cfg.ideal.batch_size} per round, top-1 labels).",
         f"DFME: one run per budget (its LR schedule depends on the budget); {dcost} queries per "
-        f"iteration = {cfg.dfme_batch_size} x ({cfg.dfme_g_iter} x ({cfg.dfme_grad_m} + 1) + "
-        f"{cfg.dfme_d_iter}); teacher probabilities, logits recovered as log p - mean log p.",
+        f"iteration = {cfg.dfme.batch_size} x ({cfg.dfme.g_iter} x ({cfg.dfme.grad_m} + 1) + "
+        f"{cfg.dfme.d_iter}); teacher probabilities, logits recovered as log p - mean log p.",
         "run_wall_s: wall seconds of the run that produced the row (IDEAL and NaiveKD: the whole "
         "run up to the largest budget; a resumed run: the last invocation only).",
         f"student {cfg.student_arch} {cfg.student_kw}; seed {cfg.seed} (teacher seed "
@@ -314,8 +323,6 @@ def _existing(method, cfg, run):
     return out
 
 
-
-
 def run_experiment(cfg, workdir: str, *, methods: Sequence[str] = METHODS, progress: bool = True,
                    loader: Optional[Callable] = None, log: Optional[Callable] = None,
                    api_factory: Optional[Callable] = None) -> dict:
@@ -340,12 +347,11 @@ def run_experiment(cfg, workdir: str, *, methods: Sequence[str] = METHODS, progr
     Returns:
       ``{"rows": [...], "done": bool}`` (the rows of ``results.md``).
     """
-    from dfml_jax.models import set_default_conv_impl
-
     t0 = time.perf_counter()
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; valid: {METHODS}")
+    _refuse_flat_config(workdir)
     run = RunDir(workdir, cfg)
     set_default_conv_impl(cfg.conv_impl)
     if log is None:

@@ -33,33 +33,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
+from dfml_jax.distill.balance import with_floor_images
 from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, PoolStore,
-                                     RunTracker, StudentState, augment_images, config_dict,
-                                     dequantize, init_student, make_generator, make_pool_pass,
-                                     memoize_builder, torch_sgd)
-from dfml_jax.losses import cross_entropy, teacher_probs
+                                     RunTracker, StudentState, config_dict, dequantize,
+                                     init_student, make_generator, make_pool_pass, torch_sgd)
+from dfml_jax.distill.generation import (GEN_HEADS, INFO_LOSSES, NOISES, SELECT_SCORES, SELECTS,
+                                         TARGETS, make_generation_phase, noise_images)
+from dfml_jax.losses import teacher_probs
 
-__all__ = ["IDEALConfig", "INFO_LOSSES", "TARGETS", "NOISES", "SELECTS", "noise_images",
-           "pool_balancing_targets", "balanced_selection", "info_loss", "make_generator",
-           "make_generation_phase", "run_pool_distillation", "PoolRunResult", "GEN_HEADS"]
-
-INFO_LOSSES = ("per_sample", "class_balance", "none")
-# The IDEALConfig fields the generation phase depends on (its compiled form is shared otherwise).
-_GENERATION_FIELDS = ("batch_size", "g_steps", "lr_g", "betas_g", "nz", "ngf", "gen_head",
-                      "gen_bias", "select", "select_score", "info_loss", "info_weight", "targets",
-                      "gen_augment", "aug_pad")
-GEN_HEADS = ("sigmoid", "bn_sigmoid")
-TARGETS = ("balanced", "random", "pool_balancing")
-NOISES = ("uniform", "gauss")
-SELECTS = ("best", "balanced")
-SELECT_SCORES = ("confidence", "entropy")
+__all__ = ["IDEALConfig", "run_pool_distillation", "PoolRunResult"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +106,19 @@ class IDEALConfig:
       aug_pad: crop padding (4).
       max_student_batches: cap on the minibatches of one pool pass (None: the whole pool, the
         paper; a CPU-scaling knob otherwise).
+      min_student_batches: at least this many minibatches per round (0: one pass, the paper);
+        while the pool is small the student cycles through it, so the early student (the
+        generator's proxy) learns from its few labels instead of taking one step a round.
+      class_floor: a departure: every class should be at least this share of the pool of teacher
+        answers (0: off). Each round, up to ``floor_share * batch_size`` of the round's images
+        are replaced by mixtures of two pool images the TEACHER answered with a class below the
+        floor (random weights in [0.2, 0.8], shifted by up to ``floor_shift`` px;
+        :func:`class_floor_images`). They are queried like every other image (same round size,
+        same budget); the teacher mostly answers them with that class, which lifts rare classes
+        that the proxy-driven generator cannot reach.
+      floor_share: the largest share of a round spent on class-floor images.
+      floor_shift: largest shift of a class-floor image, in pixels (2; 0: pure mixtures, which
+        stay in the class for any teacher with convex class regions, e.g. a linear one).
       soft_labels: cache the teacher's probabilities and distil with KL (needs a score API); the
         default (False) caches top-1 labels and uses cross-entropy (hard-label IDEAL).
       quantize: store the pool as uint8 levels (the code's PNG round-trip); the teacher is queried
@@ -156,6 +157,10 @@ class IDEALConfig:
     distill_augment: str = "flip"
     aug_pad: int = 4
     max_student_batches: Optional[int] = None
+    min_student_batches: int = 0
+    class_floor: float = 0.0
+    floor_share: float = 0.2
+    floor_shift: int = 2
     soft_labels: bool = False
     quantize: bool = True
     eval_every: int = 1
@@ -196,183 +201,21 @@ class IDEALConfig:
         sb = self.student_batch or self.batch_size
         if sb > self.batch_size:
             raise ValueError(f"student_batch ({sb}) must not exceed batch_size ({self.batch_size})")
+        if not 0.0 <= self.class_floor < 1.0 / num_classes:
+            raise ValueError(f"class_floor must be in [0, 1/K) = [0, {1.0 / num_classes:.3f}), got "
+                             f"{self.class_floor} (a floor of 1/K or more cannot hold for every "
+                             "class)")
+        if self.class_floor and not 0.0 < self.floor_share <= 0.5:
+            raise ValueError(f"floor_share must be in (0, 0.5], got {self.floor_share}")
+        if self.class_floor and self.soft_labels:
+            raise ValueError("class_floor needs hard labels (the pool's classes); "
+                             "use soft_labels=False")
+        if self.floor_shift < 0:
+            raise ValueError(f"floor_shift must be >= 0 pixels, got {self.floor_shift}")
+        if self.min_student_batches < 0:
+            raise ValueError(f"min_student_batches must be >= 0, got {self.min_student_batches}")
         if self.stop_gen is not None and self.rounds is None:
             raise ValueError("stop_gen needs a finite number of rounds")
-
-
-def pool_balancing_targets(counts: jax.Array, batch_size: int) -> jax.Array:
-    """The generator's targets for one round, aimed at the classes the pool lacks.
-
-    Class k gets a share of the ``batch_size`` targets proportional to ``1 / (count_k + B/K)``
-    (``count_k``: the teacher's answers of class k in the pool; the ``B/K`` prior keeps an empty
-    pool balanced), rounded so that the shares add up to exactly ``batch_size`` (static shape).
-
-    Args:
-      counts: (K,) label counts of the pool.
-      batch_size: B.
-
-    Returns:
-      (B,) int32 targets, sorted by class.
-
-    >>> pool_balancing_targets(jnp.zeros(4), 8).tolist()       # empty pool: balanced
-    [0, 0, 1, 1, 2, 2, 3, 3]
-    >>> pool_balancing_targets(jnp.array([30., 2., 2., 6.]), 8).tolist()
-    [1, 1, 1, 2, 2, 2, 3, 3]
-    """
-    k = counts.shape[0]
-    w = 1.0 / (counts.astype(jnp.float32) + batch_size / k)
-    edges = jnp.round(jnp.cumsum(w / jnp.sum(w)) * batch_size)       # (K,), last = B
-    return jnp.searchsorted(edges, jnp.arange(batch_size) + 0.5).astype(jnp.int32)
-
-
-def balanced_selection(pred: jax.Array, score: jax.Array, quotas: jax.Array,
-                       batch_size: int) -> jax.Array:
-    """Indices of ``batch_size`` candidates that fill per-class quotas (static shapes).
-
-    Candidate i is predicted class ``pred[i]`` with ``score[i]`` in [0, 1]. Within each class the
-    ``quotas[k]`` highest-scoring candidates are chosen; if a class has too few candidates, the
-    remaining places go to the highest-scoring candidates not yet chosen, whatever their class.
-
-    Args:
-      pred: (N,) int predicted classes. score: (N,) scores in [0, 1].
-      quotas: (K,) int, summing to ``batch_size``. batch_size: number to select (<= N).
-
-    Returns:
-      (batch_size,) int32 distinct indices into the candidates.
-
-    >>> pred = jnp.array([0, 0, 0, 1, 2, 2]); score = jnp.array([.9, .5, .7, .2, .8, .1])
-    >>> sorted(balanced_selection(pred, score, jnp.array([1, 1, 1]), 3).tolist())
-    [0, 3, 4]
-    >>> sorted(balanced_selection(pred, score, jnp.array([0, 2, 1]), 3).tolist())   # 1 lacks one
-    [0, 3, 4]
-    """
-    n = pred.shape[0]
-    if batch_size > n:
-        raise ValueError(f"cannot select {batch_size} of {n} candidates")
-    k = quotas.shape[0]
-    order = jnp.lexsort((-score, pred))                 # by class, then by score (descending)
-    counts = jnp.bincount(pred, length=k)
-    starts = jnp.cumsum(counts) - counts
-    rank_sorted = jnp.arange(n) - starts[pred[order]]
-    rank = jnp.zeros(n, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
-    chosen = rank < quotas[pred]
-    priority = 2.0 * chosen + jnp.clip(score, 0.0, 1.0)
-    return jax.lax.top_k(priority, batch_size)[1].astype(jnp.int32)
-
-
-def info_loss(probs: jax.Array, kind: str) -> jax.Array:
-    """IDEAL's information term on student probabilities ``(B, K)`` (to be *minimised*).
-
-    ``"per_sample"``: ``mean_{i,k} p_ik log p_ik`` (released code). ``"class_balance"``:
-    ``sum_k pbar_k log pbar_k`` with ``pbar`` the batch-mean prediction (DAFL). ``"none"``: 0.
-    """
-    if kind == "per_sample":
-        return jnp.mean(jax.scipy.special.xlogy(probs, probs))
-    if kind == "class_balance":
-        pbar = jnp.mean(probs, axis=0)
-        return jnp.sum(jax.scipy.special.xlogy(pbar, pbar))
-    if kind == "none":
-        return jnp.zeros((), probs.dtype)
-    raise ValueError(f"info_loss must be one of {INFO_LOSSES}, got {kind!r}")
-
-
-def _gen_images(gen_fm, cfg, params, z):
-    if cfg.gen_head == "bn_sigmoid" or cfg.gen_bias:
-        return jax.nn.sigmoid(gen_fm.apply_batchstats(params, z, pre_activation=True)
-                              + cfg.gen_bias)
-    return gen_fm.apply_batchstats(params, z)
-
-
-def noise_images(cfg: IDEALConfig, key: jax.Array, n: int,
-                 image_shape: Sequence[int]) -> jax.Array:
-    """NaiveKD's ``n`` noise images in [0, 1] (``cfg.noise``).
-
-    >>> cfg = IDEALConfig(synth="noise", noise="gauss")
-    >>> x = noise_images(cfg, jax.random.key(0), 4000, (4, 4, 1))
-    >>> 0.15 < float(x.mean()) < 0.25 and float(x.min()) == 0.0
-    True
-    """
-    shape = (n,) + tuple(image_shape)
-    if cfg.noise == "gauss":
-        return jnp.clip(cfg.noise_mean + cfg.noise_std * jax.random.normal(key, shape), 0.0, 1.0)
-    return jax.random.uniform(key, shape, jnp.float32)
-
-
-def make_generation_phase(student_fm, gen_fm, cfg: IDEALConfig, num_classes: int,
-                          image_shape: Sequence[int]) -> Callable:
-    """Jitted ``phase(student_params, student_bn, key) -> (best_x, best_loss, losses)``.
-
-    One IDEAL data-generation stage as a single ``lax.scan`` over ``g_steps``: generator
-    re-initialised from ``key``, fresh Adam, fixed latents and targets, the student frozen in eval
-    mode; the carry holds ``(generator params, Adam state, best images, best loss)``. Makes no
-    teacher query (it has no access to the API at all).
-    """
-    image_shape = tuple(image_shape)
-    relevant = tuple(getattr(cfg, f) for f in _GENERATION_FIELDS)
-    return memoize_builder("ideal_generation", (student_fm.apply, gen_fm.apply),
-                           (relevant, num_classes, image_shape),
-                           lambda: _build_generation_phase(student_fm, gen_fm, cfg, num_classes,
-                                                           image_shape))
-
-
-def _build_generation_phase(student_fm, gen_fm, cfg, num_classes, image_shape):
-    b, k = cfg.batch_size, num_classes
-    tx = optax.adam(cfg.lr_g, b1=cfg.betas_g[0], b2=cfg.betas_g[1])
-
-    @jax.jit
-    def phase(student_params, student_bn, key, pool_counts=None):
-        kinit, kz, ky, ksteps = jax.random.split(key, 4)
-        gparams, _ = gen_fm.init(kinit)
-        opt_state = tx.init(gparams)
-        z = jax.random.normal(kz, (b, cfg.nz), jnp.float32)
-        if cfg.targets == "balanced":
-            y = jnp.arange(b, dtype=jnp.int32) % k
-        elif cfg.targets == "pool_balancing":
-            if pool_counts is None:
-                raise ValueError("targets='pool_balancing' needs the pool's label counts "
-                                 "(phase(..., pool_counts=...))")
-            y = pool_balancing_targets(pool_counts, b)
-        else:
-            y = jax.random.randint(ky, (b,), 0, k, jnp.int32)
-
-        def loss_fn(gp, key):
-            x = _gen_images(gen_fm, cfg, gp, z)
-            xa = augment_images(x, key, cfg.gen_augment, cfg.aug_pad)
-            logits, _ = student_fm.apply(student_params, student_bn, xa, train=False)
-            loss = cross_entropy(logits, y) + cfg.info_weight * info_loss(
-                jax.nn.softmax(logits, axis=-1), cfg.info_loss)
-            return loss, x
-
-        def step(carry, key):
-            gp, os_, best_x, best_l = carry
-            (loss, x), grads = jax.value_and_grad(loss_fn, has_aux=True)(gp, key)
-            better = loss < best_l
-            best_x = jnp.where(better, x, best_x)
-            best_l = jnp.where(better, loss, best_l)
-            updates, os_ = tx.update(grads, os_, gp)
-            out = (loss, x) if cfg.select == "balanced" else (loss, None)
-            return (optax.apply_updates(gp, updates), os_, best_x, best_l), out
-
-        carry = (gparams, opt_state, jnp.zeros((b,) + image_shape, jnp.float32),
-                 jnp.asarray(jnp.inf, jnp.float32))
-        (_, _, best_x, best_l), (losses, xs) = jax.lax.scan(
-            step, carry, jax.random.split(ksteps, cfg.g_steps))
-        if cfg.select == "balanced":
-            if pool_counts is None:
-                raise ValueError("select='balanced' needs the pool's label counts "
-                                 "(phase(..., pool_counts=...))")
-            cand = xs.reshape((-1,) + image_shape)
-            logits, _ = student_fm.apply(student_params, student_bn, cand, train=False)
-            p = jax.nn.softmax(logits, axis=-1)
-            if cfg.select_score == "entropy":
-                score = -jnp.sum(jax.scipy.special.xlogy(p, p), axis=-1) / jnp.log(k)
-            else:
-                score = jnp.max(p, axis=-1)
-            quotas = jnp.bincount(pool_balancing_targets(pool_counts, b), length=k)
-            best_x = cand[balanced_selection(jnp.argmax(p, -1), score, quotas, b)]
-        return best_x, best_l, losses
-
-    return phase
 
 
 @dataclasses.dataclass
@@ -449,35 +292,10 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
         api.require_output(("probs", "logits"), f"{name} with soft labels")
     else:
         api.require_output(("label", "probs", "logits", "topk"), name)
-    image_shape = api.input_shape
-    b = cfg.batch_size
-    sb = cfg.student_batch or b
-    tx = torch_sgd(cfg.lr_s, cfg.momentum_s, cfg.weight_decay_s)
-    targets_kind = "soft" if cfg.soft_labels else "hard"
-    pool_pass = make_pool_pass(student_fm, tx, batch_size=sb, augment=cfg.distill_augment,
-                               pad=cfg.aug_pad, targets_kind=targets_kind,
-                               max_batches=cfg.max_student_batches, pool_loss=cfg.pool_loss,
-                               num_classes=k)
-    phase = None
-    if cfg.synth == "generator":
-        gen_fm = (generator or make_generator(cfg, image_shape))[1]
-        phase = make_generation_phase(student_fm, gen_fm, cfg, k, image_shape)
-
-    predict = jax.jit(lambda p, bn, x: jnp.argmax(student_fm.apply(p, bn, x, train=False)[0], -1))
-    base = jax.random.key(seed)
-    state = init_student(student_fm, tx, jax.random.fold_in(base, 0))
-    max_samples = None
-    if api.remaining is not None:
-        max_samples = (api.queries + api.remaining) // b * b
-    if cfg.rounds is not None:
-        n_gen = cfg.rounds if cfg.stop_gen is None else min(cfg.rounds, cfg.stop_gen)
-        max_samples = n_gen * b if max_samples is None else min(max_samples, n_gen * b)
-    init_cap = max(b, min(max_samples or 16 * b, 64 * b))
-    init_cap = 1 << (init_cap - 1).bit_length()     # powers of two: compiled shapes recur
-    pool = PoolStore(image_shape, (k,) if cfg.soft_labels else (), quantize=cfg.quantize,
-                     directory=os.path.join(workdir, "pool") if workdir else None,
-                     initial_capacity=init_cap)
-
+    parts = _RunParts(student_fm, cfg, k, api.input_shape, generator)
+    state = init_student(student_fm, parts.tx, jax.random.fold_in(jax.random.key(seed), 0))
+    max_samples = _max_samples(api, cfg)
+    pool = _new_pool(cfg, k, api.input_shape, max_samples, workdir)
     tracker = RunTracker(api, workdir=workdir, evaluator=evaluator, eval_budgets=eval_budgets,
                          step_key="round")
     restored = tracker.restore({"student": state})
@@ -485,80 +303,12 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
         arrays, meta = restored
         state = StudentState(*arrays["student"])
         pool.reload(meta["pool_rounds"])
+    b = cfg.batch_size
     total = cfg.rounds if cfg.rounds is not None else (
         (max_samples // b) if max_samples is not None else None)
     tracker.open_progress(progress, total, name, "round")
-
-    stopped, r = "rounds", tracker.start
     try:
-        while True:
-            if cfg.rounds is not None and r >= cfg.rounds:
-                stopped = "rounds"
-                break
-            if max_rounds is not None and r >= max_rounds:
-                stopped = "interrupted"
-                break
-            gen_round = cfg.stop_gen is None or r < cfg.stop_gen
-            key = _round_key(seed, r)
-            kgen, kpass = jax.random.split(key)
-            gen_loss, agree = float("nan"), float("nan")
-            if gen_round:
-                cached = pool.cached_round(r)
-                if cached is not None:          # bought before a kill: never re-query
-                    x_st, answers, answered = cached
-                    led = api.ledger.state_dict()
-                    led["answered"] = answered
-                    api.ledger.load_state_dict(led)
-                else:
-                    if api.remaining is not None and api.remaining < b:
-                        stopped = "budget"
-                        break
-                    if phase is not None:
-                        counts = (jnp.asarray(pool.class_histogram(k), jnp.float32)
-                                  if cfg.targets == "pool_balancing"
-                                  or cfg.select == "balanced" else None)
-                        x, best_l, _ = phase(state.params, state.bn, kgen, counts)
-                        gen_loss = float(best_l)
-                    else:
-                        x = noise_images(cfg, kgen, b, image_shape)
-                    x_st = pool.prepare(x)
-                    try:
-                        with api.reserve(b), surface_api_errors():
-                            out = api(jax.lax.stop_gradient(dequantize(x_st)))
-                    except QueryBudgetExceeded:
-                        stopped = "budget"
-                        break
-                    if cfg.soft_labels:
-                        answers = teacher_probs(out, api.output, k)
-                    elif api.output == "label":
-                        answers = out
-                    else:
-                        answers = jnp.argmax(out, axis=-1).astype(jnp.int32)
-                    answered = api.queries
-                    if not cfg.soft_labels:     # how far the student's classes are the teacher's
-                        agree = float(jnp.mean(predict(state.params, state.bn,
-                                                       dequantize(x_st)) == answers))
-                pool.append(r, x_st, answers, answered)
-            state, loss, nsteps = pool_pass(state, pool.x, pool.y, jnp.int32(pool.size), kpass)
-            # Evaluate on schedule, at budget crossings and at the end of the run.
-            next_unaffordable = (
-                (cfg.rounds is not None and r + 1 >= cfg.rounds)
-                or (api.remaining is not None and api.remaining < b and
-                    (cfg.stop_gen is None or r + 1 < cfg.stop_gen)))
-            point = None
-            if evaluator is not None and ((r + 1) % cfg.eval_every == 0
-                                          or tracker.crosses_budget(b)
-                                          or next_unaffordable or r == 0):
-                point = tracker.evaluate(r, state.params, state.bn, pool_size=pool.size,
-                                         loss=float(loss), gen_loss=gen_loss,
-                                         student_teacher_agree=agree,
-                                         student_steps=int(nsteps),
-                                         pool_histogram=pool.class_histogram(k))
-            if (r + 1) % cfg.checkpoint_every == 0 or point is not None or next_unaffordable:
-                tracker.save(r, {"student": state}, pool_rounds=pool.rounds,
-                             config=config_dict(cfg))
-            tracker.tick(point, queries=api.queries)
-            r += 1
+        state, r, stopped = _run_rounds(api, parts, pool, tracker, state, seed, max_rounds)
     finally:
         tracker.close()
     tracker.evaluate_end(r, stopped, state.params, state.bn, pool_size=pool.size,
@@ -569,3 +319,135 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
                            seconds=time.perf_counter() - t0)
     tracker.write_result(result.summary(), result.finished, cfg, seed, name)
     return result
+
+
+def _run_rounds(api: BlackBoxAPI, parts: "_RunParts", pool: PoolStore, tracker: RunTracker,
+                state, seed: int, max_rounds: Optional[int]):
+    """Rounds from ``tracker.start`` until the budget, ``cfg.rounds`` or ``max_rounds`` ends them:
+    ``(state, rounds_done, why_stopped)``."""
+    cfg, r = parts.cfg, tracker.start
+    while True:
+        if cfg.rounds is not None and r >= cfg.rounds:
+            return state, r, "rounds"
+        if max_rounds is not None and r >= max_rounds:
+            return state, r, "interrupted"
+        kgen, kpass = jax.random.split(_round_key(seed, r))
+        gen_loss, agree = float("nan"), float("nan")
+        if cfg.stop_gen is None or r < cfg.stop_gen:
+            bought = _buy_round(api, parts, pool, state, r, kgen)
+            if bought is None:
+                return state, r, "budget"
+            gen_loss, agree = bought
+        state, loss, nsteps = parts.pool_pass(state, pool.x, pool.y, jnp.int32(pool.size), kpass)
+        _record_round(tracker, api, cfg, r, state, pool, parts.k, loss=float(loss),
+                      gen_loss=gen_loss, student_teacher_agree=agree, student_steps=int(nsteps))
+        r += 1
+
+
+class _RunParts:
+    """The compiled pieces of one run: student pass over the pool, generation, prediction."""
+
+    def __init__(self, student_fm, cfg: IDEALConfig, k: int, image_shape, generator):
+        self.cfg, self.k, self.image_shape = cfg, k, tuple(image_shape)
+        self.tx = torch_sgd(cfg.lr_s, cfg.momentum_s, cfg.weight_decay_s)
+        self.pool_pass = make_pool_pass(
+            student_fm, self.tx, batch_size=cfg.student_batch or cfg.batch_size,
+            augment=cfg.distill_augment, pad=cfg.aug_pad,
+            targets_kind="soft" if cfg.soft_labels else "hard",
+            max_batches=cfg.max_student_batches, pool_loss=cfg.pool_loss, num_classes=k,
+            min_batches=cfg.min_student_batches)
+        self.phase = None
+        if cfg.synth == "generator":
+            gen_fm = (generator or make_generator(cfg, image_shape))[1]
+            self.phase = make_generation_phase(student_fm, gen_fm, cfg, k, image_shape)
+        self.predict = jax.jit(
+            lambda p, bn, x: jnp.argmax(student_fm.apply(p, bn, x, train=False)[0], -1))
+
+    def new_images(self, state, pool: PoolStore, key):
+        """The round's ``B`` images (no query) and the generation phase's best loss."""
+        cfg, gen_loss = self.cfg, float("nan")
+        if self.phase is not None:
+            counts = (jnp.asarray(pool.class_histogram(self.k), jnp.float32)
+                      if cfg.targets == "pool_balancing" or cfg.select == "balanced" else None)
+            x, best_l, _ = self.phase(state.params, state.bn, key, counts)
+            gen_loss = float(best_l)
+        else:
+            x = noise_images(cfg, key, cfg.batch_size, self.image_shape)
+        if cfg.class_floor:
+            x = with_floor_images(x, pool, cfg, self.k, jax.random.fold_in(key, 7))
+        return x, gen_loss
+
+
+def _record_round(tracker: RunTracker, api: BlackBoxAPI, cfg: IDEALConfig, r: int, state,
+                  pool: PoolStore, k: int, **metrics) -> None:
+    """Evaluates (on schedule, at budget crossings, before the last round) and checkpoints."""
+    b = cfg.batch_size
+    next_unaffordable = (
+        (cfg.rounds is not None and r + 1 >= cfg.rounds)
+        or (api.remaining is not None and api.remaining < b and
+            (cfg.stop_gen is None or r + 1 < cfg.stop_gen)))
+    point = None
+    if tracker.evaluator is not None and ((r + 1) % cfg.eval_every == 0
+                                          or tracker.crosses_budget(b)
+                                          or next_unaffordable or r == 0):
+        point = tracker.evaluate(r, state.params, state.bn, pool_size=pool.size, **metrics,
+                                 pool_histogram=pool.class_histogram(k))
+    if (r + 1) % cfg.checkpoint_every == 0 or point is not None or next_unaffordable:
+        tracker.save(r, {"student": state}, pool_rounds=pool.rounds, config=config_dict(cfg))
+    tracker.tick(point, queries=api.queries)
+
+
+def _max_samples(api: BlackBoxAPI, cfg: IDEALConfig) -> Optional[int]:
+    """The most samples the run can buy (whole rounds), None if unbounded."""
+    b, max_samples = cfg.batch_size, None
+    if api.remaining is not None:
+        max_samples = (api.queries + api.remaining) // b * b
+    if cfg.rounds is not None:
+        n_gen = cfg.rounds if cfg.stop_gen is None else min(cfg.rounds, cfg.stop_gen)
+        max_samples = n_gen * b if max_samples is None else min(max_samples, n_gen * b)
+    return max_samples
+
+
+def _new_pool(cfg: IDEALConfig, k: int, image_shape, max_samples, workdir) -> PoolStore:
+    b = cfg.batch_size
+    init_cap = max(b, min(max_samples or 16 * b, 64 * b))
+    init_cap = 1 << (init_cap - 1).bit_length()     # powers of two: compiled shapes recur
+    return PoolStore(image_shape, (k,) if cfg.soft_labels else (), quantize=cfg.quantize,
+                     directory=os.path.join(workdir, "pool") if workdir else None,
+                     initial_capacity=init_cap)
+
+
+def _buy_round(api: BlackBoxAPI, parts: _RunParts, pool: PoolStore, state, r: int, key):
+    """Round ``r``'s purchase, appended to ``pool``: ``(gen_loss, agreement)``, None if the budget
+    cannot pay for it. A round bought before a kill is replayed from the pool log, never re-bought.
+    """
+    cfg, b = parts.cfg, parts.cfg.batch_size
+    gen_loss, agree = float("nan"), float("nan")
+    cached = pool.cached_round(r)
+    if cached is not None:
+        x_st, answers, answered = cached
+        led = api.ledger.state_dict()
+        led["answered"] = answered
+        api.ledger.load_state_dict(led)
+    else:
+        if api.remaining is not None and api.remaining < b:
+            return None
+        x, gen_loss = parts.new_images(state, pool, key)
+        x_st = pool.prepare(x)
+        try:
+            with api.reserve(b), surface_api_errors():
+                out = api(jax.lax.stop_gradient(dequantize(x_st)))
+        except QueryBudgetExceeded:
+            return None
+        if cfg.soft_labels:
+            answers = teacher_probs(out, api.output, parts.k)
+        elif api.output == "label":
+            answers = out
+        else:
+            answers = jnp.argmax(out, axis=-1).astype(jnp.int32)
+        answered = api.queries
+        if not cfg.soft_labels:     # how far the student's classes are the teacher's
+            agree = float(jnp.mean(parts.predict(state.params, state.bn,
+                                                 dequantize(x_st)) == answers))
+    pool.append(r, x_st, answers, answered)
+    return gen_loss, agree

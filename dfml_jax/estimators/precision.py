@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
+
+from dfml_jax.blackbox import record_api_error
 
 __all__ = [
     "ZERO_DIFFERENCE_ACTIONS",
@@ -149,11 +149,7 @@ def report_zero_differences(fraction: jax.Array, smoothing, *, action: str = "wa
             check_zero_differences(frac, threshold=threshold, action=action, smoothing=mu,
                                    context=context)
         except ZeroDifferenceError as e:
-            try:  # let surface_api_errors re-raise the original type
-                from dfml_jax.blackbox import record_api_error
-                record_api_error(e)
-            except ImportError:  # pragma: no cover
-                pass
+            record_api_error(e)   # so that surface_api_errors re-raises the original type
             raise
 
     jax.debug.callback(host, fraction, jnp.asarray(smoothing, jnp.float32))

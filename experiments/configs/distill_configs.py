@@ -1,7 +1,9 @@
 """Configurations of ``experiments/distill.py`` (IDEAL, DFME, NaiveKD from one black-box teacher).
 
-Every config is a flat frozen dataclass, so any field can be overridden from the command line
-with ``--set key=value`` (tuples and dicts as JSON). Names:
+Every config is a frozen dataclass whose method sections are the library's own configs
+(``ideal``: :class:`~dfml_jax.distill.IDEALConfig`, also NaiveKD's; ``dfme``:
+:class:`~dfml_jax.distill.DFMEConfig`); any field is overridden from the command line with
+``--set key=value`` or ``--set ideal.lr_s=0.03`` (tuples and dicts as JSON). Names:
 
 * ``smoke``: sklearn 8x8 digits, tiny LeNets, budgets of a few hundred queries; the whole pipeline
   in well under 2 minutes on a loaded 2-core CPU (CI and tests).
@@ -19,7 +21,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from dfml_jax.distill import DFMEConfig, IDEALConfig
+
 __all__ = ["DistillExperimentConfig", "CONFIGS", "get_config"]
+
+
+# IDEAL and DFME scaled to a 2-core CPU (get_config says why); the papers' sizes are in _paper.
+CPU_IDEAL = IDEALConfig(
+    batch_size=250, g_steps=5, nz=64, ngf=8, gen_head="bn_sigmoid", distill_augment="none",
+    eval_every=4, checkpoint_every=4)
+CPU_DFME = DFMEConfig(
+    batch_size=64, nz=64, ngf=8, eval_every=25, checkpoint_every=25)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,53 +66,13 @@ class DistillExperimentConfig:
     reference_epochs: int = 20
     reference_batch: int = 128
     reference_lr: float = 0.05
-    # IDEAL / NaiveKD (IDEALConfig fields with the ideal_ prefix) -------------------------------
-    ideal_batch_size: int = 250
-    ideal_g_steps: int = 5
-    ideal_lr_g: float = 1e-3
-    ideal_nz: int = 64
-    ideal_ngf: int = 8
-    ideal_gen_head: str = "bn_sigmoid"
-    ideal_gen_bias: float = 0.0               # pre-sigmoid offset; < 0: dark, digit-like images
-    ideal_info_loss: str = "per_sample"
-    ideal_info_weight: float = 5.0
-    ideal_targets: str = "balanced"
-    ideal_select: str = "best"                 # "balanced": buy class-balanced candidates
-    ideal_select_score: str = "confidence"
-    ideal_gen_augment: str = "crop_flip"
-    ideal_lr_s: float = 0.01
-    ideal_student_batch: Optional[int] = None
-    ideal_pool_loss: str = "ce"                # "balanced_ce" / "logit_adjusted": see IDEALConfig
-    ideal_distill_augment: str = "none"
-    ideal_aug_pad: int = 4
-    ideal_max_student_batches: Optional[int] = None   # None: whole-pool passes (the paper)
-    ideal_soft_labels: bool = False
-    ideal_noise: str = "uniform"               # NaiveKD's noise: "uniform" or "gauss" (the field's)
-    ideal_noise_mean: float = 0.1307
-    ideal_noise_std: float = 0.3081
-    ideal_quantize: bool = True
-    ideal_eval_every: int = 4
-    ideal_checkpoint_every: int = 4
-    # DFME (DFMEConfig fields with the dfme_ prefix) --------------------------------------------
-    dfme_batch_size: int = 64
-    dfme_g_iter: int = 1
-    dfme_d_iter: int = 5
-    dfme_grad_m: int = 1
-    dfme_grad_epsilon: float = 1e-3
-    dfme_estimator: str = "sphere-forward"
-    dfme_lr_s: float = 0.1
-    dfme_lr_g: float = 1e-4
-    dfme_nz: int = 64
-    dfme_ngf: int = 8
-    dfme_loss: str = "l1"
-    dfme_scheduler: str = "multistep"
-    dfme_image_range: str = "unit"
-    dfme_eval_every: int = 25
-    dfme_checkpoint_every: int = 25
-    dfme_output: str = "probs"
+    dfme_output: str = "probs"       # what DFME's API reveals (IDEAL and NaiveKD: top-1 labels)
     # evaluation / implementation --------------------------------------------------------------
     eval_chunk: int = 1000
     conv_impl: str = "im2col"        # dfml_jax.models convolution back-end for every model
+    # methods (``--set ideal.lr_s=0.03``, ``--set dfme.lr_g=5e-5``) --------------------------
+    ideal: IDEALConfig = CPU_IDEAL       # IDEAL; NaiveKD is the same with synth="noise"
+    dfme: DFMEConfig = CPU_DFME
 
 
 def _smoke() -> DistillExperimentConfig:
@@ -108,27 +80,30 @@ def _smoke() -> DistillExperimentConfig:
         name="smoke", dataset="digits", val_size=150, budgets=(300, 600),
         teacher_kw={"channels": [8, 16]}, teacher_epochs=12, teacher_batch=64, teacher_lr=0.05,
         student_kw={"channels": [4, 8]}, reference_epochs=6, reference_batch=64,
-        ideal_budgets=None, dfme_budgets=(600,), ideal_gen_head="sigmoid",
-        ideal_batch_size=100, ideal_g_steps=20, ideal_lr_g=1e-2, ideal_nz=16, ideal_ngf=4,
-        ideal_aug_pad=1, ideal_eval_every=1, ideal_checkpoint_every=1, dfme_batch_size=20,
-        dfme_nz=16, dfme_ngf=4, dfme_eval_every=2, dfme_checkpoint_every=2, eval_chunk=500,
-        conv_impl="lax")
+        ideal_budgets=None, dfme_budgets=(600,), eval_chunk=500, conv_impl="lax",
+        ideal=dataclasses.replace(CPU_IDEAL, gen_head="sigmoid", batch_size=100, g_steps=20,
+                                  lr_g=1e-2, nz=16, ngf=4, aug_pad=1, eval_every=1,
+                                  checkpoint_every=1),
+        dfme=dataclasses.replace(CPU_DFME, batch_size=20, nz=16, ngf=4, eval_every=2,
+                                 checkpoint_every=2))
 
 
 def _default() -> DistillExperimentConfig:
     # student SGD at 0.03 (the code: 0.01), chosen on the validation split: see get_config.
-    return DistillExperimentConfig(ideal_lr_s=0.03)
+    return DistillExperimentConfig(ideal=dataclasses.replace(CPU_IDEAL, lr_s=0.03))
 
 
-def _paper(dataset: str, **kw) -> DistillExperimentConfig:
+def _paper(dataset: str, ideal=None, dfme=None, **kw) -> DistillExperimentConfig:
     base = dict(
         name=f"paper_{dataset}", dataset=dataset, val_size=5000,
         teacher_epochs=100, teacher_batch=128, teacher_lr=0.1,        # IDEAL pretrain.py
-        reference_epochs=100, reference_lr=0.1,
-        ideal_budgets=None, ideal_gen_head="sigmoid", ideal_g_steps=30, ideal_nz=256,
-        ideal_ngf=64, ideal_eval_every=1, ideal_checkpoint_every=5, ideal_distill_augment="flip",
-        dfme_batch_size=256, dfme_nz=256, dfme_ngf=64, dfme_eval_every=50,
-        dfme_checkpoint_every=50)
+        reference_epochs=100, reference_lr=0.1, ideal_budgets=None,
+        ideal=dataclasses.replace(CPU_IDEAL, **{
+            "gen_head": "sigmoid", "g_steps": 30, "nz": 256, "ngf": 64, "eval_every": 1,
+            "checkpoint_every": 5, "distill_augment": "flip", **(ideal or {})}),
+        dfme=dataclasses.replace(CPU_DFME, **{
+            "batch_size": 256, "nz": 256, "ngf": 64, "eval_every": 50, "checkpoint_every": 50,
+            **(dfme or {})}))
     base.update(kw)
     return DistillExperimentConfig(**base)
 
@@ -140,7 +115,7 @@ CONFIGS = {
     # the 2M score-based convention (MeCo).
     "paper_mnist": lambda: _paper(
         "mnist", budgets=(5_000, 25_000), dfme_budgets=(25_000, 2_000_000),
-        ideal_distill_augment="none",            # the code flips digits (a quirk not copied)
+        ideal={"distill_augment": "none"},       # the code flips digits (a quirk not copied)
         teacher_kw={"channels": [16, 32]}, student_kw={"channels": [16, 32]}),
     "paper_fmnist": lambda: _paper(
         "fashion_mnist", budgets=(50_000, 100_000), dfme_budgets=(100_000, 2_000_000),
@@ -148,21 +123,21 @@ CONFIGS = {
     # SVHN: the paper's AlexNet is not in dfml_jax.models; the code's ResNet-18 option is used.
     "paper_svhn": lambda: _paper(
         "svhn_cropped", budgets=(50_000, 100_000), dfme_budgets=(100_000, 2_000_000),
-        ideal_distill_augment="none",
+        ideal={"distill_augment": "none"}, dfme={"lr_g": 5e-5},
         teacher_arch="resnet18", teacher_kw={}, student_arch="resnet18", student_kw={},
-        teacher_epochs=50, reference_epochs=50, dfme_lr_g=5e-5),
+        teacher_epochs=50, reference_epochs=50),
     # CIFAR-10: g_steps 5 (docstring example), crop+flip distillation, DFME 20M (run_cifar_dfme.sh).
     "paper_cifar10": lambda: _paper(
         "cifar10", budgets=(50_000, 250_000), dfme_budgets=(250_000, 2_000_000, 20_000_000),
         teacher_arch="resnet18", teacher_kw={}, student_arch="resnet18", student_kw={},
         teacher_epochs=200, reference_epochs=200, teacher_augment="crop_flip",
-        ideal_g_steps=5, ideal_distill_augment="crop_flip"),
+        ideal={"g_steps": 5, "distill_augment": "crop_flip"}),
     # CIFAR-100: B must be a multiple of 100 (the code's 250 crashes): 500.
     "paper_cifar100": lambda: _paper(
         "cifar100", budgets=(100_000, 2_000_000), dfme_budgets=(2_000_000,),
         teacher_arch="resnet18", teacher_kw={}, student_arch="resnet18", student_kw={},
         teacher_epochs=200, reference_epochs=200, teacher_augment="crop_flip",
-        ideal_batch_size=500, ideal_g_steps=5, ideal_distill_augment="crop_flip"),
+        ideal={"batch_size": 500, "g_steps": 5, "distill_augment": "crop_flip"}),
 }
 
 
@@ -175,7 +150,7 @@ def get_config(name: str) -> DistillExperimentConfig:
         python experiments/distill.py --method all --config default --workdir runs/distill_default
         python experiments/distill.py --method ideal --config default --workdir runs/distill_default
         python experiments/distill.py --method all --config paper_cifar10 --workdir runs/cifar10 \\
-            --set ideal_info_loss=class_balance --seed 1
+            --set ideal.info_loss=class_balance --seed 1
 
     ``default`` is scaled to a 2-core CPU, where IDEAL's cost is dominated by its generator (g_steps
     forward/backward passes of generator and student per queried image) and its quadratic pool
@@ -183,7 +158,7 @@ def get_config(name: str) -> DistillExperimentConfig:
 
     * the student is the classic-width LeNet-5 (6/16 channels; the teacher is IDEAL's 16/32 one);
     * the IDEAL generator is the paper's DCGAN at nz=64, ngf=8, with a final BN before the sigmoid
-      (``ideal_gen_head="bn_sigmoid"``, the spec's section 10 flag: with this small generator the
+      (``ideal.gen_head="bn_sigmoid"``, the spec's section 10 flag: with this small generator the
       plain sigmoid head starts as flat grey images the teacher labels as one class) and 5 Adam
       steps per round (the code's CIFAR-10 example; 30 for MNIST);
     * each pool pass covers the whole pool, as in the paper, and the student's SGD lr is 0.03

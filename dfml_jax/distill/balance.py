@@ -1,0 +1,172 @@
+"""Class balance of what a hard-label distillation run pays for.
+
+A generator driven by a proxy student aims at the *proxy's* classes, which early on are not the
+teacher's: left alone, the pool of teacher answers collapses onto a few classes
+(``docs/ideal_diagnosis.md``). Three levers, each free of extra queries:
+
+* :func:`pool_balancing_targets`: the generator's targets lean towards the classes the pool lacks;
+* :func:`balanced_selection`: buy, among candidate images, a class-balanced set by the proxy's
+  predictions;
+* :func:`class_floor_images` (with :func:`class_floor_deficit`): part of a round is spent on
+  mixtures of pool images the TEACHER answered with a rare class, which acts on the teacher's
+  classes directly.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfml_jax.augment import augment_images
+from dfml_jax.distill.common import PoolStore, dequantize
+
+__all__ = ["pool_balancing_targets", "balanced_selection", "class_floor_deficit",
+           "class_floor_images", "with_floor_images"]
+
+
+def pool_balancing_targets(counts: jax.Array, batch_size: int) -> jax.Array:
+    """The generator's targets for one round, aimed at the classes the pool lacks.
+
+    Class k gets a share of the ``batch_size`` targets proportional to ``1 / (count_k + B/K)``
+    (``count_k``: the teacher's answers of class k in the pool; the ``B/K`` prior keeps an empty
+    pool balanced), rounded so that the shares add up to exactly ``batch_size`` (static shape).
+
+    Args:
+      counts: (K,) label counts of the pool.
+      batch_size: B.
+
+    Returns:
+      (B,) int32 targets, sorted by class.
+
+    >>> pool_balancing_targets(jnp.zeros(4), 8).tolist()       # empty pool: balanced
+    [0, 0, 1, 1, 2, 2, 3, 3]
+    >>> pool_balancing_targets(jnp.array([30., 2., 2., 6.]), 8).tolist()
+    [1, 1, 1, 2, 2, 2, 3, 3]
+    """
+    k = counts.shape[0]
+    w = 1.0 / (counts.astype(jnp.float32) + batch_size / k)
+    edges = jnp.round(jnp.cumsum(w / jnp.sum(w)) * batch_size)       # (K,), last = B
+    return jnp.searchsorted(edges, jnp.arange(batch_size) + 0.5).astype(jnp.int32)
+
+
+def balanced_selection(pred: jax.Array, score: jax.Array, quotas: jax.Array,
+                       batch_size: int) -> jax.Array:
+    """Indices of ``batch_size`` candidates that fill per-class quotas (static shapes).
+
+    Candidate i is predicted class ``pred[i]`` with ``score[i]`` in [0, 1]. Within each class the
+    ``quotas[k]`` highest-scoring candidates are chosen; if a class has too few candidates, the
+    remaining places go to the highest-scoring candidates not yet chosen, whatever their class.
+
+    Args:
+      pred: (N,) int predicted classes. score: (N,) scores in [0, 1].
+      quotas: (K,) int, summing to ``batch_size``. batch_size: number to select (<= N).
+
+    Returns:
+      (batch_size,) int32 distinct indices into the candidates.
+
+    >>> pred = jnp.array([0, 0, 0, 1, 2, 2]); score = jnp.array([.9, .5, .7, .2, .8, .1])
+    >>> sorted(balanced_selection(pred, score, jnp.array([1, 1, 1]), 3).tolist())
+    [0, 3, 4]
+    >>> sorted(balanced_selection(pred, score, jnp.array([0, 2, 1]), 3).tolist())   # 1 lacks one
+    [0, 3, 4]
+    """
+    n = pred.shape[0]
+    if batch_size > n:
+        raise ValueError(f"cannot select {batch_size} of {n} candidates")
+    k = quotas.shape[0]
+    order = jnp.lexsort((-score, pred))                 # by class, then by score (descending)
+    counts = jnp.bincount(pred, length=k)
+    starts = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(n) - starts[pred[order]]
+    rank = jnp.zeros(n, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+    chosen = rank < quotas[pred]
+    priority = 2.0 * chosen + jnp.clip(score, 0.0, 1.0)
+    return jax.lax.top_k(priority, batch_size)[1].astype(jnp.int32)
+
+
+def class_floor_deficit(counts, pool_size: int, batch_size: int, floor: float, max_images: int):
+    """How many of the next round's images go to each class below the floor (host side).
+
+    Class k lacks ``floor * (pool_size + batch_size) - counts[k]`` answers (never negative; 0 for
+    a class the pool has no image of, since mixing needs one). The round spends
+    ``min(max_images, total deficit)`` images, rounded up to a multiple of 5 (few compiled
+    shapes).
+
+    Returns:
+      ``(m, deficit)``: the number of floor images and the (K,) deficits (weights of the classes).
+
+    >>> m, d = class_floor_deficit([50, 2, 48, 0], 100, 20, 0.1, 10)
+    >>> m, d.tolist()
+    (10, [0.0, 10.0, 0.0, 0.0])
+    >>> class_floor_deficit([30, 30, 30, 30], 120, 20, 0.1, 10)[0]
+    0
+    """
+    counts = np.asarray(counts, np.float64)
+    deficit = np.maximum(floor * (pool_size + batch_size) - counts, 0.0) * (counts > 0)
+    total = float(deficit.sum())
+    if total < 1.0:
+        return 0, deficit
+    m = min(max_images, int(np.ceil(total / 5.0)) * 5)
+    return m, deficit
+
+
+def class_floor_images(key: jax.Array, pool_x: jax.Array, pool_y: jax.Array, n,
+                       deficit: jax.Array, m: int, pad: int = 2) -> jax.Array:
+    """``m`` new images for the classes below the floor, made from the teacher's own answers.
+
+    Each image: a class ``c`` drawn in proportion to ``deficit``, two random pool images (of the
+    first ``n``) the teacher answered ``c``, mixed with a weight drawn from U[0.2, 0.8], then
+    shifted by up to ``pad`` pixels. No query is made here; the caller pays for them.
+
+    Args:
+      key: PRNG key. pool_x: (cap, H, W, C) stored pool images (uint8 levels or float).
+      pool_y: (cap,) teacher labels. n: valid entries. deficit: (K,) class weights (> 0 somewhere;
+        a class with weight > 0 must have a pool image). m: images to make. pad: largest shift.
+
+    Returns:
+      (m, H, W, C) float32 images in [0, 1].
+
+    >>> px = jnp.stack([jnp.zeros((4, 4, 1)), jnp.ones((4, 4, 1))]).astype(jnp.float32)
+    >>> x = class_floor_images(jax.random.key(0), px, jnp.array([0, 1]), 2,
+    ...                        jnp.array([0.0, 1.0]), 3, pad=0)
+    >>> x.shape, float(x.min())           # class 1 only: mixtures of the all-ones image
+    ((3, 4, 4, 1), 1.0)
+    """
+    return _class_floor_images(key, pool_x, pool_y, jnp.asarray(n, jnp.int32),
+                               jnp.asarray(deficit, jnp.float32), m, pad)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _class_floor_images(key, pool_x, pool_y, n, deficit, m, pad):
+    kc, ka, kb, kl, ks = jax.random.split(key, 5)
+    cls = jax.random.categorical(kc, jnp.log(deficit), shape=(m,))
+    valid = jnp.arange(pool_x.shape[0]) < n
+
+    def pick(k, c):
+        return jnp.argmax(jnp.where(valid & (pool_y == c),
+                                    jax.random.uniform(k, valid.shape), -1.0))
+
+    ia = jax.vmap(pick)(jax.random.split(ka, m), cls)
+    ib = jax.vmap(pick)(jax.random.split(kb, m), cls)
+    lam = jax.random.uniform(kl, (m,) + (1,) * (pool_x.ndim - 1), minval=0.2, maxval=0.8)
+    x = lam * dequantize(pool_x[ia]) + (1.0 - lam) * dequantize(pool_x[ib])
+    return augment_images(x, ks, "crop" if pad else "none", pad)
+
+
+def with_floor_images(x, pool: PoolStore, cfg, k: int, key):
+    """The round's images ``x`` with up to ``cfg.floor_share * B`` replaced by class-floor images.
+
+    ``cfg`` is an :class:`~dfml_jax.distill.ideal.IDEALConfig` (``class_floor``, ``floor_share``,
+    ``batch_size``, ``floor_shift``); ``pool`` holds the teacher's answers so far; the replaced images are a random
+    subset. Returns ``x`` itself when no class is below the floor.
+    """
+    m, deficit = class_floor_deficit(pool.class_histogram(k), pool.size, cfg.batch_size,
+                                     cfg.class_floor, int(cfg.floor_share * cfg.batch_size))
+    if m == 0:
+        return x
+    kf, kp = jax.random.split(key)
+    keep = jax.random.permutation(kp, x.shape[0])[: x.shape[0] - m]
+    extra = class_floor_images(kf, pool.x, pool.y, pool.size, deficit, m, pad=cfg.floor_shift)
+    return jnp.concatenate([x[keep], extra.astype(x.dtype)])
