@@ -263,23 +263,8 @@ def zo_gradient(f: Callable[[jax.Array], jax.Array], x: jax.Array, key: jax.Arra
     xf = x.reshape(b, d).astype(jnp.float32)
     forward = spec.scheme == "forward"
 
-    f0 = None
-    if forward:
-        f0 = f(x) if fx is None else jax.lax.stop_gradient(jnp.asarray(fx))
-        if f0.shape != (b,):
-            raise ValueError(f"f must map (B, *shape) to per-sample values (B,) = ({b},); got {f0.shape}")
-        f0 = f0.astype(jnp.float32)
-
-    chunk = q if chunk_size is None else min(chunk_size, q)
-    if isinstance(direction_offset, int) and direction_offset == 0:
-        chunk_offset = 0
-    else:
-        if DIRECTION_FAMILIES[spec.family].blockwise and (chunk_size is None or q % chunk_size):
-            raise ValueError(
-                f"direction_offset with the blockwise estimator {spec.name!r} needs a chunk_size "
-                f"that divides num_directions (got chunk_size={chunk_size}, num_directions={q}) "
-                "so that chunks line up across devices")
-        chunk_offset = direction_offset // chunk
+    f0 = _clean_values(f, x, fx) if forward else None
+    chunk_offset = _chunk_offset(spec, q, chunk_size, direction_offset)
 
     def body(acc, ci, start, count):
         u = sample_directions(spec.family, key, ci + chunk_offset, start + direction_offset, count,
@@ -300,6 +285,27 @@ def zo_gradient(f: Callable[[jax.Array], jax.Array], x: jax.Array, key: jax.Arra
                             threshold=zero_difference_threshold, context=spec.name)
     return ZOGradient(grad, num_queries(spec, b, q, include_clean=fx is None), f0, differences,
                       zero_frac)
+
+
+def _clean_values(f, x, fx):
+    """``f(x)`` (or the given ``fx``) as float32 ``(B,)``: the forward schemes' reference."""
+    b = x.shape[0]
+    f0 = f(x) if fx is None else jax.lax.stop_gradient(jnp.asarray(fx))
+    if f0.shape != (b,):
+        raise ValueError(f"f must map (B, *shape) to per-sample values (B,) = ({b},); got {f0.shape}")
+    return f0.astype(jnp.float32)
+
+
+def _chunk_offset(spec, q: int, chunk_size: Optional[int], direction_offset):
+    """Index of this call's first chunk among all chunks of a direction-split estimate."""
+    if isinstance(direction_offset, int) and direction_offset == 0:
+        return 0
+    if DIRECTION_FAMILIES[spec.family].blockwise and (chunk_size is None or q % chunk_size):
+        raise ValueError(
+            f"direction_offset with the blockwise estimator {spec.name!r} needs a chunk_size "
+            f"that divides num_directions (got chunk_size={chunk_size}, num_directions={q}) "
+            "so that chunks line up across devices")
+    return direction_offset // (q if chunk_size is None else min(chunk_size, q))
 
 
 # ----------------------------------------------------------------------------- registry
