@@ -49,21 +49,25 @@ never reuses stale data.
 """
 from __future__ import annotations
 
-import ast
 import functools
-import hashlib
-import inspect
 import json
 import math
 import os
 import sys
-import textwrap
 import unicodedata
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .core import ClassDataset
+# Private aliases: the names the hashed functions used when the cache key was defined (their
+# syntax trees are part of it, see cache_key).
+from .digests import canonical_json as _canonical
+from .digests import code_digest as _code_digest
+from .digests import digest_key as _digest_key
+from .digests import font_hashes as _font_hashes
+from .digests import fonts_digest as _fonts_digest
+from .digests import key_differences as _key_differences
 
 __all__ = ["build_glyphs", "load_glyphs", "glyph_splits", "glyph_split_counts", "render_glyph",
            "SPLIT_ALPHABETS", "cache_dir", "cache_file", "cache_key", "cache_key_digest",
@@ -362,52 +366,6 @@ def build_glyphs(image_size: int = 28, *, seed: int = 0, per_class: int = 20, mi
             "aliases": np.asarray([" ".join(f"U+{a:04X}" for a in aliases[cp]) for cp in keep])}
 
 
-@functools.lru_cache(maxsize=256)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """SHA-256 of a file's bytes (memoised per path, size and modification time)."""
-    del size, mtime_ns  # memo key only
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _font_hashes(paths: Sequence[str]) -> List[List[str]]:
-    """``[[file name, SHA-256 of its bytes], ...]`` of the font files."""
-    out = []
-    for p in paths:
-        st = os.stat(p)
-        digest = _file_sha256(os.path.abspath(p), st.st_size, st.st_mtime_ns)
-        out.append([os.path.basename(p), digest])
-    return out
-
-
-def _fonts_digest(paths: Tuple[str, ...]) -> str:
-    return hashlib.sha256(json.dumps(_font_hashes(paths)).encode()).hexdigest()
-
-
-def _code_digest(functions) -> str:
-    """SHA-256 of the syntax trees of ``functions`` without docstrings (so comments, docstrings
-    and formatting do not count, any change of the code does). ``"unavailable"`` without source."""
-    h = hashlib.sha256()
-    for fn in functions:
-        fn = inspect.unwrap(fn)
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError):
-            return "unavailable"
-        for node in ast.walk(tree):
-            body = getattr(node, "body", None)
-            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
-                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                    and isinstance(body[0].value.value, str)):
-                node.body = body[1:] or [ast.Pass()]
-        h.update(fn.__qualname__.encode())
-        h.update(ast.dump(tree, include_attributes=False).encode())
-    return h.hexdigest()
-
-
 def _library_versions() -> Dict[str, str]:
     """Versions of the libraries the rendered content depends on."""
     import PIL
@@ -473,14 +431,6 @@ def cache_key_digest(image_size: int = 28, **kw) -> str:
     return _digest_key(cache_key(image_size, **kw))
 
 
-def _canonical(key: dict) -> str:
-    return json.dumps(key, sort_keys=True, separators=(",", ":"))
-
-
-def _digest_key(key: dict) -> str:
-    return hashlib.sha256(_canonical(key).encode()).hexdigest()
-
-
 def _file_name(key: dict) -> str:
     p = key["params"]
     tag = (f"glyphs_v{key['renderer_version']}_s{p['image_size']}_c1_seed{p['seed']}"
@@ -510,18 +460,6 @@ def cache_file(image_size: int = 28, *, seed: int = 0, per_class: int = 20, min_
     key = cache_key(image_size, seed=seed, per_class=per_class, min_fonts=min_fonts,
                     max_classes=max_classes)
     return os.path.join(_resolve_cache_dir(cache_dir), _file_name(key))
-
-
-def _key_differences(a: dict, b: dict, prefix: str = "") -> List[str]:
-    """Dotted names of the leaves that differ between two JSON dicts."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _key_differences(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}")
-    return out
 
 
 def _read_cache(path: str, key: dict) -> Optional[dict]:
