@@ -14,8 +14,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 from configs.bidf_mkd_configs import CONFIGS, get_config  # noqa: E402
 
-from dfml_jax.bidf_mkd.experiment import (METHODS, kernel_scale, pool_data_split,  # noqa: E402
-                                          run_experiment, scale_kernels)
+from dfml_jax.bidf_mkd.experiment import (METHODS, kernel_scale, meta_init_params,  # noqa: E402
+                                          pool_data_split, run_experiment, scale_kernels)
 from dfml_jax.data import ClassDataset, Taskset  # noqa: E402
 from dfml_jax.experiment import apply_overrides  # noqa: E402
 from dfml_jax.models import create_model, functional  # noqa: E402
@@ -54,6 +54,17 @@ def test_scale_kernels_scales_exactly_the_conv_and_linear_kernels():
     assert kernel_scale(dataclasses.replace(cfg, random_scale=0.5)) == 0.5
     with pytest.raises(ValueError, match="random_scale must be a positive"):
         kernel_scale(dataclasses.replace(cfg, random_scale=0.0))
+    # meta_init: the meta-trained methods start from the random_scaled baseline's weights
+    meta = functional(create_model("conv4", num_classes=5, input_shape=(28, 28, 1),
+                                   rngs_or_key=0, width=8))
+    init = meta_init_params(meta, dataclasses.replace(cfg, meta_init="scaled", random_scale=0.25))
+    for a, b in zip(jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(scaled)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert meta_init_params(meta, dataclasses.replace(cfg, meta_init="random")) is meta.params
+    with pytest.raises(ValueError, match="meta_init must be one of"):
+        meta_init_params(meta, dataclasses.replace(cfg, meta_init="zeros"))
+    with pytest.raises(ValueError, match="meta_init must be one of"):
+        run_experiment(dataclasses.replace(cfg, meta_init="zeros"), "/nonexistent/x")
 
 
 def _toy_split(num_classes=12, per_class=5):

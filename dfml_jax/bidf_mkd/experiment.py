@@ -55,7 +55,8 @@ from dfml_jax.remote import load_remote_pool
 
 from .train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
 
-__all__ = ["BiDfExperimentConfig", "run_experiment", "METHODS", "scale_kernels",
+__all__ = ["BiDfExperimentConfig", "run_experiment", "METHODS", "scale_kernels", "META_INITS",
+           "meta_init_params",
            "pool_data_split", "pool_build_args"]
 
 METHODS = ("bidf_mkd", "random", "random_scaled", "average", "white_box", "maml_real",
@@ -98,6 +99,10 @@ class BiDfExperimentConfig(BiDfMKDConfig):
     # meta-model
     meta_arch: str = "conv4"
     meta_width: int = 32
+    # initial meta-model of the meta-trained methods (bidf_mkd, white_box, maml_*): "random" (the
+    # paper) or "scaled" (the random init with every kernel x kernel_scale(cfg), i.e. the
+    # random_scaled baseline's weights: meta-training starts where that baseline stands)
+    meta_init: str = "random"
     # methods and evaluation
     methods: tuple = METHODS
     baseline_iterations: Optional[int] = None  # meta-iterations of white_box / maml_real (None: same)
@@ -172,6 +177,8 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; valid: {list(METHODS)}")
+    if cfg.meta_init not in META_INITS:
+        raise ValueError(f"meta_init must be one of {META_INITS}, got {cfg.meta_init!r}")
     run = RunDir(workdir, cfg)
     if run.done:
         with open(run.file("results.json")) as f:
@@ -201,7 +208,7 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
         teacher_pool = TeacherPool(pool.apis, pool.classes, mean, std, pool.image_size,
                                    tuple((w.apply, w.params) for w in wb) if wb else None)
     gen_init = lambda k: gen.init(k)[0]
-    common = dict(meta_apply=meta.apply_batchstats, meta_init_params=meta.params,
+    common = dict(meta_apply=meta.apply_batchstats, meta_init_params=meta_init_params(meta, cfg),
                   gen_init=gen_init, gen_apply=gen.apply_batchstats, val_tasks=val_tasks,
                   test_tasks=test_sets.get(cfg.shots), progress=progress)
     results: Dict[str, Any] = {}
@@ -361,6 +368,25 @@ def kernel_scale(cfg: BiDfExperimentConfig) -> float:
         raise ValueError(f"random_scale must be a positive number (or None: 1/sqrt(num_apis)), "
                          f"got {cfg.random_scale}")
     return float(cfg.random_scale)
+
+
+META_INITS = ("random", "scaled")
+
+
+def meta_init_params(meta, cfg: BiDfExperimentConfig):
+    """The meta-trained methods' initial parameters (``cfg.meta_init``).
+
+    ``"scaled"``: the random init with every conv / linear kernel times :func:`kernel_scale` (the
+    ``random_scaled`` baseline's parameters); ``"random"``: the random init (the paper).
+
+    Raises:
+      ValueError: an unknown ``meta_init``.
+    """
+    if cfg.meta_init == "random":
+        return meta.params
+    if cfg.meta_init == "scaled":
+        return scale_kernels(meta.params, kernel_scale(cfg))[0]
+    raise ValueError(f"meta_init must be one of {META_INITS}, got {cfg.meta_init!r}")
 
 
 def _untrained_params(method: str, init_params, wb, pool, cfg: BiDfExperimentConfig):

@@ -110,6 +110,7 @@ class ProbeConfig:
     finetune_lrs: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)
     finetune_steps: int = 10
     seed: int = 0
+    meta_init_scale: Optional[float] = None   # replay probe: kernels of the init x this (None: 1)
 
 
 class RecoveredSet(NamedTuple):
@@ -389,7 +390,8 @@ def replay_probe(sets: Sequence[RecoveredSet], meta, ev: FewShotEval, cfg: Probe
 
     Each (API, target) pair is a class holding the images aimed at it. The model is selected on
     ``ev.tasks`` (the initial parameters included); scored at the loop's fine-tuning lr
-    (``cfg.inner_lr``).
+    (``cfg.inner_lr``). With ``cfg.meta_init_scale`` the meta-model starts from its random init
+    with every kernel scaled (as the ``random_scaled`` baseline).
 
     Returns:
       ``{"acc": best validation %, "history": [...]}``.
@@ -414,7 +416,9 @@ def replay_probe(sets: Sequence[RecoveredSet], meta, ev: FewShotEval, cfg: Probe
                        eval_every=max(1, cfg.replay_iterations // 3), val_tasks=len(ev.tasks[0]),
                        finetune_steps=cfg.finetune_steps, seed=cfg.seed)
     # the tasks are normalised already: the loop's identity normalisation (no pool) keeps them
-    res = train_bidf_mkd(lc, meta_apply=meta.apply_batchstats, meta_init_params=meta.params,
+    init = meta.params if cfg.meta_init_scale is None else scale_kernels(
+        meta.params, cfg.meta_init_scale)[0]
+    res = train_bidf_mkd(lc, meta_apply=meta.apply_batchstats, meta_init_params=init,
                          gen_init=None, gen_apply=None, pool=None, val_tasks=ev.tasks,
                          real_tasks=real, progress=progress)
     evals = [h for h in res.history if h.get("event") == "eval"]
