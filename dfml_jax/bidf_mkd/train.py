@@ -2,7 +2,10 @@
 
 Host-side orchestration of jitted pure steps (:mod:`.inversion`, :mod:`.metastep`) over explicit
 state (:class:`LoopState`), checkpointed with orbax so a killed run resumes without losing work or
-re-buying queries. The loop follows the official code (spec ``bidf_mkd.md`` section 6):
+re-buying queries. The API visits (inversion, queries, memory writes) are in :mod:`.visits`;
+a run's pieces and its host-side state (``_RunState``: the checkpoint's JSON metadata) are held
+by ``_Loop``, one method per step of the loop. The loop follows the official code (spec
+``bidf_mkd.md`` section 6):
 
 * the first task is a KD task; later a new API is visited when the batch-mean replay training
   accuracy has not reached a new maximum for ``plateau_patience`` meta-iterations;
@@ -19,7 +22,6 @@ inversion: the white-box upper bound.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import time
@@ -31,17 +33,16 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dfml_jax.augment import batch_shared_augment, normalize
-from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, group_apis, surface_api_errors
+from dfml_jax.augment import normalize
+from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded
 from dfml_jax.checkpoint import RunCheckpointer
-from dfml_jax.losses import teacher_probs
-from dfml_jax.memory import (MemoryState, PlateauTrigger, init_memory, row_of_classes,
-                             sample_tasks, write)
+from dfml_jax.memory import MemoryState, PlateauTrigger, init_memory, sample_tasks
 from dfml_jax.meta import evaluate_tasks
-from dfml_jax.parallel import replicate, sharded_group_query
+from dfml_jax.parallel import replicate
 
-from .inversion import InversionConfig, inversion_queries, make_inverter
+from .inversion import InversionConfig
 from .metastep import KDTask, ReplayTasks, cached_meta_steps
+from .visits import ApiVisits, store_recovered
 
 __all__ = ["BiDfMKDConfig", "TeacherPool", "LoopState", "train_bidf_mkd", "TrainResult"]
 
@@ -162,33 +163,12 @@ class TrainResult(NamedTuple):
     stopped_by_budget: bool
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _augment(x, k, pad, size, mean, std, flip=True):
-    return batch_shared_augment(x, k, pad=pad, flip=flip, out_size=size, mean=mean, std=std)
-
-
-def _store(mem: MemoryState, rows, res, probs, cfg: BiDfMKDConfig):
-    """Writes one recovered set (interleaved targets ``[0..K-1] * per_class``) into the memory,
-    grouped by class; with ``cfg.memory_filter == "api_agree"`` only the images whose API answer
-    ``probs`` (to the KD query of this set) has its maximum at the target are kept.
-
-    Returns:
-      ``(memory, fraction of the set kept)``.
-    """
-    k = probs.shape[-1]
-    per_class = res.images.reshape((cfg.inv_per_class, k) + res.images.shape[1:])
-    keep = None
-    if cfg.memory_filter == "api_agree":
-        agree = jnp.argmax(probs, axis=-1) == res.targets
-        keep = agree.reshape(cfg.inv_per_class, k).T
-    mem = write(mem, rows, jnp.swapaxes(per_class, 0, 1), keep)
-    return mem, 1.0 if keep is None else float(jnp.mean(keep))
+_store = store_recovered  # the memory write of a visit (now in .visits), under its former name
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _sample_memory(m, k, n, ways, shots, query):
     return sample_tasks(m, k, n, ways=ways, shots=shots, query=query)
-
 
 def _validate(cfg: BiDfMKDConfig, pool: Optional[TeacherPool]):
     if cfg.memory_filter not in (None, "api_agree"):
@@ -217,6 +197,238 @@ def _validate(cfg: BiDfMKDConfig, pool: Optional[TeacherPool]):
         if cfg.apis_per_visit > 1 and (cfg.white_box or len({a.num_classes for a in pool.apis}) > 1):
             raise ValueError("apis_per_visit > 1 needs black-box inversion (white_box=False) and "
                              "APIs with the same number of classes; visit one API at a time")
+
+
+@dataclasses.dataclass
+class _RunState:
+    """Host-side state of a run, checkpointed as the JSON metadata (the keys and their order are
+    the checkpoint format: see :meth:`to_meta`; keys this version does not know are carried over
+    in ``other``)."""
+    iteration: int = 0
+    need_api: bool = True
+    visits: int = 0
+    history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    best_val: float = -1.0
+    paper_best_test: Optional[float] = None
+    plateau: Optional[dict] = None        # PlateauTrigger.state_dict() at the last save
+    ledgers: Optional[list] = None        # the APIs' ledger state_dicts at the last save
+    train_accs: list = dataclasses.field(default_factory=list)  # unused; kept in the format
+    stopped_by_budget: bool = False
+    other: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_meta(self) -> Dict[str, Any]:
+        """The checkpoint metadata: every field but ``other``, in order, then ``other``."""
+        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "other"}
+        return {**meta, **self.other}
+
+    def load_meta(self, meta: Dict[str, Any]) -> None:
+        """Takes a checkpoint's metadata over the current values (as ``dict.update``)."""
+        names = {f.name for f in dataclasses.fields(self)} - {"other"}
+        for k, v in meta.items():
+            if k in names:
+                setattr(self, k, v)
+            else:
+                self.other[k] = v
+
+
+def _initial_state(cfg: BiDfMKDConfig, optimizer, meta_init_params, image_shape, rows: int,
+                   real: bool) -> LoopState:
+    """The loop state before training (a one-slot dummy memory with ``real``)."""
+    opt_state = optimizer.init(meta_init_params)
+    memory = init_memory(rows if not real else 1, cfg.memory_slots if not real else 1,
+                         cfg.inv_per_class if not real else 1, image_shape)
+    return LoopState(meta_init_params, opt_state, memory, jax.random.key(cfg.seed),
+                     meta_init_params)
+
+
+def _evaluate(meta_apply: Callable, norm: Callable, params, tasks, lr: float, steps: int):
+    """Fine-tunes ``params`` on each task's (normalised) support set, scores its query set."""
+    sx, sy, qx, qy = tasks
+    return evaluate_tasks(meta_apply, params, norm(sx), sy, norm(qx), qy,
+                          steps=steps, lr=lr, batch_size=25)
+
+
+class _Loop:
+    """One run of :func:`train_bidf_mkd` (same arguments): its fixed pieces, its array state
+    ``state`` (:class:`LoopState`) and host state ``run`` (:class:`_RunState`), restored from the
+    latest checkpoint of ``checkpoint_dir`` if there is one."""
+
+    def __init__(self, cfg: BiDfMKDConfig, *, meta_apply, meta_init_params, gen_init, gen_apply,
+                 pool, val_tasks, test_tasks, real_tasks, checkpoint_dir, mesh, t_start: float):
+        self.cfg, self.pool, self.meta_apply, self.real_tasks = cfg, pool, meta_apply, real_tasks
+        self.t_start = t_start
+        self.mean, self.std = (pool.mean, pool.std) if pool is not None else ((0.0,), (1.0,))
+        optimizer = optax.adam(cfg.outer_lr)
+        self.steps = cached_meta_steps(
+            meta_apply, cfg.outer_lr, replay_steps=cfg.replay_inner_steps,
+            kd_steps=cfg.kd_inner_steps, inner_lr=cfg.inner_lr, kd_loss=cfg.kd_loss,
+            first_order=cfg.first_order, mesh=mesh)
+        inv_cfg = cfg.inversion()
+        image_shape = tuple(val_tasks[0].shape[2:])
+        self.real = real = cfg.replay_source == "real"
+        memory_classes = np.unique(np.concatenate([np.asarray(c) for c in pool.classes])) \
+            if not real else np.arange(1)
+        self.state = _initial_state(cfg, optimizer, meta_init_params, image_shape,
+                                    len(memory_classes), real)
+        self.run = _RunState(need_api=not real)
+        self.plateau = PlateauTrigger(cfg.plateau_patience)
+        self.ckpt = RunCheckpointer(checkpoint_dir) if checkpoint_dir else None
+        self.restore()
+        if mesh is not None:  # the state lives replicated on the mesh (whatever wrote the ckpt)
+            self.state = replicate(self.state, mesh)
+        self.apis = None if pool is None else ApiVisits(
+            cfg, pool, inv_cfg=inv_cfg, gen_init=gen_init, gen_apply=gen_apply,
+            meta_apply=meta_apply, steps=self.steps, mean=self.mean, std=self.std,
+            memory_classes=memory_classes, mesh=mesh)
+        self.val = tuple(jnp.asarray(a) for a in val_tasks)
+        self.paper_test = None if not (cfg.paper_eval_tasks and test_tasks is not None) else tuple(
+            jnp.asarray(a)[:cfg.paper_eval_tasks] for a in test_tasks)
+
+    def norm(self, x):
+        return normalize(x, self.mean, self.std)
+
+    def total_queries(self) -> int:
+        return 0 if self.pool is None else int(sum(a.queries for a in self.pool.apis))
+
+    def restore(self) -> None:
+        """Resumes from the latest checkpoint, if any: arrays, host state, plateau, ledgers."""
+        restored = self.ckpt.restore_latest(self.state) if self.ckpt is not None else None
+        if restored is None:
+            return
+        _, arrays, meta = restored
+        self.state = LoopState(*arrays) if not isinstance(arrays, LoopState) else arrays
+        self.run.load_meta(meta)
+        self.plateau.load_state_dict(self.run.plateau)
+        if self.pool is not None and self.run.ledgers:
+            for api, led in zip(self.pool.apis, self.run.ledgers):
+                api.ledger.load_state_dict(led)
+
+    def save(self) -> None:
+        """Checkpoints the state at the current iteration (no-op without a checkpoint dir)."""
+        if self.ckpt is None:
+            return
+        self.run.plateau = self.plateau.state_dict()
+        self.run.ledgers = None if self.pool is None else [a.ledger.state_dict()
+                                                           for a in self.pool.apis]
+        self.ckpt.save(self.run.iteration, self.state, self.run.to_meta())
+
+    def eval_point(self, it: int, **info) -> None:
+        """Evaluates ``state.params`` on the meta-validation tasks (and, for the paper protocol, on
+        the test tasks with ``paper_lr`` / ``paper_steps``), appends the record to the history and
+        keeps the parameters as ``best_params`` if their validation accuracy is the best so far."""
+        cfg, run = self.cfg, self.run
+        r = _evaluate(self.meta_apply, self.norm, self.state.params, self.val, cfg.inner_lr,
+                      cfg.finetune_steps)
+        rec = {"event": "eval", "iteration": it, "val_acc": r.mean, "val_ci": r.ci95,
+               "queries": self.total_queries(), "visits": run.visits, **info,
+               "wall_s": time.time() - self.t_start}
+        if r.mean > run.best_val:
+            run.best_val = r.mean
+            self.state = self.state._replace(best_params=self.state.params)
+        if self.paper_test is not None:
+            tr = _evaluate(self.meta_apply, self.norm, self.state.params, self.paper_test,
+                           cfg.paper_lr, cfg.paper_steps)
+            rec.update(test_acc_paper_protocol=tr.mean, test_ci_paper_protocol=tr.ci95)
+            prev = run.paper_best_test
+            run.paper_best_test = tr.mean if prev is None else max(prev, tr.mean)
+        run.history.append(rec)
+
+    def replay_batch(self, key, n: int) -> ReplayTasks:
+        """``n`` normalised replay tasks: from the memory, or real meta-train tasks."""
+        cfg = self.cfg
+        if self.real:
+            t = self.real_tasks(key)
+            t = ReplayTasks(*(a[:n] for a in t))
+        else:
+            sx, sy, qx, qy, _ = _sample_memory(self.state.memory, key, n, cfg.ways, cfg.shots,
+                                               cfg.query)
+            t = ReplayTasks(sx, sy, qx, qy)
+        return ReplayTasks(self.norm(t.support_x), t.support_y, self.norm(t.query_x), t.query_y)
+
+    def visit(self, key, it: int) -> Optional[KDTask]:
+        """Visits ``apis_per_visit`` APIs at meta-iteration ``it``, stores the recovered sets and
+        records the visit; returns the KD task(s), or None if the query budget is exhausted
+        (the run then stops)."""
+        run = self.run
+        try:
+            kd, new_mem, info = self.apis.visit(self.state.params, self.state.memory, key, it)
+        except QueryBudgetExceeded as e:
+            run.stopped_by_budget = True
+            tqdm.write(f"query budget exhausted at meta-iteration {it}: {e}")
+            return None
+        self.state = self.state._replace(memory=new_mem)
+        run.visits += self.cfg.apis_per_visit
+        run.need_api = False
+        info.update(iteration=it, queries=self.total_queries())
+        run.history.append({"event": "visit", **info})
+        return kd
+
+    def meta_step(self, kd: Optional[KDTask], k_rep, key) -> tuple:
+        """One outer step on a meta-batch (``kd`` and replay tasks, or replay tasks only);
+        ``key`` becomes the state's key. Returns ``(loss, batch-mean replay training accuracy)``."""
+        cfg, st = self.cfg, self.state
+        if kd is not None:
+            tasks = self.replay_batch(k_rep, max(cfg.meta_batch - cfg.apis_per_visit, 1))
+            params, opt, loss, accs = self.steps.kd_replay(st.params, st.opt_state, kd, tasks)
+        else:
+            tasks = self.replay_batch(k_rep, cfg.meta_batch)
+            params, opt, loss, accs = self.steps.replay(st.params, st.opt_state, tasks)
+        self.state = st._replace(params=params, opt_state=opt, key=key)
+        return loss, float(jnp.mean(accs))
+
+    def iterate(self, bar, stop_after: Optional[int]) -> bool:
+        """One meta-iteration (visit if needed, outer step, plateau rule, bar, evaluation,
+        checkpoint); False when the run stops here (query budget, ``stop_after``)."""
+        cfg, run = self.cfg, self.run
+        it = run.iteration
+        key, k_visit, k_rep = jax.random.split(self.state.key, 3)
+        kd = None
+        if run.need_api:
+            kd = self.visit(k_visit, it)
+            if kd is None:
+                return False
+        if cfg.query_budget is not None and self.total_queries() > cfg.query_budget:
+            run.stopped_by_budget = True
+            return False
+        loss, train_acc = self.meta_step(kd, k_rep, key)
+        run.iteration = it = it + 1
+        if not self.real and self.plateau.update(train_acc):
+            run.need_api = True
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{train_acc:.2f}", visits=run.visits,
+                        queries=self.total_queries())
+        if it % cfg.eval_every == 0 or it == cfg.meta_iterations:
+            self.eval_point(it, train_acc=train_acc)
+        if it % cfg.checkpoint_every == 0:
+            self.save()
+        if stop_after is not None and it >= stop_after:
+            self.save()
+            return False
+        return True
+
+    def train(self, progress: bool, stop_after: Optional[int]) -> TrainResult:
+        """Runs the loop to ``cfg.meta_iterations`` (or a stop), evaluates a budget stop, saves."""
+        cfg, run = self.cfg, self.run
+        if run.iteration == 0 and not any(h.get("event") == "eval" for h in run.history):
+            self.eval_point(0)  # the initial parameters compete in model selection too
+        bar = tqdm(total=cfg.meta_iterations, initial=run.iteration, disable=not progress,
+                   desc="BiDf-MKD" if not self.real else "MAML (real data)", dynamic_ncols=True)
+        try:
+            while run.iteration < cfg.meta_iterations:
+                if not self.iterate(bar, stop_after):
+                    break
+        finally:
+            bar.close()
+        evaluated_now = any(h.get("event") == "eval" and h["iteration"] == run.iteration
+                            for h in run.history[-1:])
+        if run.stopped_by_budget and not evaluated_now:  # stop cleanly: evaluate what we have
+            self.eval_point(run.iteration)
+        self.save()
+        if self.ckpt is not None:
+            self.ckpt.close()
+        return TrainResult(self.state.best_params, self.state.params, run.history,
+                           self.total_queries(), run.visits, time.time() - self.t_start,
+                           run.paper_best_test, run.stopped_by_budget)
 
 
 def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params,
@@ -252,292 +464,8 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
       training) included: training that only degrades the model returns ``meta_init_params``.
     """
     _validate(cfg, pool)
-    t_start = time.time()
-    mean, std = (pool.mean, pool.std) if pool is not None else ((0.0,), (1.0,))
-    norm = lambda x: normalize(x, mean, std)
-    optimizer = optax.adam(cfg.outer_lr)
-    steps = cached_meta_steps(meta_apply, cfg.outer_lr, replay_steps=cfg.replay_inner_steps,
-                              kd_steps=cfg.kd_inner_steps, inner_lr=cfg.inner_lr,
-                              kd_loss=cfg.kd_loss, first_order=cfg.first_order, mesh=mesh)
-    inv_cfg = cfg.inversion()
-    image_shape = tuple(val_tasks[0].shape[2:])
-    real = cfg.replay_source == "real"
-
-    memory_classes = np.unique(np.concatenate([np.asarray(c) for c in pool.classes])) if not real \
-        else np.arange(1)
-    rows = len(memory_classes)
-    state = LoopState(meta_init_params, optimizer.init(meta_init_params),
-                      init_memory(rows if not real else 1, cfg.memory_slots if not real else 1,
-                                  cfg.inv_per_class if not real else 1, image_shape),
-                      jax.random.key(cfg.seed), meta_init_params)
-    host = {"iteration": 0, "need_api": not real, "visits": 0, "history": [],
-            "best_val": -1.0, "paper_best_test": None, "plateau": None, "ledgers": None,
-            "train_accs": [], "stopped_by_budget": False}
-    plateau = PlateauTrigger(cfg.plateau_patience)
-
-    ckpt = RunCheckpointer(checkpoint_dir) if checkpoint_dir else None
-    if ckpt is not None:
-        restored = ckpt.restore_latest(state)
-        if restored is not None:
-            _, arrays, meta = restored
-            state = LoopState(*arrays) if not isinstance(arrays, LoopState) else arrays
-            host.update(meta)
-            plateau.load_state_dict(host["plateau"])
-            if pool is not None and host["ledgers"]:
-                for api, led in zip(pool.apis, host["ledgers"]):
-                    api.ledger.load_state_dict(led)
-    if mesh is not None:  # the state lives replicated on the mesh (whatever wrote the checkpoint)
-        state = replicate(state, mesh)
-
-    def total_queries():
-        return 0 if pool is None else int(sum(a.queries for a in pool.apis))
-
-    def save():
-        if ckpt is None:
-            return
-        host["plateau"] = plateau.state_dict()
-        host["ledgers"] = None if pool is None else [a.ledger.state_dict() for a in pool.apis]
-        ckpt.save(host["iteration"], state, host)
-
-    groups, locate = group_apis(pool.apis) if pool is not None else ([], [])
-    operands: Dict[int, Any] = {}
-
-    def operand(g: int):
-        """Group ``g``'s operand (stacked in-graph teachers), replicated once on the mesh."""
-        if mesh is None:
-            return groups[g].operand
-        if g not in operands:
-            operands[g] = replicate(groups[g].operand, mesh)
-        return operands[g]
-    inverters: Dict[tuple, Callable] = {}
-
-    def inverter(i: int):
-        """The compiled inversion serving API ``i`` (shared by its whole group), and its args."""
-        g, m = locate[i]
-        wb_fn, wb_params = pool.white_box_teachers[i] if cfg.white_box else (None, None)
-        key = (g, id(wb_fn))
-        if key not in inverters:
-            inverters[key] = make_inverter(groups[g], gen_apply, nz=cfg.nz, cfg=inv_cfg, mean=mean,
-                                           std=std, image_size=pool.image_size,
-                                           student_apply=meta_apply, teacher_fn=wb_fn, mesh=mesh,
-                                           shard=cfg.inv_shard)
-        inv = inverters[key]
-        return lambda k, student: inv(k, m, gen_init(jax.random.fold_in(k, 7)), operand(g),
-                                      student, wb_params)
-
-    def aug(x, k):
-        return _augment(x, k, cfg.inv_pad, pool.image_size, tuple(mean), tuple(std), cfg.flip)
-
-    askers: Dict[int, Callable] = {}
-
-    def ask(i: int, x):
-        """API ``i``'s answer on ``x``: eager on one device; with a mesh, one host call per device
-        shard (works across hosts)."""
-        if mesh is None:
-            return pool.apis[i](x)
-        g, m = locate[i]
-        if g not in askers:
-            askers[g] = sharded_group_query(groups[g], mesh)
-        return askers[g](m, x, operand(g))
-
-    def kd_visit(params, key) -> tuple:
-        """Visits one API: support inversion, adaptation, boundary query inversion, memory write."""
-        k_pick, k_s, k_sa, k_q, k_qa = jax.random.split(key, 5)
-        i = int(jax.random.randint(k_pick, (), 0, len(pool.apis)))
-        api = pool.apis[i]
-        b = api.num_classes * cfg.inv_per_class
-        cost = 2 * (inversion_queries(inv_cfg, api.num_classes, cfg.white_box) + b)
-        inv = inverter(i)
-        with api.reserve(cost), surface_api_errors():
-            s = inv(k_s, None)
-            s_aug = aug(s.images, k_sa)
-            s_p = teacher_probs(ask(i, s_aug), api.output, api.num_classes)
-            boundary = host["iteration"] >= cfg.boundary_start
-            fast = steps.adapt_support(params, s_aug, s_p) if boundary else None
-            qr = inv(k_q, fast)
-            q_aug = aug(qr.images, k_qa)
-            q_p = teacher_probs(ask(i, q_aug), api.output, api.num_classes)
-            jax.block_until_ready((s, qr, s_p, q_p))  # the ledger is exact once results exist
-        mem_rows = jnp.asarray(row_of_classes(memory_classes, pool.classes[i]))
-        new_mem = state.memory
-        kept = []
-        for res, probs in ((s, s_p), (qr, q_p)):  # both recovered sets go to the memory
-            new_mem, k = _store(new_mem, mem_rows, res, probs, cfg)
-            kept.append(k)
-        info = {"api": i, "support_ce": float(s.clean_ce[-1]), "support_api_acc": float(s.api_acc[-1]),
-                "query_api_acc": float(qr.api_acc[-1]), "boundary": bool(boundary),
-                "zero_diff_frac": float(s.zero_fraction.mean()), "memory_kept": float(np.mean(kept))}
-        return KDTask(s_aug, s_p, q_aug, q_p, qr.targets), new_mem, info
-
-    def many_inverter(g: int, boundary: bool):
-        """All picked members of group ``g`` inverted at once (vmapped over the API index)."""
-        key = ("many", g, boundary)
-        if key not in inverters:
-            inv = make_inverter(groups[g], gen_apply, nz=cfg.nz, cfg=inv_cfg, mean=mean, std=std,
-                                image_size=pool.image_size, student_apply=meta_apply, mesh=mesh,
-                                shard=cfg.inv_shard)
-            axes = (0, 0, 0, None) + ((0,) if boundary else ())
-            inverters[key] = jax.jit(jax.vmap(inv, in_axes=axes))
-        return inverters[key]
-
-    def kd_visit_many(params, key) -> tuple:
-        """Visits ``apis_per_visit`` distinct APIs at once: the inversions of the picked members
-        of a group run as ONE vmapped call over the API index (each member answers and is
-        charged for its own samples); every visited API adds one KD task to the meta-batch."""
-        k_pick, k_each = jax.random.split(key)
-        picked = [int(i) for i in np.asarray(jax.random.choice(
-            k_pick, len(pool.apis), (cfg.apis_per_visit,), replace=False))]
-        keys = {i: jax.random.split(jax.random.fold_in(k_each, i), 4) for i in picked}
-        boundary = host["iteration"] >= cfg.boundary_start
-        by_group: Dict[int, list] = {}
-        for i in picked:
-            by_group.setdefault(locate[i][0], []).append(i)
-        parts: Dict[int, dict] = {}
-        new_gens = lambda ks: jax.vmap(lambda k: gen_init(jax.random.fold_in(k, 7)))(ks)
-        with contextlib.ExitStack() as stack:
-            for i in picked:
-                api = pool.apis[i]
-                b = api.num_classes * cfg.inv_per_class
-                stack.enter_context(api.reserve(2 * (inversion_queries(inv_cfg, api.num_classes) + b)))
-            stack.enter_context(surface_api_errors())
-            for g, members in by_group.items():
-                idx = jnp.asarray([locate[i][1] for i in members], jnp.int32)
-                ks = lambda j: jnp.stack([keys[i][j] for i in members])
-                s = many_inverter(g, False)(ks(0), idx, new_gens(ks(0)), operand(g))
-                for n, i in enumerate(members):
-                    api = pool.apis[i]
-                    s_i = jax.tree.map(lambda a: a[n], s)
-                    s_aug = aug(s_i.images, keys[i][1])
-                    parts[i] = dict(s=s_i, s_aug=s_aug,
-                                    s_p=teacher_probs(ask(i, s_aug), api.output, api.num_classes))
-                if boundary:
-                    fast = jax.tree.map(lambda *a: jnp.stack(a), *[
-                        steps.adapt_support(params, parts[i]["s_aug"], parts[i]["s_p"]) for i in members])
-                    qr = many_inverter(g, True)(ks(2), idx, new_gens(ks(2)), operand(g), fast)
-                else:
-                    qr = many_inverter(g, False)(ks(2), idx, new_gens(ks(2)), operand(g))
-                for n, i in enumerate(members):
-                    api = pool.apis[i]
-                    q_i = jax.tree.map(lambda a: a[n], qr)
-                    q_aug = aug(q_i.images, keys[i][3])
-                    parts[i].update(q=q_i, q_aug=q_aug,
-                                    q_p=teacher_probs(ask(i, q_aug), api.output, api.num_classes))
-            jax.block_until_ready([(p["s_p"], p["q_p"], p["q"].images) for p in parts.values()])
-        new_mem, kept = state.memory, []
-        for i in picked:
-            mem_rows = jnp.asarray(row_of_classes(memory_classes, pool.classes[i]))
-            for res, probs in ((parts[i]["s"], parts[i]["s_p"]), (parts[i]["q"], parts[i]["q_p"])):
-                new_mem, k = _store(new_mem, mem_rows, res, probs, cfg)
-                kept.append(k)
-        stacked = lambda name: jnp.stack([parts[i][name] for i in picked])
-        kd = KDTask(stacked("s_aug"), stacked("s_p"), stacked("q_aug"), stacked("q_p"),
-                    jnp.stack([parts[i]["q"].targets for i in picked]))
-        info = {"api": picked, "support_ce": [float(parts[i]["s"].clean_ce[-1]) for i in picked],
-                "support_api_acc": [float(parts[i]["s"].api_acc[-1]) for i in picked],
-                "query_api_acc": [float(parts[i]["q"].api_acc[-1]) for i in picked],
-                "boundary": bool(boundary),
-                "zero_diff_frac": float(np.mean([float(parts[i]["s"].zero_fraction.mean())
-                                                 for i in picked])),
-                "memory_kept": float(np.mean(kept))}
-        return kd, new_mem, info
-
-    def sample_memory(m, k, n):
-        return _sample_memory(m, k, n, cfg.ways, cfg.shots, cfg.query)
-
-    def replay_batch(key, n) -> ReplayTasks:
-        if real:
-            t = real_tasks(key)
-            t = ReplayTasks(*(a[:n] for a in t))
-        else:
-            sx, sy, qx, qy, _ = sample_memory(state.memory, key, n)
-            t = ReplayTasks(sx, sy, qx, qy)
-        return ReplayTasks(norm(t.support_x), t.support_y, norm(t.query_x), t.query_y)
-
-    val = tuple(jnp.asarray(a) for a in val_tasks)
-
-    paper_test = None if not (cfg.paper_eval_tasks and test_tasks is not None) else tuple(
-        jnp.asarray(a)[:cfg.paper_eval_tasks] for a in test_tasks)
-
-    def evaluate(params, tasks, lr=cfg.inner_lr, steps=cfg.finetune_steps):
-        sx, sy, qx, qy = tasks
-        return evaluate_tasks(meta_apply, params, norm(sx), sy, norm(qx), qy,
-                              steps=steps, lr=lr, batch_size=25)
-
-    def eval_point(st: LoopState, it: int, **info) -> LoopState:
-        """Evaluates ``st.params`` on the meta-validation tasks (and, for the paper protocol, on
-        the test tasks with ``paper_lr`` / ``paper_steps``), appends the record to the history and
-        keeps the parameters as ``best_params`` if their validation accuracy is the best so far."""
-        r = evaluate(st.params, val)
-        rec = {"event": "eval", "iteration": it, "val_acc": r.mean, "val_ci": r.ci95,
-               "queries": total_queries(), "visits": host["visits"], **info,
-               "wall_s": time.time() - t_start}
-        if r.mean > host["best_val"]:
-            host["best_val"] = r.mean
-            st = st._replace(best_params=st.params)
-        if paper_test is not None:
-            tr = evaluate(st.params, paper_test, cfg.paper_lr, cfg.paper_steps)
-            rec.update(test_acc_paper_protocol=tr.mean, test_ci_paper_protocol=tr.ci95)
-            prev = host["paper_best_test"]
-            host["paper_best_test"] = tr.mean if prev is None else max(prev, tr.mean)
-        host["history"].append(rec)
-        return st
-
-    if host["iteration"] == 0 and not any(h.get("event") == "eval" for h in host["history"]):
-        state = eval_point(state, 0)  # the initial parameters compete in model selection too
-
-    bar = tqdm(total=cfg.meta_iterations, initial=host["iteration"], disable=not progress,
-               desc="BiDf-MKD" if not real else "MAML (real data)", dynamic_ncols=True)
-    try:
-        while host["iteration"] < cfg.meta_iterations:
-            it = host["iteration"]
-            key, k_visit, k_rep = jax.random.split(state.key, 3)
-            kd = None
-            if host["need_api"]:
-                try:
-                    visit = kd_visit if cfg.apis_per_visit == 1 else kd_visit_many
-                    kd, new_mem, info = visit(state.params, k_visit)
-                except QueryBudgetExceeded as e:
-                    host["stopped_by_budget"] = True
-                    tqdm.write(f"query budget exhausted at meta-iteration {it}: {e}")
-                    break
-                state = state._replace(memory=new_mem)
-                host["visits"] += cfg.apis_per_visit
-                host["need_api"] = False
-                info.update(iteration=it, queries=total_queries())
-                host["history"].append({"event": "visit", **info})
-            if cfg.query_budget is not None and total_queries() > cfg.query_budget:
-                host["stopped_by_budget"] = True
-                break
-            if kd is not None:
-                tasks = replay_batch(k_rep, max(cfg.meta_batch - cfg.apis_per_visit, 1))
-                params, opt, loss, accs = steps.kd_replay(state.params, state.opt_state, kd, tasks)
-            else:
-                tasks = replay_batch(k_rep, cfg.meta_batch)
-                params, opt, loss, accs = steps.replay(state.params, state.opt_state, tasks)
-            state = state._replace(params=params, opt_state=opt, key=key)
-            train_acc = float(jnp.mean(accs))
-            host["iteration"] = it = it + 1
-            if not real and plateau.update(train_acc):
-                host["need_api"] = True
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{train_acc:.2f}", visits=host["visits"],
-                            queries=total_queries())
-            if it % cfg.eval_every == 0 or it == cfg.meta_iterations:
-                state = eval_point(state, it, train_acc=train_acc)
-            if it % cfg.checkpoint_every == 0:
-                save()
-            if stop_after is not None and it >= stop_after:
-                save()
-                break
-    finally:
-        bar.close()
-    evaluated_now = any(h.get("event") == "eval" and h["iteration"] == host["iteration"]
-                        for h in host["history"][-1:])
-    if host["stopped_by_budget"] and not evaluated_now:  # stop cleanly: evaluate what we have
-        state = eval_point(state, host["iteration"])
-    save()
-    if ckpt is not None:
-        ckpt.close()
-    return TrainResult(state.best_params, state.params, host["history"], total_queries(),
-                       host["visits"], time.time() - t_start, host["paper_best_test"],
-                       host["stopped_by_budget"])
+    loop = _Loop(cfg, meta_apply=meta_apply, meta_init_params=meta_init_params, gen_init=gen_init,
+                 gen_apply=gen_apply, pool=pool, val_tasks=val_tasks, test_tasks=test_tasks,
+                 real_tasks=real_tasks, checkpoint_dir=checkpoint_dir, mesh=mesh,
+                 t_start=time.time())
+    return loop.train(progress, stop_after)
