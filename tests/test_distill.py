@@ -342,7 +342,8 @@ def test_ideal_class_floor_lifts_rare_teacher_classes_at_the_same_budget(student
     """A linear teacher (convex class regions): un-shifted mixtures of two pool images it
     answered c are answered c again, so the floor lifts the rare classes; the budget, the round
     size and the one-query-per-sample rule are unchanged."""
-    cfg = dataclasses.replace(IDEAL_CFG, synth="noise", floor_shift=0, eval_every=100)
+    cfg = dataclasses.replace(IDEAL_CFG, synth="noise", floor_shift=0, floor_mix=(0.2, 0.8),
+                              eval_every=100)
     hists = {}
     for floor in (0.0, 0.08):
         rec = Recorder(teacher_w)
@@ -352,7 +353,7 @@ def test_ideal_class_floor_lifts_rare_teacher_classes_at_the_same_budget(student
         assert res.queries == api.queries == len(rec.rows) == 400
         assert [len(b) for b in rec.batches] == [20] * 20
         hists[floor] = np.asarray(res.class_histogram)
-    rare = (hists[0.0] > 0) & (hists[0.0] < 0.08 * 400)
+    rare = (hists[0.0] > 1) & (hists[0.0] < 0.08 * 400)      # a mixture needs two images
     assert rare.any() and np.all(hists[0.08][rare] > hists[0.0][rare])
     assert hists[0.08][rare].min() >= 2 * hists[0.0][rare].min()
     with pytest.raises(ValueError, match="class_floor must be in"):

@@ -128,8 +128,10 @@ def make_api(teacher, data, output, budget, name):
 
 
 def ideal_config(cfg, synth: str) -> IDEALConfig:
-    """The experiment's IDEAL section with ``synth`` (``"generator"``: IDEAL, ``"noise"``: NaiveKD)."""
-    return dataclasses.replace(cfg.ideal, synth=synth)
+    """IDEAL's config (``synth="generator"``: the ``ideal`` section) or NaiveKD's (``"noise"``:
+    the ``naive`` section, or the ``ideal`` one when the experiment has none)."""
+    section = cfg.naive if synth == "noise" and getattr(cfg, "naive", None) else cfg.ideal
+    return dataclasses.replace(section, synth=synth)
 
 
 def dfme_config(cfg) -> DFMEConfig:

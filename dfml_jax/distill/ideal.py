@@ -112,13 +112,15 @@ class IDEALConfig:
       class_floor: a departure: every class should be at least this share of the pool of teacher
         answers (0: off). Each round, up to ``floor_share * batch_size`` of the round's images
         are replaced by mixtures of two pool images the TEACHER answered with a class below the
-        floor (random weights in [0.2, 0.8], shifted by up to ``floor_shift`` px;
+        floor (the first weighted ``floor_mix``, shifted by up to ``floor_shift`` px;
         :func:`class_floor_images`). They are queried like every other image (same round size,
         same budget); the teacher mostly answers them with that class, which lifts rare classes
         that the proxy-driven generator cannot reach.
       floor_share: the largest share of a round spent on class-floor images.
-      floor_shift: largest shift of a class-floor image, in pixels (2; 0: pure mixtures, which
-        stay in the class for any teacher with convex class regions, e.g. a linear one).
+      floor_shift: largest shift of a class-floor image, in pixels (0: pure mixtures, which stay
+        in the class for any teacher with convex class regions, e.g. a linear one).
+      floor_mix: ``(low, high)`` range of the first image's weight in a class-floor mixture
+        ((0.75, 0.95): close to one image the teacher answered with the class, but new).
       soft_labels: cache the teacher's probabilities and distil with KL (needs a score API); the
         default (False) caches top-1 labels and uses cross-entropy (hard-label IDEAL).
       quantize: store the pool as uint8 levels (the code's PNG round-trip); the teacher is queried
@@ -160,7 +162,8 @@ class IDEALConfig:
     min_student_batches: int = 0
     class_floor: float = 0.0
     floor_share: float = 0.2
-    floor_shift: int = 2
+    floor_shift: int = 0
+    floor_mix: tuple = (0.75, 0.95)
     soft_labels: bool = False
     quantize: bool = True
     eval_every: int = 1
@@ -210,6 +213,10 @@ class IDEALConfig:
         if self.class_floor and self.soft_labels:
             raise ValueError("class_floor needs hard labels (the pool's classes); "
                              "use soft_labels=False")
+        lo, hi = self.floor_mix
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"floor_mix must be (low, high) with 0 <= low <= high <= 1, got "
+                             f"{self.floor_mix}")
         if self.floor_shift < 0:
             raise ValueError(f"floor_shift must be >= 0 pixels, got {self.floor_shift}")
         if self.min_student_batches < 0:

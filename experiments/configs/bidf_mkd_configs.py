@@ -12,15 +12,17 @@ be overridden with ``--set key=value``.
 * ``default``: the README's main job. Glyphs 28x28, an SS pool of 20 Conv4 teachers (random
   shifts), BiDf-MKD with every mechanism of the paper at CPU scale (zero-order inversion with
   q = 20 directions, boundary query sets, second-order bi-level KD, memory replay,
-  plateau-triggered API visits, 300 meta-iterations) against ``random``, ``random_scaled`` and
+  plateau-triggered API visits, 150 meta-iterations) against ``random``, ``random_scaled`` and
   ``average``; the bounds ``white_box``, ``maml_real`` and ``maml_pool_data`` (about 40 more
   minutes) run with ``--set 'methods=["white_box","maml_real","maml_pool_data"]'`` in another
   workdir. Departures, each chosen
   on meta-VALIDATION (tables in ``docs/results.md``): images are drawings of 4 Bezier strokes
   (``generator="strokes"``, ``stroke_latent="direct"``) inverted with zero-order directions over
-  their 32 stroke parameters (``inv_zo_space="latent"``, ``inv_lr=0.1``); ``inner_lr=0.1`` and
-  ``plateau_patience=5`` for this scale; each method fine-tuned at test time with the lr chosen
-  for it on validation tasks. The paper's protocol is reported beside it, labelled.
+  their 32 stroke parameters (``inv_zo_space="latent"``, ``inv_lr=0.1``); meta-training starts
+  from the random init with every kernel scaled by 1/sqrt(num_apis) (``meta_init="scaled"``; the
+  paper: ``"random"``); ``inner_lr=0.1`` and ``plateau_patience=5`` for this scale; each method
+  fine-tuned at test time with the lr chosen for it on validation tasks. The paper's protocol is
+  reported beside it, labelled.
 * ``paper_*``: the spec's hyper-parameters (``shared/specs/bidf_mkd.md`` section 8) on the TFDS /
   local-folder benchmarks, for GPU/TPU users with the data prepared (nothing is downloaded).
 """
@@ -43,13 +45,13 @@ _SMOKE = BiDfExperimentConfig(
     inv_iterations=3, inv_per_class=4, q=4, mu=0.01, chunk_size=None, nz=32, ngf=8,
     boundary_start=3, plateau_patience=2, memory_slots=3, eval_every=3, val_tasks=10,
     test_tasks=20, finetune_steps=3, checkpoint_every=3, inv_lr=0.1, seed=0,
-    generator="strokes", stroke_latent="direct", inv_zo_space="latent",
+    generator="strokes", stroke_latent="direct", inv_zo_space="latent", meta_init="scaled",
     finetune_lrs=(0.01, 0.1), lr_select_tasks=10, paper_eval_tasks=20, paper_steps=3)
 
 _DEFAULT = BiDfExperimentConfig(
     name="default", num_apis=20, pool_epochs=60, pool_width=32, meta_width=32,
-    shots=1, query=15, meta_iterations=300, meta_batch=4, replay_inner_steps=5, kd_inner_steps=10,
-    inner_lr=0.1,
+    shots=1, query=15, meta_iterations=150, meta_batch=4, replay_inner_steps=5, kd_inner_steps=10,
+    inner_lr=0.1, meta_init="scaled",
     inv_iterations=30, inv_per_class=16, q=20, mu=0.005, chunk_size=10, nz=32, ngf=16, inv_lr=0.1,
     generator="strokes", stroke_latent="direct", inv_zo_space="latent",
     inv_direction_resolution=None, boundary_start=100, plateau_patience=5, memory_slots=10,
