@@ -180,6 +180,350 @@ def _uses_prior(cfg: InversionConfig) -> bool:
     return bool(cfg.tv_weight or cfg.l1_weight or cfg.repulsion_weight)
 
 
+def _validate_config(cfg: InversionConfig, image_size: int, mesh, shard: str) -> None:
+    """The configuration checks of :func:`make_inverter` (clear errors, in a fixed order)."""
+    if cfg.class_jitter is not None and not cfg.class_jitter >= 0:
+        raise ValueError(f"InversionConfig.class_jitter must be None (a latent per image) or a "
+                         f"non-negative scale, got {cfg.class_jitter!r}")
+    if cfg.zo_space not in ZO_SPACES:
+        raise ValueError(f"InversionConfig.zo_space must be one of {ZO_SPACES}, got {cfg.zo_space!r}")
+    if cfg.zo_space == "latent" and cfg.direction_resolution is not None:
+        raise ValueError("InversionConfig.zo_space='latent' draws full-latent directions: set "
+                         "direction_resolution=None (low-resolution directions are for pixels)")
+    if cfg.zo_space == "latent" and mesh is not None and shard == "directions":
+        raise ValueError("InversionConfig.zo_space='latent' shards the samples over the mesh: use "
+                         "shard='samples' (or zo_space='image' to shard the directions)")
+    if cfg.select not in ("clean_ce", "surrogate"):
+        raise ValueError(f"InversionConfig.select must be 'clean_ce' or 'surrogate', got {cfg.select!r}")
+    if cfg.direction_resolution is not None:
+        r = cfg.direction_resolution
+        if not isinstance(r, int) or not 1 <= r <= image_size:
+            raise ValueError(f"InversionConfig.direction_resolution must be None or an int in "
+                             f"[1, image_size={image_size}], got {r!r}")
+        if cfg.direction_upsample not in UPSAMPLE_METHODS:
+            raise ValueError(f"InversionConfig.direction_upsample must be one of {UPSAMPLE_METHODS}, "
+                             f"got {cfg.direction_upsample!r}")
+        if cfg.direction_upsample == "nearest" and image_size % r:
+            raise ValueError(f"InversionConfig.direction_resolution={r} must divide image_size="
+                             f"{image_size} for nearest upsampling (or use direction_upsample="
+                             f"'bilinear')")
+
+
+def _validate(group, cfg: InversionConfig, image_size: int, mesh, axis: str, shard: str):
+    """All checks of :func:`make_inverter`; returns ``(group, q_local)``: the group (a single
+    API wrapped) and, when the directions are sharded, each device's share of ``q`` (else None)."""
+    if isinstance(group, BlackBoxAPI):
+        group = APIGroup([group])
+    group.require_output(("logits", "probs", "topk"), "BiDf-MKD inversion")
+    _validate_config(cfg, image_size, mesh, shard)
+    k = group.num_classes
+    b = k * cfg.per_class
+    if shard not in ("samples", "directions"):
+        raise ValueError(f"shard must be 'samples' or 'directions', got {shard!r}")
+    q_local = None
+    if mesh is not None and shard == "directions":
+        q_local = check_divisible(
+            cfg.num_directions, mesh, what="the zero-order directions q", axis=axis,
+            fix="choose num_directions (q) as a multiple of the device count, or shard='samples'")
+    elif mesh is not None:
+        check_divisible(b, mesh, what=f"the inversion batch B = classes x per_class = {k} x "
+                        f"{cfg.per_class}", axis=axis,
+                        fix="choose inv_per_class so that B is a multiple of the device count")
+    return group, q_local
+
+
+def _make_zo_grad(group: APIGroup, cfg: InversionConfig) -> Callable:
+    """The zero-order estimate closure shared by every black-box variant."""
+    def zo_grad(index, operand, xs, tgt, s, k_zo, out0, *, sample_offset=0,
+                num_directions=cfg.num_directions, direction_offset=0, to_images=None):
+        """Zero-order gradient on (a shard of) the batch, from its clean answers ``out0``;
+        full-resolution or low-resolution directions. ``xs`` are the images, or with
+        ``to_images`` (latents -> API inputs) the latents the directions perturb.
+        Returns (gradient, zero-difference frac)."""
+        def objective(outputs):
+            return per_sample_objective(outputs, tgt, group.output, s, cfg.boundary_weight)
+
+        kw = dict(estimator=cfg.estimator, num_directions=num_directions,
+                  smoothing=cfg.smoothing, chunk_size=cfg.chunk_size, fx=objective(out0),
+                  on_zero_differences="ignore", sample_offset=sample_offset,
+                  direction_offset=direction_offset)
+        if cfg.direction_resolution is not None:
+            kw.update(resolution=cfg.direction_resolution, method=cfg.direction_upsample)
+        estimate = zo_gradient if cfg.direction_resolution is None else zo_gradient_lowres
+        render = (lambda x: x) if to_images is None else to_images
+        r = estimate(lambda xp: objective(group(index, render(xp), operand)), xs, k_zo, **kw)
+        return r.grad, r.zero_difference_fraction
+
+    return zo_grad
+
+
+def _black_box_single(group: APIGroup, zo_grad: Callable, white_box: bool) -> Callable:
+    """``black_box(index, operand, xs, tgt, s, k_zo) -> (out0, g, zero_frac)`` on one device."""
+    def black_box(index, operand, xs, tgt, s, k_zo):
+        out0 = group(index, xs, operand)  # the clean answer (charged by the API's ledger)
+        if white_box:
+            return out0, None, jnp.float32(0.0)
+        return (out0,) + zo_grad(index, operand, xs, tgt, s, k_zo, out0)
+
+    return black_box
+
+
+def _black_box_by_directions(group: APIGroup, zo_grad: Callable, white_box: bool, mesh,
+                             axis: str, q_local: int) -> Callable:
+    """``black_box`` with the ``q`` directions split over ``axis``: the clean answers are queried
+    once, each device estimates from its ``q / n`` directions and the estimates are averaged."""
+    def black_box(index, operand, xs, tgt, s, k_zo):
+        out0 = group(index, xs, operand)  # clean answers: one host call, charged once
+        if white_box:
+            return out0, None, jnp.float32(0.0)
+        args = {"index": index, "xs": xs, "tgt": tgt, "k_zo": k_zo, "out0": out0}
+        if operand is not None:
+            args["operand"] = operand
+        if s is not None:
+            args["s"] = s
+
+        def local(a):
+            g, zf = zo_grad(a["index"], a.get("operand"), a["xs"], a["tgt"], a.get("s"),
+                            a["k_zo"], a["out0"], num_directions=q_local,
+                            direction_offset=jax.lax.axis_index(axis) * q_local)
+            return jax.lax.pmean(g, axis), jax.lax.pmean(zf, axis)
+
+        specs = jax.tree.map(lambda _: P(), args)
+        g, zf = shard_over(local, mesh, (specs,), (P(), P()))(args)
+        return out0, g, zf
+
+    return black_box
+
+
+def _black_box_by_samples(group: APIGroup, zo_grad: Callable, white_box: bool, mesh,
+                          axis: str) -> Callable:
+    """``black_box`` with the ``B`` samples split over ``axis``: each device queries and
+    estimates its shard (the directions one device would draw for it)."""
+    def black_box(index, operand, xs, tgt, s, k_zo):
+        # Only non-None arguments enter shard_map; per-sample ones are sharded.
+        args = {"index": index, "xs": xs, "tgt": tgt, "k_zo": k_zo}
+        specs = {"index": P(), "xs": P(axis), "tgt": P(axis), "k_zo": P()}
+        if operand is not None:
+            args["operand"], specs["operand"] = operand, P()
+        if s is not None:
+            args["s"], specs["s"] = s, P(axis)
+
+        def local(a):
+            out0 = group(a["index"], a["xs"], a.get("operand"))  # this shard's clean answers
+            if white_box:
+                return out0, jnp.float32(0.0)
+            g, zf = zo_grad(a["index"], a.get("operand"), a["xs"], a["tgt"], a.get("s"),
+                            a["k_zo"], out0,
+                            sample_offset=shard_offset(a["xs"].shape[0], axis))
+            # equal shards: mean of means = global mean
+            return out0, g, jax.lax.pmean(zf, axis)
+
+        out_specs = (P(axis), P()) if white_box else (P(axis), P(axis), P())
+        res = shard_over(local, mesh, (specs,), out_specs)(args)
+        return (res[0], None, res[1]) if white_box else res
+
+    return black_box
+
+
+def _black_box(group: APIGroup, zo_grad: Callable, white_box: bool, mesh, axis: str,
+               q_local: Optional[int]) -> Callable:
+    """The black-box variant for the mesh: one device, directions or samples sharded."""
+    if mesh is None:
+        return _black_box_single(group, zo_grad, white_box)
+    if q_local is not None:
+        return _black_box_by_directions(group, zo_grad, white_box, mesh, axis, q_local)
+    return _black_box_by_samples(group, zo_grad, white_box, mesh, axis)
+
+
+class _Parts(NamedTuple):
+    """What the gradient builders share (all closures are pure functions of their inputs)."""
+    group: APIGroup
+    cfg: InversionConfig
+    targets: jax.Array
+    b: int
+    synth: Callable            # (w, z, k_aug) -> (xa, x01)
+    student_logits: Callable   # (student_params, xs) -> logits or None
+    teacher_fn: Optional[Callable]
+    white_box_objective: Callable  # (teacher_params, x, s) -> scalar
+    black_box: Callable
+
+
+def _make_parts(group, gen_apply, cfg, mean, std, image_size, student_apply, teacher_fn,
+                black_box) -> _Parts:
+    targets = jnp.tile(jnp.arange(group.num_classes, dtype=jnp.int32), cfg.per_class)
+    b = group.num_classes * cfg.per_class
+
+    def synth(w, z, k_aug):
+        """Generator output ``x01`` and its augmented, normalised view ``xa``."""
+        x01 = gen_apply(w, z)
+        xa = batch_shared_augment(x01, k_aug, pad=cfg.pad, flip=cfg.flip, out_size=image_size,
+                                  mean=mean, std=std)
+        return xa, x01
+
+    def student_logits(student_params, xs):
+        if student_params is None:
+            return None
+        return jax.lax.stop_gradient(student_apply(student_params, xs))
+
+    def white_box_objective(teacher_params, x, s):
+        return per_sample_objective(teacher_fn(teacher_params, x), targets, group.output, s,
+                                    cfg.boundary_weight).sum()
+
+    return _Parts(group, cfg, targets, b, synth, student_logits, teacher_fn, white_box_objective,
+                  black_box)
+
+
+def _image_gradient(pt: _Parts) -> Callable:
+    """Directions over the pixels, pulled back through augmentation and generator."""
+    cfg, b, targets, teacher_fn = pt.cfg, pt.b, pt.targets, pt.teacher_fn
+
+    def image_gradient(params, latents, k_aug, k_zo, index, operand, student_params,
+                       teacher_params):
+        synth_p = lambda p: pt.synth(p["w"], latents(p["z"]), k_aug)  # noqa: E731
+        if _uses_prior(cfg):
+            (xa, x01), vjp_pair = jax.vjp(synth_p, params)
+            prior_g = jax.grad(lambda x: image_prior(x, cfg))(x01)
+            vjp_fn = lambda ga: vjp_pair((ga, prior_g))  # noqa: E731
+        else:
+            xa, vjp_fn, x01 = jax.vjp(synth_p, params, has_aux=True)
+        xs = jax.lax.stop_gradient(xa)
+        s = pt.student_logits(student_params, xs)
+        out0, g, zero_frac = pt.black_box(index, operand, xs, targets, s, k_zo)
+        if teacher_fn is not None:  # white-box upper bound: true gradient through the teacher
+            g = jax.grad(lambda x: pt.white_box_objective(teacher_params, x, s))(xs)
+        (grads,) = vjp_fn(g / b)
+        return grads, x01, xs, out0, g, zero_frac
+
+    return image_gradient
+
+
+def _latent_zo(pt: _Parts, zo_grad: Callable, mesh, axis: str) -> Callable:
+    """``latent_zo(w, z, xs, s, index, operand, k_aug, k_zo) -> (g, out0, zero_frac)``: the
+    clean answers and the zero-order latent gradient on one device, or per device on its samples
+    under a mesh (each device renders and queries its shard; the directions one device would
+    draw)."""
+    group, synth, targets = pt.group, pt.synth, pt.targets
+
+    def latent_zo_local(w, z, xs, tgt, s, index, operand, k_aug, k_zo, sample_offset=0):
+        out0 = group(index, xs, operand)  # the clean answer (charged by the API's ledger)
+        g, zero_frac = zo_grad(index, operand, z, tgt, s, k_zo, out0, sample_offset=sample_offset,
+                               to_images=lambda zp: synth(w, zp, k_aug)[0])
+        return g, out0, zero_frac
+
+    def latent_zo(w, z, xs, s, index, operand, k_aug, k_zo):
+        if mesh is None:
+            return latent_zo_local(w, z, xs, targets, s, index, operand, k_aug, k_zo)
+        args = {"w": w, "z": z, "xs": xs, "tgt": targets, "index": index, "k_aug": k_aug,
+                "k_zo": k_zo}
+        specs = {"w": jax.tree.map(lambda _: P(), w), "z": P(axis), "xs": P(axis),
+                 "tgt": P(axis), "index": P(), "k_aug": P(), "k_zo": P()}
+        if operand is not None:
+            args["operand"], specs["operand"] = operand, jax.tree.map(lambda _: P(), operand)
+        if s is not None:
+            args["s"], specs["s"] = s, P(axis)
+
+        def local(a):
+            g, out0, zf = latent_zo_local(
+                a["w"], a["z"], a["xs"], a["tgt"], a.get("s"), a["index"], a.get("operand"),
+                a["k_aug"], a["k_zo"], sample_offset=shard_offset(a["z"].shape[0], axis))
+            return g, out0, jax.lax.pmean(zf, axis)
+
+        return shard_over(local, mesh, (specs,), (P(axis), P(axis), P()))(args)
+
+    return latent_zo
+
+
+def _latent_gradient(pt: _Parts, latent_zo: Callable) -> Callable:
+    """Directions over each image's latent z_n; the generator is inside the objective and only Z
+    is updated (``zo_space="latent"``)."""
+    cfg, b, targets, synth = pt.cfg, pt.b, pt.targets, pt.synth
+
+    def latent_gradient(params, latents, k_aug, k_zo, index, operand, student_params,
+                        teacher_params):
+        zl, latent_vjp = jax.vjp(latents, params["z"])
+        xa, x01 = synth(params["w"], zl, k_aug)
+        xs = jax.lax.stop_gradient(xa)
+        s = pt.student_logits(student_params, xs)
+        if pt.teacher_fn is not None:
+            out0 = pt.black_box(index, operand, xs, targets, s, k_zo)[0]
+            zero_frac = jnp.float32(0.0)
+            g = jax.grad(lambda z: pt.white_box_objective(
+                teacher_params, synth(params["w"], z, k_aug)[0], s))(zl)
+        else:
+            g, out0, zero_frac = latent_zo(params["w"], jax.lax.stop_gradient(zl), xs, s,
+                                           index, operand, k_aug, k_zo)
+        g_latent = g / b
+        if _uses_prior(cfg):
+            g_latent = g_latent + jax.grad(
+                lambda z: image_prior(synth(params["w"], z, k_aug)[1], cfg))(zl)
+        (gz,) = latent_vjp(g_latent)
+        grads = {"w": jax.tree.map(jnp.zeros_like, params["w"]), "z": gz}
+        return grads, x01, zl, out0, g, zero_frac
+
+    return latent_gradient
+
+
+def _make_run(pt: _Parts, gen_apply: Callable, nz: int, gradient: Callable,
+              constrain: Callable) -> Callable:
+    """The (unjitted) inversion: initial latents, then ``iterations`` Adam steps in a scan."""
+    cfg, b, targets, k = pt.cfg, pt.b, pt.targets, pt.group.num_classes
+    tx = optax.adam(cfg.lr, b1=0.5, b2=0.999)
+
+    def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
+        k_z, k_loop = jax.random.split(key)
+        if cfg.class_jitter is None:
+            params = {"w": gen_params, "z": constrain(jax.random.normal(k_z, (b, nz)))}
+            latents = lambda z: z  # noqa: E731
+        else:  # class latents + fixed per-image jitter
+            k_c, k_e = jax.random.split(k_z)
+            params = {"w": gen_params, "z": jax.random.normal(k_c, (k, nz))}
+            eps = constrain(cfg.class_jitter * jax.random.normal(k_e, (b, nz)))
+            latents = lambda z: z[targets] + eps  # noqa: E731
+        opt = tx.init(params)
+
+        def step(carry, i):
+            params, opt, best_img, best_score = carry
+            k_aug, k_zo = jax.random.split(jax.random.fold_in(k_loop, i))
+            grads, x01, point, out0, g, zero_frac = gradient(
+                params, latents, k_aug, k_zo, index, operand, student_params, teacher_params)
+            ce = jnp.mean(per_sample_objective(out0, targets, pt.group.output))
+            acc = jnp.mean(jnp.argmax(out0, -1) == targets)
+            updates, opt = tx.update(grads, opt, params)
+            params = optax.apply_updates(params, updates)
+            score = ce if cfg.select == "clean_ce" else jnp.mean(
+                jnp.sum((point * g).reshape(b, -1), axis=1))
+            better = score < best_score
+            best_img = jnp.where(better, jax.lax.stop_gradient(x01), best_img)
+            best_score = jnp.where(better, score, best_score)
+            return (params, opt, best_img, best_score), (ce, acc, zero_frac)
+
+        x0 = gen_apply(params["w"], latents(params["z"]))
+        init = (params, opt, jnp.zeros_like(x0), jnp.float32(jnp.inf))
+        (_, _, best, _), (ce, acc, zf) = jax.lax.scan(step, init, jnp.arange(cfg.iterations))
+        return InversionResult(best, targets, ce, acc, zf)
+
+    return run
+
+
+def _on_mesh(jitted: Callable, mesh, b: int) -> Callable:
+    """The returned ``invert``: ``jitted`` itself on one device, else a wrapper replicating the
+    arguments on the mesh's devices."""
+    if mesh is None:
+        jitted.batch_size = b
+        return jitted
+
+    def invert(key, index, gen_params, operand, student_params=None, teacher_params=None):
+        # Everything enters replicated on the mesh's devices (the mesh may be a subset of the
+        # process's devices); the compiler then shards the latents and the images over `axis`.
+        args = replicate((key, jnp.asarray(index, jnp.int32), gen_params, operand,
+                          student_params, teacher_params), mesh)
+        return jitted(*args)
+
+    invert.batch_size = b
+    invert.mesh = mesh
+    return invert
+
+
 def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: InversionConfig,
                   mean: Sequence[float], std: Sequence[float], image_size: int,
                   student_apply: Optional[Callable] = None,
@@ -221,261 +565,19 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
       it every call), ``operand`` is ``group.operand``. With ``student_params`` the boundary term
       is on. Compiled once per boundary on/off. ``invert.batch_size`` is ``B``.
     """
-    if isinstance(group, BlackBoxAPI):
-        group = APIGroup([group])
-    group.require_output(("logits", "probs", "topk"), "BiDf-MKD inversion")
-    if cfg.class_jitter is not None and not cfg.class_jitter >= 0:
-        raise ValueError(f"InversionConfig.class_jitter must be None (a latent per image) or a "
-                         f"non-negative scale, got {cfg.class_jitter!r}")
-    if cfg.zo_space not in ZO_SPACES:
-        raise ValueError(f"InversionConfig.zo_space must be one of {ZO_SPACES}, got {cfg.zo_space!r}")
-    if cfg.zo_space == "latent" and cfg.direction_resolution is not None:
-        raise ValueError("InversionConfig.zo_space='latent' draws full-latent directions: set "
-                         "direction_resolution=None (low-resolution directions are for pixels)")
-    if cfg.zo_space == "latent" and mesh is not None and shard == "directions":
-        raise ValueError("InversionConfig.zo_space='latent' shards the samples over the mesh: use "
-                         "shard='samples' (or zo_space='image' to shard the directions)")
-    if cfg.select not in ("clean_ce", "surrogate"):
-        raise ValueError(f"InversionConfig.select must be 'clean_ce' or 'surrogate', got {cfg.select!r}")
-    if cfg.direction_resolution is not None:
-        r = cfg.direction_resolution
-        if not isinstance(r, int) or not 1 <= r <= image_size:
-            raise ValueError(f"InversionConfig.direction_resolution must be None or an int in "
-                             f"[1, image_size={image_size}], got {r!r}")
-        if cfg.direction_upsample not in UPSAMPLE_METHODS:
-            raise ValueError(f"InversionConfig.direction_upsample must be one of {UPSAMPLE_METHODS}, "
-                             f"got {cfg.direction_upsample!r}")
-        if cfg.direction_upsample == "nearest" and image_size % r:
-            raise ValueError(f"InversionConfig.direction_resolution={r} must divide image_size="
-                             f"{image_size} for nearest upsampling (or use direction_upsample="
-                             f"'bilinear')")
-    k = group.num_classes
-    b = k * cfg.per_class
-    if shard not in ("samples", "directions"):
-        raise ValueError(f"shard must be 'samples' or 'directions', got {shard!r}")
-    by_directions = mesh is not None and shard == "directions"
-    if by_directions:
-        q_local = check_divisible(
-            cfg.num_directions, mesh, what="the zero-order directions q", axis=axis,
-            fix="choose num_directions (q) as a multiple of the device count, or shard='samples'")
-    elif mesh is not None:
-        check_divisible(b, mesh, what=f"the inversion batch B = classes x per_class = {k} x "
-                        f"{cfg.per_class}", axis=axis,
-                        fix="choose inv_per_class so that B is a multiple of the device count")
-    targets = jnp.tile(jnp.arange(k, dtype=jnp.int32), cfg.per_class)  # interleaved [0..K-1]*30
-    tx = optax.adam(cfg.lr, b1=0.5, b2=0.999)
-
-    def zo_grad(index, operand, xs, tgt, s, k_zo, out0, *, sample_offset=0,
-                num_directions=cfg.num_directions, direction_offset=0, to_images=None):
-        """Zero-order gradient on (a shard of) the batch, from its clean answers ``out0``;
-        full-resolution or low-resolution directions. ``xs`` are the images, or with
-        ``to_images`` (latents -> API inputs) the latents the directions perturb.
-        Returns (gradient, zero-difference frac)."""
-        def objective(outputs):
-            return per_sample_objective(outputs, tgt, group.output, s, cfg.boundary_weight)
-
-        kw = dict(estimator=cfg.estimator, num_directions=num_directions,
-                  smoothing=cfg.smoothing, chunk_size=cfg.chunk_size, fx=objective(out0),
-                  on_zero_differences="ignore", sample_offset=sample_offset,
-                  direction_offset=direction_offset)
-        if cfg.direction_resolution is not None:
-            kw.update(resolution=cfg.direction_resolution, method=cfg.direction_upsample)
-        estimate = zo_gradient if cfg.direction_resolution is None else zo_gradient_lowres
-        render = (lambda x: x) if to_images is None else to_images
-        r = estimate(lambda xp: objective(group(index, render(xp), operand)), xs, k_zo, **kw)
-        return r.grad, r.zero_difference_fraction
-
-    if mesh is None:
-        def black_box(index, operand, xs, tgt, s, k_zo):
-            out0 = group(index, xs, operand)  # the clean answer (charged by the API's ledger)
-            if teacher_fn is not None:
-                return out0, None, jnp.float32(0.0)
-            return (out0,) + zo_grad(index, operand, xs, tgt, s, k_zo, out0)
-    elif by_directions:
-
-        def black_box(index, operand, xs, tgt, s, k_zo):
-            out0 = group(index, xs, operand)  # clean answers: one host call, charged once
-            if teacher_fn is not None:
-                return out0, None, jnp.float32(0.0)
-            args = {"index": index, "xs": xs, "tgt": tgt, "k_zo": k_zo, "out0": out0}
-            if operand is not None:
-                args["operand"] = operand
-            if s is not None:
-                args["s"] = s
-
-            def local(a):
-                g, zf = zo_grad(a["index"], a.get("operand"), a["xs"], a["tgt"], a.get("s"),
-                                a["k_zo"], a["out0"], num_directions=q_local,
-                                direction_offset=jax.lax.axis_index(axis) * q_local)
-                return jax.lax.pmean(g, axis), jax.lax.pmean(zf, axis)
-
-            specs = jax.tree.map(lambda _: P(), args)
-            g, zf = shard_over(local, mesh, (specs,), (P(), P()))(args)
-            return out0, g, zf
+    group, q_local = _validate(group, cfg, image_size, mesh, axis, shard)
+    zo_grad = _make_zo_grad(group, cfg)
+    black_box = _black_box(group, zo_grad, teacher_fn is not None, mesh, axis, q_local)
+    pt = _make_parts(group, gen_apply, cfg, mean, std, image_size, student_apply, teacher_fn,
+                     black_box)
+    if cfg.zo_space == "image":
+        gradient = _image_gradient(pt)
     else:
-
-        def black_box(index, operand, xs, tgt, s, k_zo):
-            # Only non-None arguments enter shard_map; per-sample ones are sharded.
-            args = {"index": index, "xs": xs, "tgt": tgt, "k_zo": k_zo}
-            specs = {"index": P(), "xs": P(axis), "tgt": P(axis), "k_zo": P()}
-            if operand is not None:
-                args["operand"], specs["operand"] = operand, P()
-            if s is not None:
-                args["s"], specs["s"] = s, P(axis)
-
-            def local(a):
-                out0 = group(a["index"], a["xs"], a.get("operand"))  # this shard's clean answers
-                if teacher_fn is not None:
-                    return out0, jnp.float32(0.0)
-                g, zf = zo_grad(a["index"], a.get("operand"), a["xs"], a["tgt"], a.get("s"),
-                                a["k_zo"], out0,
-                                sample_offset=shard_offset(a["xs"].shape[0], axis))
-                # equal shards: mean of means = global mean
-                return out0, g, jax.lax.pmean(zf, axis)
-
-            out_specs = (P(axis), P()) if teacher_fn is not None else (P(axis), P(axis), P())
-            res = shard_over(local, mesh, (specs,), out_specs)(args)
-            return (res[0], None, res[1]) if teacher_fn is not None else res
+        gradient = _latent_gradient(pt, _latent_zo(pt, zo_grad, mesh, axis))
 
     def constrain(x):
-        if mesh is None or by_directions:
+        if mesh is None or q_local is not None:
             return x
         return constrain_batch(x, mesh, axis)
 
-    def synth(w, z, k_aug):
-        """Generator output ``x01`` and its augmented, normalised view ``xa``."""
-        x01 = gen_apply(w, z)
-        xa = batch_shared_augment(x01, k_aug, pad=cfg.pad, flip=cfg.flip, out_size=image_size,
-                                  mean=mean, std=std)
-        return xa, x01
-
-    def student_logits(student_params, xs):
-        if student_params is None:
-            return None
-        return jax.lax.stop_gradient(student_apply(student_params, xs))
-
-    def white_box_objective(teacher_params, x, s):
-        return per_sample_objective(teacher_fn(teacher_params, x), targets, group.output, s,
-                                    cfg.boundary_weight).sum()
-
-    def image_gradient(params, latents, k_aug, k_zo, index, operand, student_params,
-                       teacher_params):
-        """Directions over the pixels, pulled back through augmentation and generator."""
-        synth_p = lambda p: synth(p["w"], latents(p["z"]), k_aug)  # noqa: E731
-        if _uses_prior(cfg):
-            (xa, x01), vjp_pair = jax.vjp(synth_p, params)
-            prior_g = jax.grad(lambda x: image_prior(x, cfg))(x01)
-            vjp_fn = lambda ga: vjp_pair((ga, prior_g))  # noqa: E731
-        else:
-            xa, vjp_fn, x01 = jax.vjp(synth_p, params, has_aux=True)
-        xs = jax.lax.stop_gradient(xa)
-        s = student_logits(student_params, xs)
-        out0, g, zero_frac = black_box(index, operand, xs, targets, s, k_zo)
-        if teacher_fn is not None:  # white-box upper bound: true gradient through the teacher
-            g = jax.grad(lambda x: white_box_objective(teacher_params, x, s))(xs)
-        (grads,) = vjp_fn(g / b)
-        return grads, x01, xs, out0, g, zero_frac
-
-    def latent_zo_local(w, z, xs, tgt, s, index, operand, k_aug, k_zo, sample_offset=0):
-        """Clean answers and the zero-order latent gradient of (a shard of) the batch."""
-        out0 = group(index, xs, operand)  # the clean answer (charged by the API's ledger)
-        g, zero_frac = zo_grad(index, operand, z, tgt, s, k_zo, out0, sample_offset=sample_offset,
-                               to_images=lambda zp: synth(w, zp, k_aug)[0])
-        return g, out0, zero_frac
-
-    def latent_zo(w, z, xs, s, index, operand, k_aug, k_zo):
-        """:func:`latent_zo_local` on one device, or per device on its samples under a mesh
-        (each device renders and queries its shard; the directions one device would draw)."""
-        if mesh is None:
-            return latent_zo_local(w, z, xs, targets, s, index, operand, k_aug, k_zo)
-
-        args = {"w": w, "z": z, "xs": xs, "tgt": targets, "index": index, "k_aug": k_aug,
-                "k_zo": k_zo}
-        specs = {"w": jax.tree.map(lambda _: P(), w), "z": P(axis), "xs": P(axis),
-                 "tgt": P(axis), "index": P(), "k_aug": P(), "k_zo": P()}
-        if operand is not None:
-            args["operand"], specs["operand"] = operand, jax.tree.map(lambda _: P(), operand)
-        if s is not None:
-            args["s"], specs["s"] = s, P(axis)
-
-        def local(a):
-            g, out0, zf = latent_zo_local(
-                a["w"], a["z"], a["xs"], a["tgt"], a.get("s"), a["index"], a.get("operand"),
-                a["k_aug"], a["k_zo"], sample_offset=shard_offset(a["z"].shape[0], axis))
-            return g, out0, jax.lax.pmean(zf, axis)
-
-        return shard_over(local, mesh, (specs,), (P(axis), P(axis), P()))(args)
-
-    def latent_gradient(params, latents, k_aug, k_zo, index, operand, student_params,
-                        teacher_params):
-        """Directions over each image's latent z_n; the generator is inside the objective and
-        only Z is updated (``zo_space="latent"``)."""
-        zl, latent_vjp = jax.vjp(latents, params["z"])
-        xa, x01 = synth(params["w"], zl, k_aug)
-        xs = jax.lax.stop_gradient(xa)
-        s = student_logits(student_params, xs)
-        if teacher_fn is not None:
-            out0 = black_box(index, operand, xs, targets, s, k_zo)[0]
-            zero_frac = jnp.float32(0.0)
-            g = jax.grad(lambda z: white_box_objective(
-                teacher_params, synth(params["w"], z, k_aug)[0], s))(zl)
-        else:
-            g, out0, zero_frac = latent_zo(params["w"], jax.lax.stop_gradient(zl), xs, s,
-                                           index, operand, k_aug, k_zo)
-        g_latent = g / b
-        if _uses_prior(cfg):
-            g_latent = g_latent + jax.grad(
-                lambda z: image_prior(synth(params["w"], z, k_aug)[1], cfg))(zl)
-        (gz,) = latent_vjp(g_latent)
-        grads = {"w": jax.tree.map(jnp.zeros_like, params["w"]), "z": gz}
-        return grads, x01, zl, out0, g, zero_frac
-
-    def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
-        k_z, k_loop = jax.random.split(key)
-        if cfg.class_jitter is None:
-            params = {"w": gen_params, "z": constrain(jax.random.normal(k_z, (b, nz)))}
-            latents = lambda z: z
-        else:  # class latents + fixed per-image jitter
-            k_c, k_e = jax.random.split(k_z)
-            params = {"w": gen_params, "z": jax.random.normal(k_c, (k, nz))}
-            eps = constrain(cfg.class_jitter * jax.random.normal(k_e, (b, nz)))
-            latents = lambda z: z[targets] + eps
-        opt = tx.init(params)
-
-        def step(carry, i):
-            params, opt, best_img, best_score = carry
-            k_aug, k_zo = jax.random.split(jax.random.fold_in(k_loop, i))
-            gradient = image_gradient if cfg.zo_space == "image" else latent_gradient
-            grads, x01, point, out0, g, zero_frac = gradient(
-                params, latents, k_aug, k_zo, index, operand, student_params, teacher_params)
-            ce = jnp.mean(per_sample_objective(out0, targets, group.output))
-            acc = jnp.mean(jnp.argmax(out0, -1) == targets)
-            updates, opt = tx.update(grads, opt, params)
-            params = optax.apply_updates(params, updates)
-            score = ce if cfg.select == "clean_ce" else jnp.mean(
-                jnp.sum((point * g).reshape(b, -1), axis=1))
-            better = score < best_score
-            best_img = jnp.where(better, jax.lax.stop_gradient(x01), best_img)
-            best_score = jnp.where(better, score, best_score)
-            return (params, opt, best_img, best_score), (ce, acc, zero_frac)
-
-        x0 = gen_apply(params["w"], latents(params["z"]))
-        init = (params, opt, jnp.zeros_like(x0), jnp.float32(jnp.inf))
-        (_, _, best, _), (ce, acc, zf) = jax.lax.scan(step, init, jnp.arange(cfg.iterations))
-        return InversionResult(best, targets, ce, acc, zf)
-
-    jitted = jax.jit(run)
-    if mesh is None:
-        jitted.batch_size = b
-        return jitted
-
-    def invert(key, index, gen_params, operand, student_params=None, teacher_params=None):
-        # Everything enters replicated on the mesh's devices (the mesh may be a subset of the
-        # process's devices); the compiler then shards the latents and the images over `axis`.
-        args = replicate((key, jnp.asarray(index, jnp.int32), gen_params, operand,
-                          student_params, teacher_params), mesh)
-        return jitted(*args)
-
-    invert.batch_size = b
-    invert.mesh = mesh
-    return invert
+    return _on_mesh(jax.jit(_make_run(pt, gen_apply, nz, gradient, constrain)), mesh, pt.b)
