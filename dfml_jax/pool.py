@@ -18,17 +18,8 @@ Teachers of one group train together as a population, one jitted epoch for up to
 population's teacher axis over several devices (``shard_map`` on a ``"teachers"`` mesh; default:
 all local devices, lowered per population to the largest count that divides it).
 
-On disk (``directory/``)::
-
-    pool.json                 format name + version, build key + spec, scenario, recipes, groups,
-                              teachers
-    checkpoints/<group>/      orbax checkpoint of the group's stacked parameters and BN statistics
-
-``pool.json`` records per teacher: architecture, dataset, absolute classes (indices into the
-dataset's meta-train split, in output order), class names, held-out and train accuracy, seed.
-Per group it records the model configuration, normalisation statistics and a SHA-256 of the
-stored arrays, which :func:`load_pool` verifies: a pool that is missing files, was written by an
-incompatible version or holds corrupted arrays raises :class:`PoolError` and nothing is returned.
+The on-disk format (``pool.json`` and the per-group orbax checkpoints, verified on load) is
+described in :mod:`dfml_jax.pool_store`.
 
 :func:`load_pool` returns an :class:`APIPool` of :class:`~dfml_jax.blackbox.BlackBoxAPI` objects
 (output mode chosen at load time); algorithms never see parameters. White-box access for

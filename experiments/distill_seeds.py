@@ -80,7 +80,7 @@ def pool_shares(runs: Sequence[dict]) -> Dict[str, List[dict]]:
     return out
 
 
-def table(summary: Dict[str, dict], seeds: Sequence[int]) -> List[dict]:
+def table(summary: Dict[str, dict]) -> List[dict]:
     budgets = sorted({int(b) for cells in summary.values() for b in cells})
     rows = []
     for b in budgets:
@@ -114,7 +114,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    rows = table(summary, seeds)
+    rows = table(summary)
     md = [f"# Distillation from one black box: {result['config']}, seeds {seeds}", "",
           "Test accuracy (%) of the student selected on validation within each budget of TRUE "
           "teacher queries: mean [min, max] (seed by seed). Teacher: "

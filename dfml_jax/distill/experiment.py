@@ -130,7 +130,7 @@ def make_api(teacher, data, output, budget, name):
 def ideal_config(cfg, synth: str) -> IDEALConfig:
     """IDEAL's config (``synth="generator"``: the ``ideal`` section) or NaiveKD's (``"noise"``:
     the ``naive`` section, or the ``ideal`` one when the experiment has none)."""
-    section = cfg.naive if synth == "noise" and getattr(cfg, "naive", None) else cfg.ideal
+    section = cfg.naive if synth == "noise" and cfg.naive is not None else cfg.ideal
     return dataclasses.replace(section, synth=synth)
 
 
