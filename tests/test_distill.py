@@ -360,6 +360,47 @@ def test_ideal_class_floor_lifts_rare_teacher_classes_at_the_same_budget(student
         run_pool_distillation(api, student, dataclasses.replace(cfg, class_floor=0.1), seed=0)
 
 
+def test_consolidation_adds_points_at_budgets_without_queries_or_changing_the_run(
+        student, teacher_w, evaluator, tmp_path):
+    """A copy of the student trains on the bought pool at each budget's last round: no query,
+    the online run (its purchases and its student) unchanged, the copy's points selectable."""
+    runs = {}
+    for passes in (0, 3):
+        rec = Recorder(teacher_w)
+        api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=100)
+        cfg = dataclasses.replace(IDEAL_CFG, consolidate_passes=passes, consolidate_eval_every=2,
+                                  eval_every=100)
+        runs[passes] = (run_pool_distillation(api, student, cfg, seed=0, evaluator=evaluator,
+                                              workdir=str(tmp_path / str(passes)),
+                                              eval_budgets=(40,)), rec.rows)
+    (plain, rows0), (cons, rows3) = runs[0], runs[3]
+    np.testing.assert_array_equal(rows0, rows3)                 # the same images bought
+    assert plain.queries == cons.queries == 100
+    jax.tree.map(np.testing.assert_array_equal, plain.params, cons.params)
+    online = [p for p in cons.curve if p.get("phase") != "consolidate"]
+    assert online == plain.curve
+    extra = [(p["queries"], p["consolidate_passes"]) for p in cons.curve
+             if p.get("phase") == "consolidate"]
+    assert extra == [(40, 2), (40, 3), (100, 2), (100, 3)]       # every 2 passes and the last
+    copies = [p for p in cons.curve if p.get("phase") == "consolidate"]
+    assert any(p["val_acc"] != q["val_acc"] for p in copies for q in plain.curve)
+    sel = select_within_budget(cons.curve, 40)["selected"]
+    assert sel["queries"] <= 40
+    # Killed after the 40-query consolidation, resumed: the same curve, nothing bought twice.
+    cfg = dataclasses.replace(IDEAL_CFG, consolidate_passes=3, consolidate_eval_every=2,
+                              eval_every=100)
+    rec_a, rec_b = Recorder(teacher_w), Recorder(teacher_w)
+    for rec, max_rounds in ((rec_a, 3), (rec_b, None)):
+        api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=100)
+        resumed = run_pool_distillation(api, student, cfg, seed=0, evaluator=evaluator,
+                                        workdir=str(tmp_path / "killed"), eval_budgets=(40,),
+                                        max_rounds=max_rounds)
+    assert len(rec_a.rows) + len(rec_b.rows) == 100 and resumed.curve == cons.curve
+    with pytest.raises(ValueError, match="consolidate_passes must be >= 0"):
+        run_pool_distillation(api, student, dataclasses.replace(IDEAL_CFG, consolidate_passes=-1),
+                              seed=0)
+
+
 def test_min_student_batches_cycles_a_small_pool(student):
     from dfml_jax.distill.common import make_pool_pass
 

@@ -280,7 +280,8 @@ def report(cfg, run, results, teacher_meta, reference, seconds):
                          "teacher": teacher_meta, "reference": reference, "runs": results})
     curves = {}
     for name, res in results.items():
-        pts = [p for p in res["curve"] if "test_acc" in p]
+        pts = [p for p in res["curve"]      # the online student (not consolidated copies)
+               if "test_acc" in p and p.get("phase") != "consolidate"]
         if pts:
             label = LABELS[name.split("@")[0]] + (f" (budget {name.split('@')[1]})"
                                                   if "@" in name else "")

@@ -43,6 +43,7 @@ from dfml_jax.distill.balance import with_floor_images
 from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, PoolStore,
                                      RunTracker, StudentState, config_dict, dequantize,
                                      init_student, make_generator, make_pool_pass, torch_sgd)
+from dfml_jax.distill.consolidate import make_consolidation
 from dfml_jax.distill.generation import (GEN_HEADS, INFO_LOSSES, NOISES, SELECT_SCORES, SELECTS,
                                          TARGETS, make_generation_phase, noise_images)
 from dfml_jax.losses import teacher_probs
@@ -125,6 +126,17 @@ class IDEALConfig:
         default (False) caches top-1 labels and uses cross-entropy (hard-label IDEAL).
       quantize: store the pool as uint8 levels (the code's PNG round-trip); the teacher is queried
         on the quantised images.
+      consolidate_passes: a departure (0: off, the paper): after the last round within each
+        evaluation budget and after the last round, a copy of the student makes this many more
+        passes over the pool bought so far (no query; lr from ``consolidate_lr`` decayed to 0 on
+        a cosine; :mod:`dfml_jax.distill.consolidate`), evaluated every
+        ``consolidate_eval_every`` passes; its points enter the curve (``phase="consolidate"``)
+        at the same query count, so each budget's validation selection sees them. The online
+        student (the generator's proxy) goes on unchanged.
+      consolidate_lr: first-pass learning rate of the copy (None: ``lr_s``).
+      consolidate_eval_every: evaluate the copy every this many passes (and after the last).
+      consolidate_augment, consolidate_pad: augmentation of the copy's minibatches (``"crop"``
+        with pad 1: shifts of at most one pixel, labels kept; no query).
       eval_every: evaluate (validation + test) every this many rounds; budget crossings and the
         last round are always evaluated.
       checkpoint_every: checkpoint the student every this many rounds (the pool and its labels are
@@ -166,6 +178,11 @@ class IDEALConfig:
     floor_mix: tuple = (0.75, 0.95)
     soft_labels: bool = False
     quantize: bool = True
+    consolidate_passes: int = 0
+    consolidate_lr: Optional[float] = None
+    consolidate_eval_every: int = 2
+    consolidate_augment: str = "crop"
+    consolidate_pad: int = 1
     eval_every: int = 1
     checkpoint_every: int = 1
 
@@ -187,7 +204,7 @@ class IDEALConfig:
             raise ValueError(f"noise_std must be positive, got {self.noise_std}")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
-        for a in (self.gen_augment, self.distill_augment):
+        for a in (self.gen_augment, self.distill_augment, self.consolidate_augment):
             if a not in AUGMENTATIONS:
                 raise ValueError(f"unknown augmentation {a!r}; valid: {sorted(AUGMENTATIONS)}")
         if self.synth == "generator" and self.targets == "balanced" and self.batch_size % num_classes:
@@ -221,6 +238,9 @@ class IDEALConfig:
             raise ValueError(f"floor_shift must be >= 0 pixels, got {self.floor_shift}")
         if self.min_student_batches < 0:
             raise ValueError(f"min_student_batches must be >= 0, got {self.min_student_batches}")
+        if self.consolidate_passes < 0 or self.consolidate_eval_every < 1:
+            raise ValueError(f"consolidate_passes must be >= 0 and consolidate_eval_every >= 1, "
+                             f"got {self.consolidate_passes}, {self.consolidate_eval_every}")
         if self.stop_gen is not None and self.rounds is None:
             raise ValueError("stop_gen needs a finite number of rounds")
 
@@ -346,8 +366,9 @@ def _run_rounds(api: BlackBoxAPI, parts: "_RunParts", pool: PoolStore, tracker: 
                 return state, r, "budget"
             gen_loss, agree = bought
         state, loss, nsteps = parts.pool_pass(state, pool.x, pool.y, jnp.int32(pool.size), kpass)
-        _record_round(tracker, api, cfg, r, state, pool, parts.k, loss=float(loss),
-                      gen_loss=gen_loss, student_teacher_agree=agree, student_steps=int(nsteps))
+        _record_round(tracker, api, parts, r, state, pool, jax.random.fold_in(kpass, 3),
+                      loss=float(loss), gen_loss=gen_loss, student_teacher_agree=agree,
+                      student_steps=int(nsteps))
         r += 1
 
 
@@ -369,6 +390,15 @@ class _RunParts:
             self.phase = make_generation_phase(student_fm, gen_fm, cfg, k, image_shape)
         self.predict = jax.jit(
             lambda p, bn, x: jnp.argmax(student_fm.apply(p, bn, x, train=False)[0], -1))
+        self.consolidate = None
+        if cfg.consolidate_passes:
+            self.consolidate = make_consolidation(
+                student_fm, lr=cfg.lr_s if cfg.consolidate_lr is None else cfg.consolidate_lr,
+                momentum=cfg.momentum_s, weight_decay=cfg.weight_decay_s,
+                batch_size=cfg.student_batch or cfg.batch_size, passes=cfg.consolidate_passes,
+                eval_every=cfg.consolidate_eval_every, augment=cfg.consolidate_augment,
+                pad=cfg.consolidate_pad, pool_loss=cfg.pool_loss, num_classes=k,
+                targets_kind="soft" if cfg.soft_labels else "hard")
 
     def new_images(self, state, pool: PoolStore, key):
         """The round's ``B`` images (no query) and the generation phase's best loss."""
@@ -385,23 +415,35 @@ class _RunParts:
         return x, gen_loss
 
 
-def _record_round(tracker: RunTracker, api: BlackBoxAPI, cfg: IDEALConfig, r: int, state,
-                  pool: PoolStore, k: int, **metrics) -> None:
-    """Evaluates (on schedule, at budget crossings, before the last round) and checkpoints."""
-    b = cfg.batch_size
+def _record_round(tracker: RunTracker, api: BlackBoxAPI, parts: _RunParts, r: int, state,
+                  pool: PoolStore, key, **metrics) -> None:
+    """Evaluates (on schedule, at budget crossings, before the last round), consolidates at
+    budget crossings and before the last round, and checkpoints."""
+    cfg, k, b = parts.cfg, parts.k, parts.cfg.batch_size
     next_unaffordable = (
         (cfg.rounds is not None and r + 1 >= cfg.rounds)
         or (api.remaining is not None and api.remaining < b and
             (cfg.stop_gen is None or r + 1 < cfg.stop_gen)))
+    last_of_budget = tracker.crosses_budget(b) or next_unaffordable
     point = None
-    if tracker.evaluator is not None and ((r + 1) % cfg.eval_every == 0
-                                          or tracker.crosses_budget(b)
-                                          or next_unaffordable or r == 0):
+    if tracker.evaluator is not None and ((r + 1) % cfg.eval_every == 0 or last_of_budget
+                                          or r == 0):
         point = tracker.evaluate(r, state.params, state.bn, pool_size=pool.size, **metrics,
                                  pool_histogram=pool.class_histogram(k))
+        if last_of_budget and parts.consolidate is not None:
+            _consolidate(tracker, parts, r, state, pool, key)
     if (r + 1) % cfg.checkpoint_every == 0 or point is not None or next_unaffordable:
         tracker.save(r, {"student": state}, pool_rounds=pool.rounds, config=config_dict(cfg))
     tracker.tick(point, queries=api.queries)
+
+
+def _consolidate(tracker: RunTracker, parts: _RunParts, r: int, state, pool: PoolStore,
+                 key) -> None:
+    """Evaluation points of a copy of the student trained further on the pool (no query)."""
+    for passes, params, bn, loss in parts.consolidate(state, pool.x, pool.y,
+                                                      jnp.int32(pool.size), key):
+        tracker.evaluate(r, params, bn, pool_size=pool.size, phase="consolidate",
+                         consolidate_passes=passes, loss=loss)
 
 
 def _max_samples(api: BlackBoxAPI, cfg: IDEALConfig) -> Optional[int]:
