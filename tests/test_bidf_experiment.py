@@ -35,6 +35,32 @@ def test_configs_are_consistent():
         run_experiment(apply_overrides(sub, ['methods=["random_scale"]']), "/nonexistent/x")
 
 
+def test_renamed_zero_order_knobs(tmp_path):
+    """``q`` / ``mu`` are now ``num_directions`` / ``smoothing``: ``--set q=...`` names the new key
+    (nothing is written), and a work directory whose config.json predates the rename resumes."""
+    from bidf_mkd import main
+
+    wd = tmp_path / "new"
+    with pytest.raises(ValueError, match=r"'q' was renamed.*'num_directions'.*--set num_directions=50"):
+        main(["--config", "smoke", "--workdir", str(wd), "--set", "q=50", "--no-progress"])
+    with pytest.raises(ValueError, match=r"'mu' was renamed.*--set smoothing=0\.1"):
+        main(["--config", "smoke", "--workdir", str(wd), "--set", "mu=0.1", "--no-progress"])
+    assert not wd.exists()
+    cfg = get_config("smoke")
+    old = {{"num_directions": "q", "smoothing": "mu"}.get(k, k): v
+           for k, v in json.loads(json.dumps(dataclasses.asdict(cfg), default=str)).items()}
+    assert old["q"] == cfg.num_directions and "num_directions" not in old
+    wd = tmp_path / "old"
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps(old))
+    (wd / "results.json").write_text(json.dumps({"rows": [], "config": "smoke"}))
+    (wd / "DONE").write_text("finished\n")
+    with pytest.warns(UserWarning, match=r"q -> num_directions, mu -> smoothing"):
+        assert run_experiment(cfg, str(wd), progress=False)["config"] == "smoke"
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"keys \['num_directions'\]"):
+        run_experiment(dataclasses.replace(cfg, num_directions=5), str(wd), progress=False)
+
+
 def test_scale_kernels_scales_exactly_the_conv_and_linear_kernels():
     params = functional(create_model("conv4", num_classes=5, input_shape=(28, 28, 1),
                                      rngs_or_key=0, width=8)).params

@@ -43,7 +43,8 @@ def tasks(key, n=10, shots=1, query=3):
 
 
 CFG = BiDfMKDConfig(shots=1, query=3, meta_iterations=8, meta_batch=2, inv_iterations=3,
-                    inv_per_class=4, q=4, mu=0.01, nz=8, ngf=4, memory_slots=3, plateau_patience=2,
+                    inv_per_class=4, num_directions=4, smoothing=0.01, nz=8, ngf=4, memory_slots=3,
+                    plateau_patience=2,
                     boundary_start=2, eval_every=4, val_tasks=10, replay_inner_steps=2,
                     kd_inner_steps=2, checkpoint_every=2, inv_pad=1)
 

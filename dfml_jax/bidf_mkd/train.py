@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,13 @@ __all__ = ["BiDfMKDConfig", "TeacherPool", "LoopState", "train_bidf_mkd", "Train
 
 @dataclasses.dataclass(frozen=True)
 class BiDfMKDConfig:
-    """Everything the loop needs; paper values in comments (spec section 8)."""
+    """Everything the loop needs; paper values in comments (spec section 8).
+
+    The zero-order estimate of the inversion takes ``num_directions`` random directions (q) per
+    sample and steps of ``smoothing`` (mu), as in :func:`dfml_jax.estimators.zo_gradient` (named
+    ``q`` and ``mu`` before dfml_jax 0.1.0's issue 17: ``RENAMED_FIELDS``).
+    """
+    RENAMED_FIELDS: ClassVar[Dict[str, str]] = {"q": "num_directions", "mu": "smoothing"}
     ways: int = 5
     shots: int = 1                  # num_sup_train (= test shot)
     query: int = 15
@@ -66,8 +72,8 @@ class BiDfMKDConfig:
     inv_per_class: int = 30
     inv_lr: float = 1e-3
     estimator: str = "sphere-forward"
-    q: int = 100
-    mu: float = 0.005
+    num_directions: int = 100       # q
+    smoothing: float = 0.005        # mu
     chunk_size: Optional[int] = None
     boundary_weight: float = 1.0
     boundary_start: int = 4000      # meta-iteration after which the boundary term is on
@@ -112,8 +118,8 @@ class BiDfMKDConfig:
 
     def inversion(self) -> InversionConfig:
         return InversionConfig(iterations=self.inv_iterations, per_class=self.inv_per_class,
-                               lr=self.inv_lr, estimator=self.estimator, num_directions=self.q,
-                               smoothing=self.mu, chunk_size=self.chunk_size,
+                               lr=self.inv_lr, estimator=self.estimator, num_directions=self.num_directions,
+                               smoothing=self.smoothing, chunk_size=self.chunk_size,
                                boundary_weight=self.boundary_weight, pad=self.inv_pad,
                                flip=self.flip, select=self.inv_select,
                                tv_weight=self.inv_tv_weight, l1_weight=self.inv_l1_weight,
