@@ -52,8 +52,9 @@ class BiDfMKDConfig:
     """Everything the loop needs; paper values in comments (spec section 8).
 
     The zero-order estimate of the inversion takes ``num_directions`` random directions (q) per
-    sample and steps of ``smoothing`` (mu), as in :func:`dfml_jax.estimators.zo_gradient` (named
-    ``q`` and ``mu`` before dfml_jax 0.1.0's issue 17: ``RENAMED_FIELDS``).
+    sample and steps of ``smoothing`` (mu), as in :func:`dfml_jax.estimators.zo_gradient`; they
+    were named ``q`` and ``mu`` until issue 17 (one name per knob): ``--set`` refuses the old
+    names and saved configs are read under the new ones (``RENAMED_FIELDS``).
     """
     RENAMED_FIELDS: ClassVar[Dict[str, str]] = {"q": "num_directions", "mu": "smoothing"}
     ways: int = 5
