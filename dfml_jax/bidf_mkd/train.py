@@ -55,6 +55,13 @@ class BiDfMKDConfig:
     sample and steps of ``smoothing`` (mu), as in :func:`dfml_jax.estimators.zo_gradient`; they
     were named ``q`` and ``mu`` until issue 17 (one name per knob): ``--set`` refuses the old
     names and saved configs are read under the new ones (``RENAMED_FIELDS``).
+
+    Learning rates of the meta-model: ``inner_lr`` is the SGD step of the inner loops of
+    meta-training (the replay and KD tasks' adaptation, :mod:`.metastep`); ``finetune_lr`` is the
+    fine-tuning step of the evaluations (the meta-validation tasks of model selection here, and
+    in :mod:`.experiment` the test-time fine-tuning when no ``finetune_lrs`` grid is given); None
+    (the default, as in the paper) fine-tunes at ``inner_lr`` (:attr:`eval_lr`). The paper
+    protocol's test evaluations have their own ``paper_lr``.
     """
     RENAMED_FIELDS: ClassVar[Dict[str, str]] = {"q": "num_directions", "mu": "smoothing"}
     ways: int = 5
@@ -108,9 +115,15 @@ class BiDfMKDConfig:
     paper_lr: float = 0.01          # fine-tuning lr of the paper protocol's test evaluations
     paper_steps: int = 10           # fine-tuning steps of the paper protocol's test evaluations
     finetune_steps: int = 10
+    finetune_lr: Optional[float] = None  # fine-tuning lr of the evaluations (None: inner_lr)
     query_budget: Optional[int] = None
     checkpoint_every: int = 50
     seed: int = 2022
+
+    @property
+    def eval_lr(self) -> float:
+        """The evaluations' fine-tuning learning rate: ``finetune_lr``, or ``inner_lr`` if None."""
+        return self.inner_lr if self.finetune_lr is None else self.finetune_lr
 
     @property
     def flip(self) -> bool:
@@ -324,7 +337,7 @@ class _Loop:
         the test tasks with ``paper_lr`` / ``paper_steps``), appends the record to the history and
         keeps the parameters as ``best_params`` if their validation accuracy is the best so far."""
         cfg, run = self.cfg, self.run
-        r = _evaluate(self.meta_apply, self.norm, self.state.params, self.val, cfg.inner_lr,
+        r = _evaluate(self.meta_apply, self.norm, self.state.params, self.val, cfg.eval_lr,
                       cfg.finetune_steps)
         rec = {"event": "eval", "iteration": it, "val_acc": r.mean, "val_ci": r.ci95,
                "queries": self.total_queries(), "visits": run.visits, **info,
