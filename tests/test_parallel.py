@@ -244,7 +244,7 @@ def test_script_device_choice():
     with pytest.raises(ValueError, match="asked for 16 devices but only 8 exist"):
         choose_mesh(16, cfg)
     import dataclasses
-    by_dirs = dataclasses.replace(cfg, inv_shard="directions")   # q = 4 directions
+    by_dirs = dataclasses.replace(cfg, inv_shard="directions")   # num_directions = 4
     assert choose_mesh(None, by_dirs).shape["data"] == 4
-    with pytest.raises(ValueError, match=r"directions q = 4 of 4 .* 8 devices|directions q = 4"):
+    with pytest.raises(ValueError, match=r"num_directions = 4 of 4 .* 8 devices|num_directions = 4"):
         choose_mesh(8, by_dirs)

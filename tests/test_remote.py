@@ -782,7 +782,8 @@ def test_bidf_mkd_smoke_run_against_served_teachers(serve):
                                    hidden=(16,)))
     gen = functional(create_model("dcgan", nz=8, ngf=4, img_size=s, nc=1, rngs_or_key=0))
     cfg = BiDfMKDConfig(shots=1, query=2, meta_iterations=2, meta_batch=2, inv_iterations=2,
-                        inv_per_class=3, q=2, mu=0.01, nz=8, ngf=4, memory_slots=2,
+                        inv_per_class=3, num_directions=2, smoothing=0.01, nz=8, ngf=4,
+                        memory_slots=2,
                         plateau_patience=2, boundary_start=2, eval_every=2, val_tasks=2,
                         replay_inner_steps=1, kd_inner_steps=1, inv_pad=1)
     x = jax.random.uniform(jax.random.key(0), (2, k * 3, s, s, 1))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,21 @@ __all__ = ["BiDfMKDConfig", "TeacherPool", "LoopState", "train_bidf_mkd", "Train
 
 @dataclasses.dataclass(frozen=True)
 class BiDfMKDConfig:
-    """Everything the loop needs; paper values in comments (spec section 8)."""
+    """Everything the loop needs; paper values in comments (spec section 8).
+
+    The zero-order estimate of the inversion takes ``num_directions`` random directions (q) per
+    sample and steps of ``smoothing`` (mu), as in :func:`dfml_jax.estimators.zo_gradient`; they
+    were named ``q`` and ``mu`` until issue 17 (one name per knob): ``--set`` refuses the old
+    names and saved configs are read under the new ones (``RENAMED_FIELDS``).
+
+    Learning rates of the meta-model: ``inner_lr`` is the SGD step of the inner loops of
+    meta-training (the replay and KD tasks' adaptation, :mod:`.metastep`); ``finetune_lr`` is the
+    fine-tuning step of the evaluations (the meta-validation tasks of model selection here, and
+    in :mod:`.experiment` the test-time fine-tuning when no ``finetune_lrs`` grid is given); None
+    (the default, as in the paper) fine-tunes at ``inner_lr`` (:attr:`eval_lr`). The paper
+    protocol's test evaluations have their own ``paper_lr``.
+    """
+    RENAMED_FIELDS: ClassVar[Dict[str, str]] = {"q": "num_directions", "mu": "smoothing"}
     ways: int = 5
     shots: int = 1                  # num_sup_train (= test shot)
     query: int = 15
@@ -66,8 +80,8 @@ class BiDfMKDConfig:
     inv_per_class: int = 30
     inv_lr: float = 1e-3
     estimator: str = "sphere-forward"
-    q: int = 100
-    mu: float = 0.005
+    num_directions: int = 100       # q
+    smoothing: float = 0.005        # mu
     chunk_size: Optional[int] = None
     boundary_weight: float = 1.0
     boundary_start: int = 4000      # meta-iteration after which the boundary term is on
@@ -101,9 +115,15 @@ class BiDfMKDConfig:
     paper_lr: float = 0.01          # fine-tuning lr of the paper protocol's test evaluations
     paper_steps: int = 10           # fine-tuning steps of the paper protocol's test evaluations
     finetune_steps: int = 10
+    finetune_lr: Optional[float] = None  # fine-tuning lr of the evaluations (None: inner_lr)
     query_budget: Optional[int] = None
     checkpoint_every: int = 50
     seed: int = 2022
+
+    @property
+    def eval_lr(self) -> float:
+        """The evaluations' fine-tuning learning rate: ``finetune_lr``, or ``inner_lr`` if None."""
+        return self.inner_lr if self.finetune_lr is None else self.finetune_lr
 
     @property
     def flip(self) -> bool:
@@ -112,8 +132,8 @@ class BiDfMKDConfig:
 
     def inversion(self) -> InversionConfig:
         return InversionConfig(iterations=self.inv_iterations, per_class=self.inv_per_class,
-                               lr=self.inv_lr, estimator=self.estimator, num_directions=self.q,
-                               smoothing=self.mu, chunk_size=self.chunk_size,
+                               lr=self.inv_lr, estimator=self.estimator, num_directions=self.num_directions,
+                               smoothing=self.smoothing, chunk_size=self.chunk_size,
                                boundary_weight=self.boundary_weight, pad=self.inv_pad,
                                flip=self.flip, select=self.inv_select,
                                tv_weight=self.inv_tv_weight, l1_weight=self.inv_l1_weight,
@@ -317,7 +337,7 @@ class _Loop:
         the test tasks with ``paper_lr`` / ``paper_steps``), appends the record to the history and
         keeps the parameters as ``best_params`` if their validation accuracy is the best so far."""
         cfg, run = self.cfg, self.run
-        r = _evaluate(self.meta_apply, self.norm, self.state.params, self.val, cfg.inner_lr,
+        r = _evaluate(self.meta_apply, self.norm, self.state.params, self.val, cfg.eval_lr,
                       cfg.finetune_steps)
         rec = {"event": "eval", "iteration": it, "val_acc": r.mean, "val_ci": r.ci95,
                "queries": self.total_queries(), "visits": run.visits, **info,

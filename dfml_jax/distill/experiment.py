@@ -259,7 +259,7 @@ def report(cfg, run, results, teacher_meta, reference, seconds):
         "budget, so every prefix is exactly the run with the smaller budget); teacher queried "
         f"once per synthetic sample ({cfg.ideal.batch_size} per round, top-1 labels).",
         f"DFME: one run per budget (its LR schedule depends on the budget); {dcost} queries per "
-        f"iteration = {cfg.dfme.batch_size} x ({cfg.dfme.g_iter} x ({cfg.dfme.grad_m} + 1) + "
+        f"iteration = {cfg.dfme.batch_size} x ({cfg.dfme.g_iter} x ({cfg.dfme.num_directions} + 1) + "
         f"{cfg.dfme.d_iter}); teacher probabilities, logits recovered as log p - mean log p.",
         "run_wall_s: wall seconds of the run that produced the row (IDEAL and NaiveKD: the whole "
         "run up to the largest budget; a resumed run: the last invocation only).",
