@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 
 
 def make_teacher(kind: str, shape, num_classes: int, key):

@@ -39,7 +39,7 @@ population      4.404     30.18     6.9   [9.6]
 So im2col wins wherever kernels are batched by ``vmap`` (meta-batches of MAML tasks, teacher
 populations: lax's batching rule makes them grouped convolutions) and for second-order MAML on
 one task; lax wins for single-model forward passes and first-order gradients. The library
-default is im2col; black-box APIs (:func:`dfml_jax.pool.load_pool`) are built with lax.
+default is im2col; black-box APIs (:func:`dfml_jax.teachers.load_pool`) are built with lax.
 ``functional``: the NNX-merge view and the hand-written forward give the same primitive sequence
 (6,894 jaxpr equations), bit-identical gradients and the same run time (ratio 1.04, noise);
 trace 4.2 s vs 4.4 s, compile 33 s for both.

@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.estimators import ESTIMATOR_SPECS, num_queries, zo_gradient
 
 REQUIRED = ("sphere-forward", "gaussian-forward", "gaussian-central", "orthogonal-central",

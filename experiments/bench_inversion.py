@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dfml_jax.api import APIGroup, BlackBoxAPI
 from dfml_jax.bidf_mkd import InversionConfig, KDTask, ReplayTasks, make_inverter
 from dfml_jax.bidf_mkd.metastep import make_meta_steps
-from dfml_jax.blackbox import APIGroup, BlackBoxAPI
 from dfml_jax.models import create_model, functional
 
 PYTORCH_REFERENCE_S = {"replay_meta_iteration": 0.70, "kd_task": 4.5}

@@ -101,7 +101,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dfml_jax.models import create_model, functional, normalize, stack_trees  # noqa: E402
-from dfml_jax.train_teacher import recipe_for, train_population  # noqa: E402
+from dfml_jax.teachers.population import recipe_for, train_population  # noqa: E402
 
 
 def load_data(args, P, way):

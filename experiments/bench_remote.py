@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.remote import from_http
 from dfml_jax.serve import make_linear_teacher
 
@@ -92,7 +92,7 @@ def measure(api, shape, n: int, seconds: float, rng) -> dict:
     """Query ``n`` samples at a time for about ``seconds``.
 
     Args:
-      api: a :class:`~dfml_jax.blackbox.BlackBoxAPI`.
+      api: a :class:`~dfml_jax.api.BlackBoxAPI`.
       shape: one sample's shape.
       n: samples per query.
       seconds: time to spend (at least one query).

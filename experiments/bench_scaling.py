@@ -103,7 +103,7 @@ def main(argv=None):
 
     from dfml_jax.bidf_mkd import InversionConfig, ReplayTasks, make_inverter
     from dfml_jax.bidf_mkd.metastep import make_meta_steps
-    from dfml_jax.blackbox import APIGroup, BlackBoxAPI
+    from dfml_jax.api import APIGroup, BlackBoxAPI
     from dfml_jax.models import create_model, functional
     from dfml_jax.parallel import make_mesh, replicate
 

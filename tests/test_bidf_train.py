@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.bidf_mkd.inversion import inversion_queries
 from dfml_jax.bidf_mkd.train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
-from dfml_jax.blackbox import BlackBoxAPI
 from dfml_jax.meta import evaluate_tasks
 from dfml_jax.models import create_model, functional
 

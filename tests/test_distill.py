@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.distill import (DFMEConfig, Evaluator, IDEALConfig, cost_per_iteration, info_loss,
                               make_dfme_iteration, make_generation_phase, make_generator,
                               random_crop_flip, run_dfme, run_naive_kd, run_pool_distillation,

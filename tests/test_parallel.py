@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 
+from dfml_jax.api import APIGroup, BlackBoxAPI
 from dfml_jax.bidf_mkd import InversionConfig, KDTask, ReplayTasks, inversion_queries, make_inverter
 from dfml_jax.bidf_mkd.metastep import make_meta_steps
 from dfml_jax.bidf_mkd.train import LoopState, train_bidf_mkd
-from dfml_jax.blackbox import APIGroup, BlackBoxAPI
 from dfml_jax.checkpoint import RunCheckpointer
 from dfml_jax.models import create_model, functional
 from dfml_jax.parallel import (check_divisible, make_mesh, replicate, replicated_sharding,

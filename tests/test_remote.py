@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfml_jax.blackbox import BlackBoxAPI, surface_api_errors
+from dfml_jax.api import BlackBoxAPI, surface_api_errors
 from dfml_jax.remote import (from_http, RemoteAuthError, RemoteProtocolError, RemoteRequestTooLarge,
                              RemoteUnavailable, decode_infer_response, encode_infer_request,
                              parse_endpoint)
@@ -436,7 +436,7 @@ def test_client_on_a_plain_kserve_server_failing_10pct(plain_kserve):
 def tiny_pool(tmp_path):
     """A 2-teacher MLP pool with random weights (written with write_pool, no training)."""
     from dfml_jax.models import create_model, functional, stack_trees
-    from dfml_jax.pool import TrainedGroup, write_pool
+    from dfml_jax.teachers import TrainedGroup, write_pool
 
     shape = (6, 6, 1)
     fm = functional(create_model("mlp", num_classes=5, input_shape=shape, hidden=(8,),
@@ -462,7 +462,7 @@ def test_cli_serves_a_pool_teacher_read_by_the_triton_client(tiny_pool, tmp_path
     metadata, config, infer with binary data, statistics), then the project's client."""
     import tritonclient.http as triton
 
-    from dfml_jax.pool import load_pool
+    from dfml_jax.teachers import load_pool
 
     d, shape = tiny_pool
     port_file = str(tmp_path / "port")
@@ -525,9 +525,9 @@ def test_cli_serves_a_pool_teacher_read_by_the_triton_client(tiny_pool, tmp_path
 
 def test_pool_of_urls_for_pool_algorithms(tiny_pool, serve, tmp_path):
     from dfml_jax.bidf_mkd.experiment import BiDfExperimentConfig, _pool
-    from dfml_jax.blackbox import group_apis
+    from dfml_jax.api import group_apis
     from dfml_jax.experiment import RunDir
-    from dfml_jax.pool import load_pool
+    from dfml_jax.teachers import load_pool
     from dfml_jax.remote import load_remote_pool
 
     d, shape = tiny_pool

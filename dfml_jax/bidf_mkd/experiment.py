@@ -45,13 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfml_jax.augment import normalize
 from dfml_jax.data import ClassDataset, get_class_splits, Taskset
 from dfml_jax.experiment import RunDir, plot_curves, write_results
 from dfml_jax.meta import evaluate_tasks, select_finetune_lr
 from dfml_jax.models import create_model, functional, scale_kernels
-from dfml_jax.pool import load_pool, load_white_box_teachers, obtain_pool
 from dfml_jax.remote import load_remote_pool
+from dfml_jax.teachers import load_pool, load_white_box_teachers, obtain_pool
+from dfml_jax.training.augment import normalize
 
 from .train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
 
@@ -127,7 +127,7 @@ class BiDfExperimentConfig(BiDfMKDConfig):
 
 
 def pool_build_args(cfg: BiDfExperimentConfig, num_apis: Optional[int] = None) -> Dict[str, Any]:
-    """:func:`dfml_jax.pool.build_pool` arguments of the config's pool (``num_apis``: its first
+    """:func:`dfml_jax.teachers.build_pool` arguments of the config's pool (``num_apis``: its first
     teachers only; teacher ``m`` does not depend on the pool size)."""
     kw = {a: {"width": cfg.pool_width} for a in cfg.pool_archs
           if a in ("conv4", "resnet10", "resnet18")}
@@ -414,7 +414,7 @@ def pool_data_split(train_split: ClassDataset, records: Sequence[Dict[str, Any]]
     """The real images the pool's teachers were trained on, as a few-shot split.
 
     The classes are the union of the teachers' classes (``record["classes"]``: ids of the
-    meta-train split). A teacher of :func:`dfml_jax.pool.train_group` trained on the first
+    meta-train split). A teacher of :func:`dfml_jax.teachers.train_group` trained on the first
     ``num_train // num_classes`` images of each of its classes (the rest is its held-out set);
     the split keeps the first ``min`` of that over the records, i.e. images every teacher of the
     class trained on (in a pool from ``build_pool`` all teachers share one train fraction). If a

@@ -33,12 +33,12 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dfml_jax.augment import normalize
-from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded
+from dfml_jax.api import BlackBoxAPI, QueryBudgetExceeded
 from dfml_jax.checkpoint import RunCheckpointer
 from dfml_jax.memory import MemoryState, PlateauTrigger, init_memory, sample_tasks
 from dfml_jax.meta import evaluate_tasks
 from dfml_jax.parallel import replicate
+from dfml_jax.training.augment import normalize
 
 from .inversion import InversionConfig
 from .metastep import KDTask, ReplayTasks, cached_meta_steps

@@ -11,7 +11,7 @@
 * :mod:`.common`: student optimisers and training steps, per-sample augmentation, evaluation, the
   on-disk label cache (:class:`PoolStore`), validation-based selection within a budget.
 
-Every teacher query goes through a :class:`~dfml_jax.blackbox.BlackBoxAPI`; its ledger is the
+Every teacher query goes through a :class:`~dfml_jax.api.BlackBoxAPI`; its ledger is the
 query count reported everywhere, and its budget bounds every run (a step is reserved before it
 runs; a run stops cleanly when the budget cannot cover the next step).
 """

@@ -9,9 +9,10 @@
 * Validation-based model selection within a budget (:func:`select_within_budget`) and the
   stratified validation split (:func:`split_validation`).
 
-Re-exported for the methods, from the modules that define them: the student's optimiser, state
-and training passes (:mod:`.student`), the label cache (:mod:`.label_cache`), the compiled-step
-cache (:mod:`.compile_cache`) and per-sample augmentation (:mod:`dfml_jax.augment`).
+Re-exported for the methods, from the modules that define them: the student's state and training
+passes (:mod:`.student`), its optimiser (:mod:`dfml_jax.training.optim`), the label cache
+(:mod:`.label_cache`), the compiled-step cache (:mod:`dfml_jax.training.compile_cache`) and
+per-sample augmentation (:mod:`dfml_jax.training.augment`).
 """
 from __future__ import annotations
 
@@ -24,14 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfml_jax.augment import AUGMENTATIONS, augment_images, random_crop_flip
 from dfml_jax.checkpoint import RunCheckpointer
-from dfml_jax.distill.compile_cache import memoize_builder, uncommitted
 from dfml_jax.distill.label_cache import PoolStore, atomic_write_json, dequantize, quantize_uint8
 from dfml_jax.distill.student import (POOL_LOSSES, StudentState, balanced_loss, init_student,
-                                      make_pool_pass, make_supervised_epoch, multistep_schedule,
-                                      pool_class_prior, torch_sgd, train_supervised)
+                                      make_pool_pass, make_supervised_epoch, pool_class_prior,
+                                      train_supervised)
 from dfml_jax.models import create_model, functional, get_default_conv_impl
+from dfml_jax.training.augment import AUGMENTATIONS, augment_images, random_crop_flip
+from dfml_jax.training.compile_cache import memoize_builder, uncommitted
+from dfml_jax.training.optim import multistep_schedule, torch_sgd
 
 __all__ = [
     "StudentState",
@@ -210,7 +212,7 @@ class RunTracker:
       eval_budgets: query counts at which the student is evaluated as well.
       step_key: name of the step counter in the curve's points (``"round"``, ``"iteration"``).
 
-    >>> from dfml_jax.blackbox import BlackBoxAPI
+    >>> from dfml_jax.api import BlackBoxAPI
     >>> api = BlackBoxAPI.from_host(lambda x: x.reshape(len(x), -1), (2, 2, 1), 4)
     >>> t = RunTracker(api, workdir=None, evaluator=None, eval_budgets=(100,), step_key="round")
     >>> t.crosses_budget(step_cost=40), t.start

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
+from dfml_jax.api import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
 from dfml_jax.distill.common import (Evaluator, RunTracker, StudentState, atomic_write_json,
                                      config_dict, init_student, make_generator, memoize_builder,
                                      multistep_schedule, torch_sgd)

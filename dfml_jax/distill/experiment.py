@@ -31,14 +31,14 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.checkpoint import RunCheckpointer
+from dfml_jax.data import load_single_task
 from dfml_jax.distill.common import (Evaluator, atomic_write_json, select_within_budget,
                                      split_validation, torch_sgd, train_supervised)
 from dfml_jax.distill.dfme import DFMEConfig, cost_per_iteration, run_dfme
 from dfml_jax.distill.ideal import IDEALConfig, run_pool_distillation
 from dfml_jax.experiment import RunDir, plot_curves, write_results
-from dfml_jax.data import load_single_task
 from dfml_jax.models import create_model, functional, set_default_conv_impl
 
 __all__ = ["METHODS", "run_experiment", "load_data", "get_teacher", "get_reference", "make_api",

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
+from dfml_jax.api import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
 from dfml_jax.distill.balance import with_floor_images
 from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, PoolStore,
                                      RunTracker, StudentState, config_dict, dequantize,

@@ -26,8 +26,8 @@ clipping at 50, the learning rate stepped per epoch by a MultiStep schedule (gam
 * LeNet-5 / MLP (not in the spec): IDEAL's ``pretrain.py`` recipe, SGD(lr 0.1, momentum 0.9), no
   weight decay, no schedule (``ideal_dfme.md`` section 3.6).
 
-Augmentation (``TrainRecipe.augment``, a name of :data:`dfml_jax.augment.AUGMENTATIONS`): the
-official code trains its APIs without any (``"none"``, the paper's recipe and the default of
+Augmentation (``TrainRecipe.augment``, a name of :data:`dfml_jax.training.augment.AUGMENTATIONS`):
+the official code trains its APIs without any (``"none"``, the paper's recipe and the default of
 :data:`RECIPES`). Pools default to the domain-faithful choice of their dataset
 (:func:`default_augment`): ``"crop"`` (random shift by up to ``augment_pad`` pixels, zero i.e.
 black border, never a mirror image) for glyphs, handwriting and digits, whose identity changes
@@ -55,10 +55,10 @@ import optax
 from tqdm.auto import tqdm
 
 from dfml_jax import parallel
-from dfml_jax.augment import augment_images
 from dfml_jax.models import FunctionalModel
-from dfml_jax.teacher_recipe import (DEFAULT_AUGMENT, RECIPES, TrainRecipe, augment_pad_for,
-                                     default_augment, make_optimizer, recipe_for, resolve_augment)
+from dfml_jax.teachers.recipe import (DEFAULT_AUGMENT, RECIPES, TrainRecipe, augment_pad_for,
+                                      default_augment, make_optimizer, recipe_for, resolve_augment)
+from dfml_jax.training.augment import augment_images
 
 __all__ = ["TrainRecipe", "RECIPES", "recipe_for", "make_optimizer", "PopulationResult",
            "train_population", "evaluate_population", "predict_population",

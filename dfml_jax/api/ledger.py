@@ -3,7 +3,7 @@
 Every answered sample is charged to a :class:`QueryLedger`, optionally against a budget. A jitted
 step that knows how many samples it will query reserves them first (:meth:`QueryLedger.reserve`),
 so the budget is checked at the step boundary, before any work; a refused request raises
-:class:`~dfml_jax.api_errors.QueryBudgetExceeded` and charges nothing.
+:class:`~dfml_jax.api.errors.QueryBudgetExceeded` and charges nothing.
 
 Example:
   >>> ledger = QueryLedger("teacher", budget=10)
@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Optional
 
-from dfml_jax.api_errors import QueryBudgetExceeded
+from dfml_jax.api.errors import QueryBudgetExceeded
 
 __all__ = ["QueryLedger"]
 

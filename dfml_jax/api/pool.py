@@ -1,11 +1,9 @@
-"""API-pool types: what a pool is, independent of how it is built or stored.
+"""The pool type: what a loaded pool of black-box teachers is, whoever built or served it.
 
-The loaded pool (:class:`APIPool`: black-box APIs plus their public records), the white-box view
-of a teacher for baselines (:class:`WhiteBoxTeacher`), the in-memory result of training one
-(dataset, architecture) group (:class:`TrainedGroup`), the pool errors, the scenarios and their
-validation, and the plain-text summary table. Storage is :mod:`dfml_jax.pool_store`, build keys
-:mod:`dfml_jax.pool_keys`, training :mod:`dfml_jax.pool_build`; :mod:`dfml_jax.pool` re-exports
-the public names of all four.
+:class:`APIPool` (black-box APIs plus their public records), the white-box view of a teacher for
+baselines (:class:`WhiteBoxTeacher`), the pool error and the plain-text summary table. Pools are
+trained, stored and loaded by :mod:`dfml_jax.teachers` (which re-exports these names) and reached
+over HTTP by :func:`dfml_jax.remote.load_remote_pool`; both build an :class:`APIPool`.
 """
 from __future__ import annotations
 
@@ -16,17 +14,11 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from dfml_jax.blackbox import BlackBoxAPI
-from dfml_jax.models import CLASSIFIERS
+from dfml_jax.api.blackbox import BlackBoxAPI
 
-__all__ = [
-    "SCENARIOS", "DEFAULT_ARCHS", "INPUT_SPACES", "PoolError", "APIPool", "WhiteBoxTeacher",
-    "TrainedGroup", "format_summary", "check_choices", "validate_scenario", "resolve_archs",
-]
+__all__ = ["INPUT_SPACES", "PoolError", "APIPool", "WhiteBoxTeacher", "format_summary"]
 
-SCENARIOS = ("SS", "SH", "MH")
-#: Architectures of the SH/MH scenarios when none are given (spec section 1.1).
-DEFAULT_ARCHS = ("conv4", "resnet10", "resnet18")
+#: How an API takes its inputs: normalised by the caller, or raw [0, 1] images.
 INPUT_SPACES = ("normalized", "raw")
 
 
@@ -51,12 +43,12 @@ class APIPool:
     """A loaded pool: black-box APIs plus their public metadata (no parameters).
 
     Attributes:
-      apis: the :class:`~dfml_jax.blackbox.BlackBoxAPI` objects, in teacher order.
+      apis: the :class:`~dfml_jax.api.BlackBoxAPI` objects, in teacher order.
       records: per teacher, the JSON record of ``pool.json`` (architecture, dataset, classes,
         held-out accuracy, seed, ...).
       classes: per teacher, the absolute meta-train class of each output index.
       scenario: ``"SS"``, ``"SH"`` or ``"MH"``.
-      input_space: ``"normalized"`` or ``"raw"`` (see :mod:`dfml_jax.pool`).
+      input_space: ``"normalized"`` or ``"raw"`` (see :mod:`dfml_jax.teachers`).
       directory: where the pool was loaded from.
       white_box_teachers: ``None`` unless attached with :meth:`with_white_box`.
     """
@@ -131,7 +123,7 @@ class APIPool:
 
     def with_white_box(self, teachers: Sequence[WhiteBoxTeacher]) -> "APIPool":
         """A copy with ``white_box_teachers`` attached (see
-        :func:`dfml_jax.pool.load_white_box_teachers`)."""
+        :func:`dfml_jax.teachers.load_white_box_teachers`)."""
         if len(teachers) != len(self.apis):
             raise ValueError(f"with_white_box: got {len(teachers)} teachers for {len(self)} APIs.")
         return dataclasses.replace(self, white_box_teachers=tuple(teachers))
@@ -146,75 +138,14 @@ class APIPool:
                 f"{['/'.join(g) for g in groups]}, input_space={self.input_space!r})")
 
 
-# ----------------------------------------------------------------------------- scenarios
-
-def check_choices(kind: str, values: Sequence[str], valid: Sequence[str]) -> None:
-    """Raises ``ValueError`` naming the valid ones unless every ``values`` item is in ``valid``."""
-    for v in values:
-        if v not in valid:
-            raise ValueError(f"Unknown {kind} {v!r}; valid: {', '.join(valid)}.")
-
-
-def resolve_archs(scenario: str, archs: Sequence[str] | None) -> tuple:
-    """``archs`` as a tuple; none given: ``("conv4",)`` for SS, :data:`DEFAULT_ARCHS` otherwise."""
-    return tuple(archs) if archs else (("conv4",) if scenario == "SS" else DEFAULT_ARCHS)
-
-
-def validate_scenario(scenario: str, datasets: Sequence[str], archs: Sequence[str]) -> None:
-    """Raises ``ValueError`` unless the datasets and architectures fit the scenario."""
-    if scenario not in SCENARIOS:
-        raise ValueError(f"Unknown scenario {scenario!r}; valid: {', '.join(SCENARIOS)} (SS: same "
-                         f"dataset and architecture, SH: same dataset, mixed architectures, MH: "
-                         f"mixed datasets and architectures).")
-    check_choices("architecture", archs, CLASSIFIERS)
-    if len(set(datasets)) != len(datasets) or len(set(archs)) != len(archs):
-        raise ValueError(f"Datasets and architectures must not repeat: {datasets}, {archs}.")
-    if not datasets or not archs:
-        raise ValueError("Give at least one dataset and one architecture.")
-    if scenario == "SS" and (len(datasets) != 1 or len(archs) != 1):
-        raise ValueError(f"Scenario SS needs exactly one dataset and one architecture, got "
-                         f"datasets={list(datasets)}, archs={list(archs)} (use SH or MH).")
-    if scenario == "SH" and (len(datasets) != 1 or len(archs) < 2):
-        raise ValueError(f"Scenario SH needs one dataset and at least two architectures, got "
-                         f"datasets={list(datasets)}, archs={list(archs)}.")
-    if scenario == "MH" and len(datasets) < 2:
-        raise ValueError(f"Scenario MH needs at least two datasets, got {list(datasets)}.")
-
-
-class TrainedGroup(NamedTuple):
-    """The teachers of one (dataset, architecture) group after training (white-box, in memory).
-
-    Attributes:
-      dataset, arch: names.
-      model_config: ``create_model`` arguments (without name/key) of the architecture.
-      mean, std: input normalisation of the dataset.
-      recipe: the :class:`~dfml_jax.train_teacher.TrainRecipe` used (as a dict).
-      params, state: stacked ``(P, ...)`` parameters and BN running statistics (final epoch).
-      teachers: one JSON record per teacher (classes, accuracies, seed, ...), without ``index``.
-      class_offset, dataset_num_classes: position of the dataset's classes in the pool's global
-        class numbering (MH) and the size of its meta-train split.
-    """
-    dataset: str
-    arch: str
-    model_config: dict
-    mean: tuple
-    std: tuple
-    recipe: dict
-    params: Any
-    state: Any
-    teachers: list
-    class_offset: int
-    dataset_num_classes: int
-
-
 # ----------------------------------------------------------------------------- reporting
 
 def format_summary(manifest: Mapping[str, Any]) -> str:
     """A plain-text table of the teachers (held-out accuracy) and per-group statistics.
 
     Args:
-      manifest: the dict returned by :func:`~dfml_jax.pool.build_pool` /
-        :func:`~dfml_jax.pool.read_manifest` (only
+      manifest: the dict returned by :func:`~dfml_jax.teachers.build_pool` /
+        :func:`~dfml_jax.teachers.read_manifest` (only
         ``teachers`` and ``scenario`` are used).
 
     Returns:

@@ -12,7 +12,8 @@ Constructors:
   is ONE host call.
 * :func:`dfml_jax.remote.from_http` reaches a model served over the Open Inference Protocol
   (Triton, KServe, MLServer, ``python -m dfml_jax.serve``) through the same host path, with
-  batching, bounded retries and pending-answer caching (the client layer sits above this module).
+  batching, bounded retries and pending-answer caching (:mod:`dfml_jax.remote` sits above this
+  package and depends on it, never the reverse).
 * :meth:`BlackBoxAPI.from_jax` is the in-graph fast path for simulated teachers: the teacher's
   forward pass is compiled into the caller's graph and only the final ``(n, K)`` outputs pass through
   a tiny host callback that charges the ledger (so counting is identical to the host path).
@@ -24,14 +25,17 @@ Errors raised inside a host callback under ``jit`` surface from XLA as ``JaxRunt
 the call in :func:`surface_api_errors` (decorator or context manager) to get the original
 exception back (``QueryBudgetExceeded``, ``BlackBoxError``...). Eager calls raise it directly.
 
-The boundary is split by idea; every public name is importable from here:
+The package is split by idea (each module imports only the ones above it); every public name is
+importable from here:
 
-* :mod:`dfml_jax.api_errors`: the errors, :func:`surface_api_errors`, :func:`record_api_error`
+* :mod:`dfml_jax.api.errors`: the errors, :func:`surface_api_errors`, :func:`record_api_error`
   (the bottom layer: it imports nothing from the package),
-* :mod:`dfml_jax.ledger`: the :class:`QueryLedger`,
-* :mod:`dfml_jax.api_outputs`: :data:`OUTPUT_MODES` and :func:`scores_to_outputs`,
-* :mod:`dfml_jax.blackbox_api`: the :class:`BlackBoxAPI`,
-* :mod:`dfml_jax.api_group`: :class:`APIGroup` and :func:`group_apis` (many APIs, one graph).
+* :mod:`dfml_jax.api.ledger`: the :class:`QueryLedger`,
+* :mod:`dfml_jax.api.outputs`: :data:`OUTPUT_MODES` and :func:`scores_to_outputs`,
+* :mod:`dfml_jax.api.blackbox`: the :class:`BlackBoxAPI`,
+* :mod:`dfml_jax.api.group`: :class:`APIGroup` and :func:`group_apis` (many APIs, one graph),
+* :mod:`dfml_jax.api.pool`: the pool type :class:`APIPool` (many APIs and their records), built by
+  :mod:`dfml_jax.teachers` from disk and by :mod:`dfml_jax.remote` over HTTP.
 
 Example:
   >>> import numpy as np, jax.numpy as jnp
@@ -40,12 +44,13 @@ Example:
   >>> api(jnp.ones((4, 2, 2, 1))).shape, api.queries
   ((4,), 4)
 """
-from dfml_jax.api_errors import (BlackBoxError, BlackBoxGradientError, QueryBudgetExceeded,
+from dfml_jax.api.blackbox import BlackBoxAPI
+from dfml_jax.api.errors import (BlackBoxError, BlackBoxGradientError, QueryBudgetExceeded,
                                  record_api_error, surface_api_errors)
-from dfml_jax.api_group import APIGroup, group_apis
-from dfml_jax.api_outputs import OUTPUT_MODES, scores_to_outputs
-from dfml_jax.blackbox_api import BlackBoxAPI
-from dfml_jax.ledger import QueryLedger
+from dfml_jax.api.group import APIGroup, group_apis
+from dfml_jax.api.ledger import QueryLedger
+from dfml_jax.api.outputs import OUTPUT_MODES, scores_to_outputs
+from dfml_jax.api.pool import INPUT_SPACES, APIPool, PoolError, WhiteBoxTeacher, format_summary
 
 __all__ = [
     "APIGroup",
@@ -59,4 +64,9 @@ __all__ = [
     "record_api_error",
     "scores_to_outputs",
     "surface_api_errors",
+    "APIPool",
+    "PoolError",
+    "WhiteBoxTeacher",
+    "INPUT_SPACES",
+    "format_summary",
 ]

@@ -9,8 +9,8 @@ clipping at 50, the learning rate stepped per epoch by a MultiStep schedule (gam
 * LeNet-5 / MLP (not in the spec): IDEAL's ``pretrain.py`` recipe, SGD(lr 0.1, momentum 0.9), no
   weight decay, no schedule (``ideal_dfme.md`` section 3.6).
 
-Augmentation (:attr:`TrainRecipe.augment`): see :mod:`dfml_jax.train_teacher` and
-:func:`default_augment`. :func:`dfml_jax.train_teacher.train_population` runs a recipe.
+Augmentation (:attr:`TrainRecipe.augment`): see :mod:`dfml_jax.teachers.population` and
+:func:`default_augment`. :func:`dfml_jax.teachers.population.train_population` runs a recipe.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import dataclasses
 
 import optax
 
-from dfml_jax.augment import AUGMENTATIONS
+from dfml_jax.training.augment import AUGMENTATIONS
 
 __all__ = ["TrainRecipe", "RECIPES", "recipe_for", "make_optimizer", "DEFAULT_AUGMENT",
            "default_augment", "resolve_augment", "augment_pad_for"]
@@ -39,7 +39,7 @@ class TrainRecipe:
       clip_norm: global gradient-norm clipping threshold (``None``: off).
       epochs: number of epochs.
       augment: per-sample augmentation of each mini-batch, a name of
-        :data:`dfml_jax.augment.AUGMENTATIONS`: ``"none"`` (the paper's recipe), ``"crop"``
+        :data:`dfml_jax.training.augment.AUGMENTATIONS`: ``"none"`` (the paper's recipe), ``"crop"``
         (random shift, no flip: glyphs, digits), ``"crop_flip"`` (natural images) or ``"flip"``.
       augment_pad: largest shift of the crop in pixels; ``None``: an eighth of the image side,
         rounded (4 at 28 and 32 px, 2 at 16 px, 10 at 84 px; :func:`augment_pad_for`).
@@ -104,11 +104,11 @@ def resolve_augment(augment: str | None, dataset: str | None = None) -> str:
 
     Args:
       augment: ``None`` (the dataset's default, :func:`default_augment`), ``"paper"`` (the
-        paper's recipe: ``"none"``) or a name of :data:`dfml_jax.augment.AUGMENTATIONS`.
+        paper's recipe: ``"none"``) or a name of :data:`dfml_jax.training.augment.AUGMENTATIONS`.
       dataset: the dataset name (only used when ``augment`` is ``None``).
 
     Returns:
-      A name of :data:`dfml_jax.augment.AUGMENTATIONS`.
+      A name of :data:`dfml_jax.training.augment.AUGMENTATIONS`.
 
     Raises:
       ValueError: an unknown name (the valid ones are listed).

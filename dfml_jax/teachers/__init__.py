@@ -1,4 +1,4 @@
-"""API pools: pre-trained black-box teachers for the SS / SH / MH scenarios.
+"""Teachers: pools of pre-trained black-box teachers for the SS / SH / MH scenarios.
 
 A pool (``shared/specs/bidf_mkd.md`` section 1.1) is a set of teachers, each an N-way classifier
 (N = 5 by default) on N classes drawn uniformly without replacement from the meta-train split of
@@ -13,15 +13,15 @@ accuracy. Scenarios:
 ``num_apis`` teachers are trained for every (dataset, architecture) group, as in the official
 code's ``--APInum`` (an SH pool with 3 architectures and ``num_apis=100`` holds 300 teachers).
 Teachers of one group train together as a population, one jitted epoch for up to
-``max_population`` of them (:func:`dfml_jax.train_teacher.train_population`; vectorised with
+``max_population`` of them (:func:`dfml_jax.teachers.population.train_population`; vectorised with
 ``vmap`` on accelerators, a compiled loop on CPU where that is faster). ``devices`` splits each
 population's teacher axis over several devices (``shard_map`` on a ``"teachers"`` mesh; default:
 all local devices, lowered per population to the largest count that divides it).
 
 The on-disk format (``pool.json`` and the per-group orbax checkpoints, verified on load) is
-described in :mod:`dfml_jax.pool_store`.
+described in :mod:`dfml_jax.teachers.store`.
 
-:func:`load_pool` returns an :class:`APIPool` of :class:`~dfml_jax.blackbox.BlackBoxAPI` objects
+:func:`load_pool` returns an :class:`APIPool` of :class:`~dfml_jax.api.BlackBoxAPI` objects
 (output mode chosen at load time); algorithms never see parameters. White-box access for
 baselines is the separate :func:`load_white_box_teachers`.
 
@@ -43,29 +43,29 @@ caller normalises with ``pool.mean``/``pool.std`` after augmentation and queries
 or ``"raw"`` (the API takes [0, 1] images and normalises internally; needed for MH pools whose
 datasets use different statistics).
 
-This module is the public entry point and re-exports the names of four modules, whose imports
-point one way: :mod:`dfml_jax.pool_types` (the pool types, errors, scenarios, summary) <-
-:mod:`dfml_jax.pool_store` (on-disk format, write, load) <- :mod:`dfml_jax.pool_keys` (build
-spec and key) <- :mod:`dfml_jax.pool_build` (training the groups, building and obtaining pools).
+This package is the public entry point and re-exports the names of its modules, whose imports
+point one way: :mod:`dfml_jax.teachers.types` (scenarios, trained groups) <-
+:mod:`dfml_jax.teachers.store` (on-disk format, write, load) <- :mod:`dfml_jax.teachers.keys`
+(build spec and key) <- :mod:`dfml_jax.teachers.build` (training the groups, building and
+obtaining pools); :mod:`dfml_jax.teachers.recipe` (training recipes) <-
+:mod:`dfml_jax.teachers.population` (population training). The pool type itself,
+:class:`~dfml_jax.api.APIPool`, lives in :mod:`dfml_jax.api` (re-exported here).
 """
 from __future__ import annotations
 
-from dfml_jax.pool_build import build_pool, check_devices, obtain_pool, population_sizes, \
-    train_group
-from dfml_jax.pool_keys import POOL_KEY_VERSION, PoolKeyError, check_pool_key, pool_key, \
-    pool_spec, spec_differences, split_fingerprint
-from dfml_jax.pool_store import POOL_FORMAT, POOL_FORMAT_VERSION, load_pool, \
-    load_white_box_teachers, read_manifest, write_pool
-from dfml_jax.pool_types import DEFAULT_ARCHS, SCENARIOS, APIPool, PoolError, TrainedGroup, \
-    WhiteBoxTeacher, format_summary
+from dfml_jax.api.pool import APIPool, PoolError, WhiteBoxTeacher, format_summary
+from dfml_jax.teachers.build import (build_pool, check_devices, obtain_pool, population_sizes,
+                                     train_group)
+from dfml_jax.teachers.keys import (POOL_KEY_VERSION, PoolKeyError, check_pool_key, pool_key,
+                                    pool_spec, spec_differences, split_fingerprint)
+from dfml_jax.teachers.store import (POOL_FORMAT, POOL_FORMAT_VERSION, load_pool,
+                                     load_white_box_teachers, read_manifest, write_pool)
+from dfml_jax.teachers.types import DEFAULT_ARCHS, SCENARIOS, TrainedGroup
 
 __all__ = [
     "POOL_FORMAT", "POOL_FORMAT_VERSION", "SCENARIOS", "DEFAULT_ARCHS", "PoolError", "APIPool",
     "WhiteBoxTeacher", "TrainedGroup", "build_pool", "train_group", "write_pool", "load_pool",
     "load_white_box_teachers", "read_manifest", "format_summary", "check_devices",
     "population_sizes", "pool_spec", "pool_key", "spec_differences", "check_pool_key",
-    "PoolKeyError", "POOL_KEY_VERSION", "obtain_pool",
+    "PoolKeyError", "POOL_KEY_VERSION", "obtain_pool", "split_fingerprint",
 ]
-
-#: Former private name of :func:`dfml_jax.pool_keys.split_fingerprint` (kept for importers).
-_split_fingerprint = split_fingerprint

@@ -5,8 +5,8 @@
   space before normalisation.
 * :func:`random_crop_flip` / :func:`augment_images`: a fresh draw per image (kornia's
   ``RandomCrop(padding)`` + ``RandomHorizontalFlip``), used by the distillation students and the
-  teacher trainer (:mod:`dfml_jax.train_teacher`). The named variants are :data:`AUGMENTATIONS`;
-  ``"crop"`` (random shift, never a flip) is the domain-faithful one for glyphs and digits, whose
+  teacher trainer (:mod:`dfml_jax.teachers.population`). The named variants are
+  :data:`AUGMENTATIONS`; ``"crop"`` (random shift, never a flip) is the domain-faithful one for glyphs and digits, whose
   identity changes under a mirror image.
 
 Everything is differentiable with respect to the images, so generator gradients flow through it.

@@ -10,11 +10,11 @@ On disk (``directory/``)::
 dataset's meta-train split, in output order), class names, held-out and train accuracy, seed.
 Per group it records the model configuration, normalisation statistics and a SHA-256 of the
 stored arrays, which :func:`load_pool` verifies: a pool that is missing files, was written by an
-incompatible version or holds corrupted arrays raises :class:`~dfml_jax.pool_types.PoolError`
+incompatible version or holds corrupted arrays raises :class:`~dfml_jax.api.pool.PoolError`
 and nothing is returned.
 
-:func:`load_pool` returns an :class:`~dfml_jax.pool_types.APIPool` of
-:class:`~dfml_jax.blackbox.BlackBoxAPI` objects (output mode chosen at load time); algorithms
+:func:`load_pool` returns an :class:`~dfml_jax.api.pool.APIPool` of
+:class:`~dfml_jax.api.BlackBoxAPI` objects (output mode chosen at load time); algorithms
 never see parameters. White-box access for baselines is the separate
 :func:`load_white_box_teachers`.
 """
@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfml_jax import __version__ as _LIB_VERSION
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api.blackbox import BlackBoxAPI
+from dfml_jax.api.pool import INPUT_SPACES, APIPool, PoolError, WhiteBoxTeacher
 from dfml_jax.models import create_model, functional
 from dfml_jax.models.preprocess import normalize
-from dfml_jax.pool_types import INPUT_SPACES, APIPool, PoolError, TrainedGroup, WhiteBoxTeacher, \
-    validate_scenario
+from dfml_jax.teachers.types import TrainedGroup, validate_scenario
 
 __all__ = [
     "POOL_FORMAT", "POOL_FORMAT_VERSION", "MANIFEST", "write_pool", "read_manifest", "load_pool",
@@ -146,7 +146,7 @@ def write_pool(directory: str, groups: Sequence[TrainedGroup], *, scenario: str,
 
     Args:
       directory: pool directory to create.
-      groups: :class:`~dfml_jax.pool_types.TrainedGroup` s; teacher indices follow their order.
+      groups: :class:`~dfml_jax.teachers.types.TrainedGroup` s; teacher indices follow their order.
       scenario: ``"SS"``, ``"SH"`` or ``"MH"`` (recorded; checked against the groups).
       extra: additional JSON fields for ``pool.json`` (e.g. the build arguments).
       overwrite: replace an existing directory.
@@ -335,7 +335,7 @@ def load_pool(directory: str, *, output: str = "logits", k: int | None = None,
     """Loads a pool as black-box APIs (all-or-nothing: any problem raises, nothing half-loaded).
 
     Args:
-      directory: pool directory written by :func:`~dfml_jax.pool_build.build_pool`.
+      directory: pool directory written by :func:`~dfml_jax.teachers.build.build_pool`.
       output: what the APIs reveal: ``"logits"``, ``"probs"``, ``"label"`` or ``"topk"``.
       k: classes revealed with ``output="topk"``.
       budget: per-API query budget in samples (``None``: unlimited).
@@ -347,8 +347,8 @@ def load_pool(directory: str, *, output: str = "logits", k: int | None = None,
         (``experiments/bench_conv.py``, case ``api_forward``); ``None`` keeps the process default.
 
     Returns:
-      :class:`~dfml_jax.pool_types.APIPool`. The APIs of one (dataset, architecture) group share
-      one ``apply_fn``, so :class:`~dfml_jax.blackbox.APIGroup` can answer them from one compiled
+      :class:`~dfml_jax.api.pool.APIPool`. The APIs of one (dataset, architecture) group share
+      one ``apply_fn``, so :class:`~dfml_jax.api.APIGroup` can answer them from one compiled
       graph.
 
     Raises:
@@ -389,7 +389,7 @@ def load_white_box_teachers(directory: str, *, input_space: str = "normalized",
         gradients through vmapped models).
 
     Returns:
-      One :class:`~dfml_jax.pool_types.WhiteBoxTeacher` ``(apply, params)`` per teacher, in pool
+      One :class:`~dfml_jax.api.pool.WhiteBoxTeacher` ``(apply, params)`` per teacher, in pool
       order; teachers of a group share ``apply``. Records are in
       ``read_manifest(directory)["teachers"]``.
 

@@ -2,8 +2,8 @@
 
 Built with :meth:`BlackBoxAPI.from_host` (any host callable, a ``jax.pure_callback`` under
 ``jit``) or :meth:`BlackBoxAPI.from_jax` (an in-graph forward pass whose outputs alone cross to
-the host to be charged). See :mod:`dfml_jax.blackbox` for the whole boundary; several APIs of one
-signature are answered by one compiled graph through :class:`dfml_jax.api_group.APIGroup`.
+the host to be charged). See :mod:`dfml_jax.api` for the whole boundary; several APIs of one
+signature are answered by one compiled graph through :class:`dfml_jax.api.group.APIGroup`.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfml_jax.api_errors import (BlackBoxError, QueryBudgetExceeded, gradient_refusal,
+from dfml_jax.api.errors import (BlackBoxError, QueryBudgetExceeded, gradient_refusal,
                                  record_api_error)
-from dfml_jax.api_outputs import OUTPUT_MODES, SCORE_KINDS, scores_to_outputs
-from dfml_jax.ledger import QueryLedger
+from dfml_jax.api.ledger import QueryLedger
+from dfml_jax.api.outputs import OUTPUT_MODES, SCORE_KINDS, scores_to_outputs
 
 __all__ = ["BlackBoxAPI"]
 

@@ -6,12 +6,12 @@ its dataset, independently per teacher (so classes overlap across teachers). Eac
 are split 80/20 in order: the first 80 % train the teacher, the last 20 % measure its held-out
 accuracy. ``num_apis`` teachers are trained for every (dataset, architecture) group
 (:func:`train_group`); teachers of one group train together as a population, one jitted epoch
-for up to ``max_population`` of them (:func:`dfml_jax.train_teacher.train_population`), and
+for up to ``max_population`` of them (:func:`dfml_jax.teachers.population.train_population`), and
 ``devices`` splits each population's teacher axis over several devices.
 
 :func:`build_pool` trains every group and writes the pool with its build key
-(:mod:`dfml_jax.pool_store`, :mod:`dfml_jax.pool_keys`); :func:`obtain_pool` reuses a pool with
-the requested build key or builds one.
+(:mod:`dfml_jax.teachers.store`, :mod:`dfml_jax.teachers.keys`); :func:`obtain_pool` reuses a
+pool with the requested build key or builds one.
 """
 from __future__ import annotations
 
@@ -25,15 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from dfml_jax.api.pool import PoolError
 from dfml_jax.data import get_class_splits
 from dfml_jax.models import CLASSIFIERS, create_model, functional, stack_trees
 from dfml_jax.models.preprocess import compute_stats, normalize, stats_for_dataset
-from dfml_jax.pool_keys import check_pool_key, custom_data_key, pool_key, pool_spec
-from dfml_jax.pool_store import MANIFEST, check_new_directory, read_manifest, write_pool
-from dfml_jax.pool_types import PoolError, TrainedGroup, check_choices, resolve_archs, \
-    validate_scenario
-from dfml_jax.train_teacher import augment_pad_for, evaluate_population, recipe_for, \
-    resolve_devices, train_population
+from dfml_jax.teachers.keys import check_pool_key, custom_data_key, pool_key, pool_spec
+from dfml_jax.teachers.population import (augment_pad_for, evaluate_population, recipe_for,
+                                          resolve_devices, train_population)
+from dfml_jax.teachers.store import MANIFEST, check_new_directory, read_manifest, write_pool
+from dfml_jax.teachers.types import TrainedGroup, check_choices, resolve_archs, validate_scenario
 
 __all__ = ["build_pool", "train_group", "obtain_pool", "check_devices", "population_sizes"]
 
@@ -215,7 +215,7 @@ def train_group(split, *, dataset: str, arch: str, num_apis: int, way: int = 5, 
       way: classes per teacher.
       seed, group_index: seed derivation (see above).
       model_kwargs: ``create_model`` options, e.g. ``{"width": 8}``.
-      recipe: :class:`~dfml_jax.train_teacher.TrainRecipe` (default: the architecture's, with
+      recipe: :class:`~dfml_jax.teachers.population.TrainRecipe` (default: the architecture's, with
         the dataset's domain-faithful augmentation, ``recipe_for(arch, dataset)``). A crop
         augmentation pads with black (``-mean / std`` after normalisation); the recorded recipe
         holds the resolved ``augment_pad``.
@@ -230,7 +230,7 @@ def train_group(split, *, dataset: str, arch: str, num_apis: int, way: int = 5, 
       strategy: population strategy (``"vmap"``/``"map"``; default ``"map"`` on CPU).
 
     Returns:
-      :class:`~dfml_jax.pool_types.TrainedGroup`.
+      :class:`~dfml_jax.teachers.types.TrainedGroup`.
 
     Raises:
       ValueError: unknown architecture, ``way`` larger than the split, no training images, a
@@ -293,7 +293,7 @@ def _load_splits(datasets, split_loader, dataset_kwargs, way: int, train_fractio
 
     Returns ``(splits, offsets, data_keys)``: ``offsets`` place each dataset's classes in the
     pool's global class numbering; ``data_keys`` is the one given, or with a custom
-    ``split_loader`` and none given, each split's :func:`~dfml_jax.pool_keys.custom_data_key`.
+    ``split_loader`` and none given, each split's :func:`~dfml_jax.teachers.keys.custom_data_key`.
     """
     loader = split_loader or _default_split_loader
     splits, offsets, offset = {}, {}, 0
@@ -333,25 +333,25 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
                data_keys: Mapping[str, Any] | None = None) -> dict:
     """Trains a pool of teachers and writes it to ``directory`` (atomically).
 
-    ``pool.json`` records the build spec and key (:func:`~dfml_jax.pool_keys.pool_spec`,
-    :func:`~dfml_jax.pool_keys.pool_key`), so the pool can be checked against a request
-    (:func:`~dfml_jax.pool_keys.check_pool_key`).
+    ``pool.json`` records the build spec and key (:func:`~dfml_jax.teachers.keys.pool_spec`,
+    :func:`~dfml_jax.teachers.keys.pool_key`), so the pool can be checked against a request
+    (:func:`~dfml_jax.teachers.keys.check_pool_key`).
 
     Args:
       directory: pool directory to create.
       scenario: ``"SS"``, ``"SH"`` or ``"MH"``.
       datasets: dataset names (``dfml_jax.data.get_class_splits`` names), one for SS/SH.
       archs: classifier names; default ``("conv4",)`` for SS and
-        :data:`~dfml_jax.pool_types.DEFAULT_ARCHS` otherwise.
+        :data:`~dfml_jax.teachers.types.DEFAULT_ARCHS` otherwise.
       num_apis: teachers per (dataset, architecture) group.
       way: classes per teacher.
       epochs: training epochs (default: the recipe's, 60).
       seed: master seed; teacher seeds are derived from (seed, group, member) and recorded.
       model_kwargs: per-architecture ``create_model`` options, e.g. ``{"conv4": {"width": 8}}``.
-      recipe_overrides: :class:`~dfml_jax.train_teacher.TrainRecipe` fields applied to every
+      recipe_overrides: :class:`~dfml_jax.teachers.population.TrainRecipe` fields applied to every
         architecture (e.g. ``{"batch_size": 32}``). ``augment`` not given (or ``None``): each
         dataset's domain-faithful augmentation (``"crop"`` for glyphs and digits, ``"crop_flip"``
-        for natural images: :func:`~dfml_jax.train_teacher.default_augment`); ``"none"`` or
+        for natural images: :func:`~dfml_jax.teachers.population.default_augment`); ``"none"`` or
         ``"paper"``: the paper's recipe, no augmentation.
       dataset_kwargs: extra arguments of the split loader (e.g. ``image_size``, ``channels``),
         the same for every dataset.
@@ -362,11 +362,11 @@ def build_pool(directory: str, *, scenario: str, datasets: Sequence[str],
       overwrite: replace an existing pool directory.
       progress: tqdm progress bars.
       devices: split each population's teacher axis over devices (``jax.shard_map``, see
-        :func:`dfml_jax.train_teacher.train_population`): a count (the first N local devices) or
-        a sequence of devices; it must divide every population's size (``max_population`` and
-        the remainder of ``num_apis``). ``None`` (default): all local devices, lowered per
-        population to the largest count dividing it. The trained weights do not depend on it
-        (up to float reassociation).
+        :func:`dfml_jax.teachers.population.train_population`): a count (the first N local
+        devices) or a sequence of devices; it must divide every population's size
+        (``max_population`` and the remainder of ``num_apis``). ``None`` (default): all local
+        devices, lowered per population to the largest count dividing it. The trained weights do
+        not depend on it (up to float reassociation).
       strategy: population strategy, ``"vmap"`` or ``"map"`` (default: ``"map"`` on CPU).
       data_keys: per dataset, the content key of its split for the build key; default: with the
         default loader :func:`dfml_jax.data.content_key`, with a custom ``split_loader`` a
@@ -408,7 +408,7 @@ def obtain_pool(build: Mapping[str, Any], *, directory: str | None = None,
     """A pool built from ``build``: reused if one with the same build key exists, else built.
 
     * ``directory`` given and holding a pool: its build key must equal the requested one
-      (:func:`~dfml_jax.pool_keys.check_pool_key`; :class:`~dfml_jax.pool_keys.PoolKeyError`
+      (:func:`~dfml_jax.teachers.keys.check_pool_key`; :class:`~dfml_jax.teachers.keys.PoolKeyError`
       otherwise) unless ``check_key`` is False (then it is used as it is, and a log line says
       so);
     * ``directory`` given, no pool there: the pool is built into it;
@@ -422,7 +422,7 @@ def obtain_pool(build: Mapping[str, Any], *, directory: str | None = None,
       parent: where key-named pools live when ``directory`` is ``None``.
       check_key: check an existing explicit ``directory``'s key.
       fix: the remedy named by a key mismatch error (see
-        :func:`~dfml_jax.pool_keys.check_pool_key`).
+        :func:`~dfml_jax.teachers.keys.check_pool_key`).
       log: receives one line per decision (default: ``print``).
 
     Returns:

@@ -1,6 +1,6 @@
 """Groups of black-box APIs answered in one call: :class:`APIGroup` and :func:`group_apis`.
 
-A jitted algorithm written against one :class:`~dfml_jax.blackbox_api.BlackBoxAPI` compiles once
+A jitted algorithm written against one :class:`~dfml_jax.api.blackbox.BlackBoxAPI` compiles once
 per API; written against an :class:`APIGroup` it compiles once for the whole group and selects
 the member by a traced index, each member still charging its own ledger.
 """
@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfml_jax.api_errors import BlackBoxError, gradient_refusal, record_api_error
-from dfml_jax.api_outputs import scores_to_outputs
-from dfml_jax.blackbox_api import BlackBoxAPI
+from dfml_jax.api.blackbox import BlackBoxAPI
+from dfml_jax.api.errors import BlackBoxError, gradient_refusal, record_api_error
+from dfml_jax.api.outputs import scores_to_outputs
 
 __all__ = ["APIGroup", "group_apis"]
 

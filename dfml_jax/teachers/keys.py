@@ -1,15 +1,15 @@
 """API-pool build keys: everything a pool's teachers depend on, and its SHA-256.
 
-Pools describe themselves: :func:`~dfml_jax.pool_build.build_pool` records in ``pool.json`` its
+Pools describe themselves: :func:`~dfml_jax.teachers.build.build_pool` records in ``pool.json`` its
 ``build_spec`` (:func:`pool_spec`: scenario, datasets, architectures, teachers per group, way,
 seed, train fraction, model and dataset options, every group's training recipe with its
 augmentation, the content key of every dataset (:func:`dfml_jax.data.content_key`, which for
 Glyphs covers the rendering and the font bytes), the pool format and trainer versions) and
 ``build_key``, its SHA-256 (:func:`pool_key`). Whoever reuses a pool automatically compares keys
-(:func:`check_pool_key`; :func:`~dfml_jax.pool_build.obtain_pool` builds into
+(:func:`check_pool_key`; :func:`~dfml_jax.teachers.build.obtain_pool` builds into
 ``<parent>/pool-<key>`` and reuses only an equal key, as the BiDf-MKD experiment runner does): a
 pool built from other inputs is never silently reused. Pools written before keys existed record
-none; :func:`~dfml_jax.pool_store.load_pool` still reads them, but their key is unknown. How the
+none; :func:`~dfml_jax.teachers.store.load_pool` still reads them, but their key is unknown. How the
 teachers are split into populations, over devices and the strategy do not enter the key (the
 weights do not depend on them beyond float reassociation).
 """
@@ -22,10 +22,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dfml_jax.api.pool import PoolError
 from dfml_jax.data import content_key
-from dfml_jax.pool_store import POOL_FORMAT_VERSION, read_manifest
-from dfml_jax.pool_types import PoolError, resolve_archs, validate_scenario
-from dfml_jax.train_teacher import TRAINER_VERSION, recipe_for
+from dfml_jax.teachers.population import TRAINER_VERSION, recipe_for
+from dfml_jax.teachers.store import POOL_FORMAT_VERSION, read_manifest
+from dfml_jax.teachers.types import resolve_archs, validate_scenario
 
 __all__ = [
     "POOL_KEY_VERSION", "PoolKeyError", "pool_spec", "pool_key", "spec_differences",
@@ -56,12 +57,12 @@ def pool_spec(*, scenario: str, datasets: Sequence[str], archs: Sequence[str] | 
               data_keys: Mapping[str, Any] | None = None) -> dict:
     """Everything a pool's trained teachers depend on (its build key, as a JSON dict).
 
-    Takes the arguments of :func:`~dfml_jax.pool_build.build_pool` that change the teachers; the
+    Takes the arguments of :func:`~dfml_jax.teachers.build.build_pool` that change the teachers; the
     population size, devices, strategy and progress bars do not.
 
     Args:
       scenario, datasets, archs, num_apis, way, epochs, seed, model_kwargs, recipe_overrides,
-        dataset_kwargs, train_fraction: as :func:`~dfml_jax.pool_build.build_pool`.
+        dataset_kwargs, train_fraction: as :func:`~dfml_jax.teachers.build.build_pool`.
       data_keys: per dataset, the content key of its meta-train split; default
         :func:`dfml_jax.data.content_key` of ``(name, **dataset_kwargs)`` (Glyphs: the rendering
         cache key, font bytes included).
@@ -143,13 +144,13 @@ def check_pool_key(directory: str, spec: Mapping[str, Any], *, fix: str | None =
         matching pool).
 
     Returns:
-      The manifest (:func:`~dfml_jax.pool_store.read_manifest`).
+      The manifest (:func:`~dfml_jax.teachers.store.read_manifest`).
 
     Raises:
       PoolKeyError: the pool records no build key (written before keys existed), a key that
         does not match its own recorded spec (an edited ``pool.json``) or another key; the
         message names both keys and every differing field.
-      PoolError: as :func:`~dfml_jax.pool_store.read_manifest`.
+      PoolError: as :func:`~dfml_jax.teachers.store.read_manifest`.
     """
     manifest = read_manifest(directory)
     want = pool_key(spec)

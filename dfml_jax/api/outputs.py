@@ -3,7 +3,7 @@
 :data:`OUTPUT_MODES` are ``"logits"``, ``"probs"``, ``"label"`` and ``"topk"``;
 :func:`scores_to_outputs` turns a teacher's raw scores (logits or probabilities) into one of them,
 with NumPy on the host or ``jax.numpy`` in a compiled graph. Every API path
-(:class:`~dfml_jax.blackbox.BlackBoxAPI`, :class:`~dfml_jax.blackbox.APIGroup`) and the server
+(:class:`~dfml_jax.api.BlackBoxAPI`, :class:`~dfml_jax.api.APIGroup`) and the server
 (:mod:`dfml_jax.serve`) use it, so a served teacher reveals exactly what a local API would.
 """
 from __future__ import annotations
