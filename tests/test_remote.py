@@ -747,7 +747,7 @@ def test_distill_script_with_api_url(ideal_setup, serve, tmp_path):
 
 
 def test_bench_remote_prints_json_lines(capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "bench"))
     import bench_remote
 
     bench_remote.main(["--batches", "4", "--concurrency", "2", "--latencies", "5",

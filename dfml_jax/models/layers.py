@@ -7,7 +7,7 @@ back-ends with identical semantics (NHWC inputs, HWIO kernels, symmetric zero pa
   concatenated along the channel axis and multiplied with the reshaped kernel in one matmul.
 * ``"lax"``: :func:`jax.lax.conv_general_dilated`.
 
-Measured on 2 CPU cores (``experiments/bench_conv.py``, which prints the numbers): im2col is
+Measured on 2 CPU cores (``experiments/bench/bench_conv.py``, which prints the numbers): im2col is
 7-13x faster whenever ``vmap`` batches the kernels (a meta-batch of second-order MAML tasks, a
 population of teachers: lax's batching rule turns these into grouped convolutions, which XLA:CPU
 runs slowly) and 1.3-1.6x faster for second-order MAML on one task; lax is 2-3x faster for

@@ -11,8 +11,8 @@ in front of BatchNorm).
 
 Strategy: ``vmap`` is the natural choice on accelerators. On CPU, XLA runs the batched matmuls
 that ``vmap`` makes of the per-teacher matmuls several times slower per FLOP than unbatched ones,
-so ``"map"`` is the CPU default (:func:`default_strategy`); ``experiments/bench_pool.py`` measures
-both against training one teacher at a time. The population axis can also be split over several
+so ``"map"`` is the CPU default (:func:`default_strategy`); ``experiments/bench/bench_pool.py``
+measures both against training one teacher at a time. The population axis can also be split over several
 devices (``devices=``: ``jax.shard_map`` over a 1-D ``"teachers"`` mesh, each device running the
 strategy on its share), e.g. several GPUs, or emulated CPU devices that each run on their own
 thread.
@@ -120,7 +120,7 @@ def default_strategy() -> str:
 
     XLA:CPU runs batched matmuls (the ``vmap`` of per-teacher matmuls) several times slower per
     FLOP than unbatched ones, so on CPU a loop over teachers inside the compiled epoch is 2-3x
-    faster than ``vmap`` (``experiments/bench_pool.py``). Both give the same results.
+    faster than ``vmap`` (``experiments/bench/bench_pool.py``). Both give the same results.
     """
     return "map" if jax.default_backend() == "cpu" else "vmap"
 

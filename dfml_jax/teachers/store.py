@@ -344,7 +344,8 @@ def load_pool(directory: str, *, output: str = "logits", k: int | None = None,
         ``"raw"`` (APIs take [0, 1] images).
       conv_impl: convolution back-end of the teachers' forward pass. ``"lax"`` (default) is ~5x
         faster than im2col for the forward-only, single-model evaluations an API performs on CPU
-        (``experiments/bench_conv.py``, case ``api_forward``); ``None`` keeps the process default.
+        (``experiments/bench/bench_conv.py``, case ``api_forward``); ``None`` keeps the process
+        default.
 
     Returns:
       :class:`~dfml_jax.api.pool.APIPool`. The APIs of one (dataset, architecture) group share

@@ -19,7 +19,7 @@ Cases (Conv4, 32 channels, batch-statistics BN as for the meta-model unless note
 Every case reports the median of ``--reps`` timed runs after one warm-up/compile call, and the
 ratio lax/im2col. Output: one JSON object on stdout. Example::
 
-    python experiments/bench_conv.py --reps 5
+    python experiments/bench/bench_conv.py --reps 5
 
 Measured (jax 0.10.2, 2 shared CPU cores; other jobs kept the load average at 7-9, so absolute
 times are inflated, ratios are what matters; an earlier run at load 4-5 gave similar ratios,
@@ -59,7 +59,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, _REPO)
 from dfml_jax.models import create_model, functional, layers  # noqa: E402
 
 

@@ -20,10 +20,10 @@ seconds. One JSON line per point:
 
 Command lines::
 
-    python experiments/bench_remote.py                       # short default grid (~15 s)
-    python experiments/bench_remote.py --batches 1 16 128 512 --concurrency 1 2 4 8 \\
+    python experiments/bench/bench_remote.py                       # short default grid (~15 s)
+    python experiments/bench/bench_remote.py --batches 1 16 128 512 --concurrency 1 2 4 8 \\
         --latencies 0 20 100 --seconds 2
-    python experiments/bench_remote.py --pool runs/bidf_default/pool --api 0 --shape 28,28,1 \\
+    python experiments/bench/bench_remote.py --pool runs/bidf_default/pool --api 0 --shape 28,28,1 \\
         --classes 5
 """
 from __future__ import annotations

@@ -36,9 +36,9 @@ XLA's per-device threading, not a multi-device speed-up.
 
 Command lines::
 
-    python experiments/bench_scaling.py --cpu-devices 8 --smoke --out runs/bench_scaling_smoke
-    python experiments/bench_scaling.py --cpu-devices 8 --out runs/bench_scaling_cpu
-    python experiments/bench_scaling.py --devices 1 2 4 8 --out runs/bench_scaling_gpu   # 8 GPUs
+    python experiments/bench/bench_scaling.py --cpu-devices 8 --smoke --out runs/bench_scaling_smoke
+    python experiments/bench/bench_scaling.py --cpu-devices 8 --out runs/bench_scaling_cpu
+    python experiments/bench/bench_scaling.py --devices 1 2 4 8 --out runs/bench_scaling_gpu   # 8 GPUs
 """
 from __future__ import annotations
 

@@ -43,8 +43,8 @@ Outputs under ``--out DIR``: ``bench_estimators.jsonl``, ``bench_estimators.md``
 
 Command lines::
 
-    python experiments/bench_estimators.py --quick --out runs/bench_estimators_quick   # < 1 min
-    python experiments/bench_estimators.py --out runs/bench_estimators                  # full grid
+    python experiments/bench/bench_estimators.py --quick --out runs/bench_estimators_quick   # < 1 min
+    python experiments/bench/bench_estimators.py --out runs/bench_estimators                  # full grid
 """
 from __future__ import annotations
 

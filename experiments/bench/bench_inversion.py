@@ -17,7 +17,7 @@ replay meta-iteration and 4.5 s per KD task (numbers from the project issue); th
 
 Command line::
 
-    python experiments/bench_inversion.py --batch 150 --q 100 --image-size 32 --iters 3
+    python experiments/bench/bench_inversion.py --batch 150 --q 100 --image-size 32 --iters 3
 
 Measured on a quiet 2-core CPU (load 1, jax 0.10.2, Conv4 width 32, 32x32x3): ``ms_per_iter``
 6205, ``api_forward_ms_per_iter`` 4332 (ratio 1.43), generator forward+VJP 1613 ms (ratio to API
