@@ -50,6 +50,14 @@ def test_old_paths_reexport_the_moved_names(old):
         assert any(getattr(m, name, None) is getattr(shim, name) for m in new), (old, name)
 
 
+def test_optimisers_still_import_from_the_student_module():
+    from dfml_jax.distill import student
+    from dfml_jax.training import optim
+
+    assert student.torch_sgd is optim.torch_sgd
+    assert student.multistep_schedule is optim.multistep_schedule
+
+
 def _graph():
     mods = module_graph.modules()
     graph = {}

@@ -15,9 +15,12 @@ from dfml_jax.distill.label_cache import dequantize
 from dfml_jax.losses import cross_entropy, kd_kl
 from dfml_jax.training.augment import augment_images
 from dfml_jax.training.compile_cache import memoize_builder
+from dfml_jax.training.optim import multistep_schedule, torch_sgd
 
 __all__ = ["StudentState", "init_student", "make_supervised_epoch", "train_supervised",
-           "POOL_LOSSES", "pool_class_prior", "balanced_loss", "make_pool_pass"]
+           "POOL_LOSSES", "pool_class_prior", "balanced_loss", "make_pool_pass",
+           # moved to dfml_jax.training.optim; re-exported so that old imports keep working
+           "torch_sgd", "multistep_schedule"]
 
 
 # ----------------------------------------------------------------------------- student
