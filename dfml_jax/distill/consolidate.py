@@ -15,16 +15,14 @@ section 9 (why, and what it buys at 5K and 25K queries).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Dict, Iterator, Tuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from dfml_jax.distill.student import StudentState, make_pool_pass
-from dfml_jax.training.optim import _torch_sgd
+from dfml_jax.training.optim import torch_sgd_settable_lr
 
 __all__ = ["cosine_pass_lrs", "make_consolidation"]
 
@@ -36,13 +34,6 @@ def cosine_pass_lrs(lr: float, passes: int) -> list:
     [0.1, 0.085, 0.05, 0.015]
     """
     return [lr * 0.5 * (1.0 + math.cos(math.pi * i / passes)) for i in range(passes)]
-
-
-@functools.lru_cache(maxsize=16)
-def _injected_sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
-    """PyTorch-semantics SGD whose learning rate lives in the optimiser state (set per pass)."""
-    return optax.inject_hyperparams(_torch_sgd, static_args=("momentum", "weight_decay"))(
-        learning_rate=0.0, momentum=momentum, weight_decay=weight_decay)
 
 
 def make_consolidation(student_fm, *, lr: float, momentum: float, weight_decay: float,
@@ -66,7 +57,7 @@ def make_consolidation(student_fm, *, lr: float, momentum: float, weight_decay: 
     """
     if passes <= 0 or eval_every <= 0:
         raise ValueError(f"passes and eval_every must be positive, got {passes}, {eval_every}")
-    tx = _injected_sgd(float(momentum), float(weight_decay))
+    tx = torch_sgd_settable_lr(float(momentum), float(weight_decay))
     pool_pass = make_pool_pass(student_fm, tx, batch_size=batch_size, augment=augment, pad=pad,
                                targets_kind=targets_kind, pool_loss=pool_loss,
                                num_classes=num_classes or None)

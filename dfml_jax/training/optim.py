@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import optax
 
-__all__ = ["torch_sgd", "multistep_schedule"]
+__all__ = ["torch_sgd", "torch_sgd_settable_lr", "multistep_schedule"]
 
 
 def torch_sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 0.0
@@ -44,6 +44,24 @@ def _torch_sgd(learning_rate, momentum, weight_decay):
         parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(optax.sgd(learning_rate, momentum=momentum or None))
     return optax.chain(*parts)
+
+
+@functools.lru_cache(maxsize=16)
+def torch_sgd_settable_lr(momentum: float = 0.9, weight_decay: float = 0.0
+                          ) -> optax.GradientTransformation:
+    """:func:`torch_sgd` whose learning rate lives in the optimiser state (``optax.inject_hyperparams``).
+
+    Set it between steps with ``state.hyperparams["learning_rate"] = lr``; one compiled step
+    serves every rate. Cached like :func:`torch_sgd`.
+
+    >>> tx = torch_sgd_settable_lr(0.0)
+    >>> st = tx.init({"w": jnp.ones(2)})
+    >>> st.hyperparams["learning_rate"] = jnp.float32(0.5)
+    >>> [float(v) for v in tx.update({"w": jnp.ones(2)}, st)[0]["w"]]
+    [-0.5, -0.5]
+    """
+    return optax.inject_hyperparams(_torch_sgd, static_args=("momentum", "weight_decay"))(
+        learning_rate=0.0, momentum=momentum, weight_decay=weight_decay)
 
 
 def multistep_schedule(base: float, boundaries: Sequence[int], scale: float) -> Callable:
