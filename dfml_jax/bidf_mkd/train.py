@@ -382,7 +382,8 @@ class _BiDfMKD:
             step=self.step, checkpoint=self.checkpoint, restore=self.restore,
             evaluate=self.evaluate, num_steps=self.cfg.meta_iterations,
             limit_reason="iterations", step_key="iteration", unit="it",
-            show=("loss", "train_acc", "visits"), layout=STEP_COUNT)
+            show=("loss", "train_acc", "visits"), layout=STEP_COUNT, eval_initial=True,
+            checkpoint_at_stop=True)
 
 
 def bidf_mkd_method(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params,
@@ -392,9 +393,10 @@ def bidf_mkd_method(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_param
     """BiDf-MKD (or MAML on real data, ``replay_source="real"``) as a run-loop method.
 
     A step is a meta-iteration; the state is :class:`BiDfState` and its key chain starts from
-    :func:`run`'s key (``jax.random.key(cfg.seed)`` in :func:`train_bidf_mkd`). Run it with
-    ``eval_initial=True`` (the initial parameters compete in model selection), the pool's APIs
-    and the :data:`~dfml_jax.training.STEP_COUNT` checkpoint layout it declares.
+    :func:`run`'s key (``jax.random.key(cfg.seed)`` in :func:`train_bidf_mkd`); run it on the
+    pool's APIs. It evaluates its initial parameters (they compete in model selection),
+    checkpoints whenever the run stops and keeps the
+    :data:`~dfml_jax.training.STEP_COUNT` checkpoint layout.
 
     Args:
       cfg, meta_apply, meta_init_params, gen_init, gen_apply, pool, val_tasks, test_tasks,
@@ -449,9 +451,8 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
                              val_tasks=val_tasks, test_tasks=test_tasks, real_tasks=real_tasks,
                              mesh=mesh, t_start=t_start)
     out = run(method, pool.apis if pool is not None else (), key=jax.random.key(cfg.seed),
-              checkpoint_dir=checkpoint_dir, eval_every=cfg.eval_every, eval_initial=True,
-              checkpoint_every=cfg.checkpoint_every, checkpoint_at_stop=True,
-              max_steps=stop_after, progress=progress)
+              checkpoint_dir=checkpoint_dir, eval_every=cfg.eval_every,
+              checkpoint_every=cfg.checkpoint_every, max_steps=stop_after, progress=progress)
     arrays, host = out.state
     return TrainResult(arrays.best_params, arrays.params, out.curve, out.queries, host.visits,
                        time.time() - t_start, host.paper_best_test, out.stopped == "budget")

@@ -372,7 +372,7 @@ def ideal_method(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, seed: int = 
         evaluate=evaluate if evaluator is not None else None,
         on_budget=consolidate if evaluator is not None and parts.consolidate else None,
         query_cost=b, num_steps=cfg.rounds, limit_reason="rounds", step_key="round",
-        unit="round", info={"config": config_dict(cfg), "seed": seed})
+        unit="round", eval_first=True, info={"config": config_dict(cfg), "seed": seed})
 
 
 def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, seed: int,
@@ -416,7 +416,7 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
                              seconds=out.seconds)
 
     out = run(method, api, key=jax.random.key(seed), workdir=workdir, eval_every=cfg.eval_every,
-              eval_budgets=eval_budgets, eval_first=True, checkpoint_every=cfg.checkpoint_every,
+              eval_budgets=eval_budgets, checkpoint_every=cfg.checkpoint_every,
               max_steps=max_rounds, progress=progress, started=t0,
               summary=lambda o: result(o).summary())
     return result(out)

@@ -10,8 +10,8 @@ the same for every method:
   queries are reserved before it runs; a step that cannot be paid for ends the run cleanly, and
   so does :class:`~dfml_jax.blackbox.QueryBudgetExceeded` raised inside a step), or after
   ``max_steps`` steps in total (an interruption, e.g. a simulated kill);
-* **evaluation points**: before the first step (``eval_initial``), after the first step
-  (``eval_first``), every ``eval_every`` steps, after the last step within each of
+* **evaluation points**: before the first step (``Method.eval_initial``), after the first step
+  (``Method.eval_first``), every ``eval_every`` steps, after the last step within each of
   ``eval_budgets`` (so each budget gets its own model selection), after the last step the run can
   make, and once more at the end if the last step was not evaluated; ``on_budget`` adds points at
   the budget crossings (e.g. a copy of the model trained further, no query);
@@ -125,6 +125,9 @@ class Method(NamedTuple):
       unit: unit of the progress bar.
       show: metrics shown on the progress bar.
       layout: the checkpoint layout (:data:`STEP_INDEX` or :data:`STEP_COUNT`).
+      eval_first: evaluate after the first step.
+      eval_initial: evaluate before the first step.
+      checkpoint_at_stop: checkpoint whenever the run stops, interrupted or not.
       info: extra ``result.json`` fields (the config, the seed).
     """
     name: str
@@ -142,6 +145,9 @@ class Method(NamedTuple):
     unit: str = "step"
     show: Tuple[str, ...] = ()
     layout: CheckpointLayout = STEP_INDEX
+    eval_first: bool = False
+    eval_initial: bool = False
+    checkpoint_at_stop: bool = False
     info: Optional[Dict[str, Any]] = None
 
 
@@ -186,8 +192,7 @@ def _is_point(record: Dict[str, Any]) -> bool:
 
 def run(method: Method, apis: Any = (), *, key, workdir: Optional[str] = None,
         checkpoint_dir: Optional[str] = None, eval_every: int = 1, eval_budgets: Sequence[int] = (),
-        eval_first: bool = False, eval_initial: bool = False, checkpoint_every: int = 1,
-        checkpoint_at_stop: bool = False, max_steps: Optional[int] = None, progress: bool = False,
+        checkpoint_every: int = 1, max_steps: Optional[int] = None, progress: bool = False,
         summary: Optional[Callable[[RunOutcome], Dict[str, Any]]] = None,
         started: Optional[float] = None) -> RunOutcome:
     """Runs (or resumes) ``method`` until it stops, evaluating and checkpointing on the way.
@@ -202,11 +207,8 @@ def run(method: Method, apis: Any = (), *, key, workdir: Optional[str] = None,
       checkpoint_dir: the checkpoints' directory instead (no ``result.json`` without workdir).
       eval_every: evaluate every this many steps.
       eval_budgets: query counts whose last step is evaluated too.
-      eval_first: evaluate after the first step.
-      eval_initial: evaluate before the first step.
       checkpoint_every: checkpoint every this many steps (and after every evaluation and the
         last step the run can make).
-      checkpoint_at_stop: checkpoint whenever the run stops, interrupted or not.
       max_steps: stop (unfinished) once this many steps are done in total.
       progress: show a tqdm bar.
       summary: ``RunOutcome -> dict`` written to ``workdir/result.json`` (with ``method.info``
@@ -220,16 +222,16 @@ def run(method: Method, apis: Any = (), *, key, workdir: Optional[str] = None,
     loop = _Loop(method, apis, checkpoint_dir or (os.path.join(workdir, "checkpoints")
                                                   if workdir else None))
     sched = dict(eval_every=eval_every, budgets=sorted(int(b) for b in eval_budgets),
-                 eval_first=eval_first, checkpoint_every=checkpoint_every)
+                 checkpoint_every=checkpoint_every)
     try:
-        loop.start(key, eval_initial)
+        loop.start(key)
         loop.open_bar(progress)
         try:
             stopped, last = loop.steps(key, max_steps, sched)
         finally:
             loop.close_bar()
-        loop.evaluate_end(stopped, last, eval_initial)
-        if checkpoint_at_stop:
+        loop.evaluate_end(stopped, last)
+        if method.checkpoint_at_stop:
             loop.save()
     finally:
         loop.close()
@@ -266,7 +268,7 @@ class _Loop:
             return self.curve[-1].get(self.m.step_key)
         return None
 
-    def start(self, key, eval_initial: bool) -> None:
+    def start(self, key) -> None:
         """The initial state, restored from the latest checkpoint; the initial evaluation."""
         state = self.m.init(key)
         restored = None
@@ -275,7 +277,7 @@ class _Loop:
             if latest is not None:
                 restored = self._unpack(*latest)
         self.state = self.m.restore(state, restored)
-        if (eval_initial and self.done == 0 and self.m.evaluate is not None
+        if (self.m.eval_initial and self.done == 0 and self.m.evaluate is not None
                 and not any(_is_point(p) for p in self.curve)):
             self.evaluate(EvalAt(0, self.queries(), "initial", {}))
 
@@ -402,14 +404,14 @@ class _Loop:
         last_of_budget = crosses or last_step
         point = None
         if self.m.evaluate is not None and (n % sched["eval_every"] == 0 or last_of_budget
-                                            or (sched["eval_first"] and n == 1)):
+                                            or (self.m.eval_first and n == 1)):
             point = self.evaluate(EvalAt(n, q, "step", metrics, key, last_of_budget))
         if n % sched["checkpoint_every"] == 0 or point is not None or last_step:
             self.save()
         self.tick(metrics, point)
 
-    def evaluate_end(self, stopped: str, last: Dict[str, Any], eval_initial: bool) -> None:
+    def evaluate_end(self, stopped: str, last: Dict[str, Any]) -> None:
         """Evaluates the last step unless it was, or the run was interrupted."""
         if (self.m.evaluate is not None and stopped != "interrupted"
-                and (self.done > 0 or eval_initial) and self.last_eval() != self.done):
+                and (self.done > 0 or self.m.eval_initial) and self.last_eval() != self.done):
             self.evaluate(EvalAt(self.done, self.queries(), "end", last))
