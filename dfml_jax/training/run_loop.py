@@ -50,6 +50,7 @@ import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
+from tqdm.auto import tqdm
 
 from dfml_jax import __version__
 from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
@@ -174,12 +175,25 @@ class RunOutcome(NamedTuple):
 
 
 def step_key(key, index: int):
-    """The key of step ``index`` of a run with ``key``: ``fold_in(fold_in(key, 1), index)``."""
+    """The key of step ``index`` of a run with ``key``.
+
+    Args:
+      key: the run's key.
+      index: the step's index (0-based).
+
+    Returns:
+      ``fold_in(fold_in(key, 1), index)``.
+    """
     return jax.random.fold_in(jax.random.fold_in(key, 1), index)
 
 
 def atomic_write_json(path: str, obj) -> None:
-    """Writes ``obj`` as JSON to ``path`` through a temporary file (never half-written)."""
+    """Writes ``obj`` as JSON to ``path`` through a temporary file (never half-written).
+
+    Args:
+      path: the file.
+      obj: a JSON-serialisable object (other numbers as floats).
+    """
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=float)
@@ -323,8 +337,6 @@ class _Loop:
     def open_bar(self, progress: bool) -> None:
         if not progress:
             return
-        from tqdm.auto import tqdm
-
         total, rem, cost = self.m.num_steps, self.remaining(), self.m.query_cost
         if total is None and rem is not None and cost:
             total = (self.queries() + rem) // cost
@@ -365,8 +377,6 @@ class _Loop:
                     jax.block_until_ready((state, metrics))
         except QueryBudgetExceeded as e:
             if cost is None:
-                from tqdm.auto import tqdm
-
                 tqdm.write(f"{self.m.name}: query budget exhausted at step {index}: {e}")
             return None, "budget"
         self.state = state
