@@ -235,3 +235,47 @@ def test_method_runs_within_budget_resumes_and_writes_its_curve(name, tmp_path, 
     saved = json.load(open(tmp_path / "full" / "result.json"))
     assert saved["method"] == method.name and saved["queries"] == full.queries
     assert same(saved["curve"], json.loads(json.dumps(full.curve, default=float)), True)
+
+
+# ----------------------------------------------------------------------------- the loop itself
+def counter(api, stop_at=None):
+    """A method that buys two queries a step and logs every third step (no JAX compilation)."""
+    def step(state, key, index):
+        api(jnp.zeros((2,) + SHAPE))
+        metrics = {"log": [{"event": "note", "step": index}] if index % 3 == 2 else []}
+        if index == stop_at:
+            metrics["stop"] = "done"
+        return state + 1, metrics
+
+    from dfml_jax.training import Method
+    return Method(name="count", init=lambda key: jnp.zeros(()), step=step, step_key="step",
+                  checkpoint=lambda s: ({"n": s}, {}),
+                  restore=lambda s, saved: s if saved is None else saved[0]["n"],
+                  step_cost=lambda s, i: 2, query_cost=2,
+                  evaluate=lambda s, at: (s, [{"step": at.steps, "queries": at.queries,
+                                               "kind": at.kind, "value": float(s)}]))
+
+
+def test_loop_evaluates_at_intervals_budget_crossings_and_the_last_step(tmp_path):
+    api = BlackBoxAPI.from_host(lambda x: x.reshape(len(x), -1)[:, :2], SHAPE, 2, budget=15)
+    out = run(counter(api), api, key=jax.random.key(0), workdir=str(tmp_path), eval_every=4,
+              eval_budgets=(5,), checkpoint_every=100)
+    assert (out.steps, out.stopped, out.queries) == (7, "budget", 14)
+    points = [(p["step"], p["queries"]) for p in out.curve if "kind" in p]
+    assert points == [(2, 4), (4, 8), (7, 14)]       # budget 5's last step, every 4, the last
+    assert [p["step"] for p in out.curve if p.get("event") == "note"] == [2, 5]
+    again = run(counter(api), api, key=jax.random.key(0), workdir=str(tmp_path))
+    assert again.curve == out.curve and float(again.state) == 7.0     # resumed: nothing to do
+
+
+def test_a_step_may_stop_the_run_and_a_foreign_checkpoint_is_refused(tmp_path):
+    from dfml_jax.checkpoint import CheckpointError, RunCheckpointer
+
+    api = BlackBoxAPI.from_host(lambda x: x.reshape(len(x), -1)[:, :2], SHAPE, 2)
+    out = run(counter(api, stop_at=3), api, key=jax.random.key(0), eval_every=2)
+    assert (out.steps, out.stopped, float(out.state)) == (3, "done", 4.0)   # state kept
+    assert out.curve[-1]["kind"] == "end" and out.curve[-1]["step"] == 3
+    with RunCheckpointer(str(tmp_path / "checkpoints")) as ck:
+        ck.save(0, {"n": jnp.zeros(())}, {"history": []})
+    with pytest.raises(CheckpointError, match=r"has no 'curve'.*dfml_jax \d"):
+        run(counter(api), api, key=jax.random.key(0), workdir=str(tmp_path))
