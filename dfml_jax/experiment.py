@@ -5,16 +5,35 @@ README's job, ``paper_*`` for the papers' settings); :func:`apply_overrides` app
 ``--set key=value`` strings with type checking. A run directory holds ``config.json``,
 ``results.json``, ``results.md``, PNG plots, checkpoints, and a ``DONE`` marker so a finished run is
 not redone.
+
+A config class that renamed a field lists ``{old name: new name}`` in its ``RENAMED_FIELDS`` class
+attribute (a ``ClassVar``): ``--set old=...`` is then an error naming the new key, and a
+``config.json`` saved under the old name is read under the new one (:func:`upgrade_saved_config`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["apply_overrides", "select_config", "RunDir", "write_results", "markdown_table",
-           "plot_curves"]
+from dfml_jax import __version__
+
+__all__ = ["apply_overrides", "select_config", "renamed_fields", "upgrade_saved_config", "RunDir",
+           "write_results", "markdown_table", "plot_curves"]
+
+
+def renamed_fields(config) -> Dict[str, str]:
+    """``{old name: new name}`` of a config dataclass's (or class's) renamed fields: its
+    ``RENAMED_FIELDS`` class attribute, ``{}`` if it has none."""
+    return dict(getattr(config, "RENAMED_FIELDS", None) or {})
+
+
+def _renamed_error(key: str, new: str, raw: str, prefix: str) -> ValueError:
+    return ValueError(f"--set {prefix}{key}={raw}: config key {prefix + key!r} was renamed; "
+                      f"dfml_jax {__version__} calls it {prefix + new!r}: use "
+                      f"--set {prefix}{new}={raw}")
 
 
 def _parse_value(raw: str, current: Any, key: str):
@@ -55,10 +74,19 @@ def apply_overrides(cfg, overrides: Iterable[str]):
     ...     name: str = "x"
     >>> apply_overrides(Outer(), ["inner.steps=7"]).inner.steps
     7
+
+    A renamed field (the class's ``RENAMED_FIELDS``) is refused under its old name, with the new
+    one in the error.
     """
+    return _apply_overrides(cfg, overrides, "")
+
+
+def _apply_overrides(cfg, overrides: Iterable[str], prefix: str):
+    """:func:`apply_overrides` of the sub-config at the dotted key ``prefix`` (for the errors)."""
     fields = {f.name for f in dataclasses.fields(cfg)}
     optional = {f.name for f in dataclasses.fields(cfg) if "Optional" in str(f.type)
                 or "None" in str(f.type)}
+    renamed = renamed_fields(cfg)
     changes = {}
     for item in overrides or ():
         if "=" not in item:
@@ -67,8 +95,10 @@ def apply_overrides(cfg, overrides: Iterable[str]):
         head, dot, rest = key.partition(".")
         if dot and head in fields and dataclasses.is_dataclass(getattr(cfg, head)):
             sub = changes.get(head, getattr(cfg, head))
-            changes[head] = apply_overrides(sub, [f"{rest}={raw}"])
+            changes[head] = _apply_overrides(sub, [f"{rest}={raw}"], f"{prefix}{head}.")
             continue
+        if key not in fields and key in renamed:
+            raise _renamed_error(key, renamed[key], raw, prefix)
         if key not in fields:
             raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(fields)}")
         if key in optional and raw.strip().lower() in ("none", "null"):
@@ -86,6 +116,51 @@ def select_config(configs: Mapping[str, Any], name: str):
 
 
 _MISSING = object()
+
+
+def upgrade_saved_config(config, saved: Mapping[str, Any], prefix: str = ""
+                         ) -> Tuple[Dict[str, Any], List[str]]:
+    """A saved config dict (e.g. an older run's ``config.json``) with its renamed keys under the
+    names of ``config``'s class (its ``RENAMED_FIELDS``), nested configs included.
+
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class C:
+    ...     RENAMED_FIELDS = {"q": "num_directions"}   # not annotated: not a field
+    ...     num_directions: int = 3
+    >>> upgrade_saved_config(C(), {"q": 5})
+    ({'num_directions': 5}, ['q -> num_directions'])
+
+    Args:
+      config: the current config (a dataclass instance): which keys were renamed, and which
+        fields are nested configs.
+      saved: the saved dict (not modified).
+      prefix: dotted path of ``config`` (for the returned descriptions).
+
+    Returns:
+      ``(upgraded dict, ["old -> new", ...])``, the key order kept.
+
+    Raises:
+      ValueError: ``saved`` holds a key under both its old and its new name.
+    """
+    renamed = renamed_fields(config)
+    nested = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if dataclasses.is_dataclass(getattr(config, f.name))} \
+        if dataclasses.is_dataclass(config) else {}
+    out: Dict[str, Any] = {}
+    done: List[str] = []
+    for k, v in saved.items():
+        if k in renamed and k not in nested:
+            new = renamed[k]
+            if new in saved:
+                raise ValueError(f"a saved config holds both {prefix + k!r} and its new name "
+                                 f"{prefix + new!r}")
+            done.append(f"{prefix}{k} -> {prefix}{new}")
+            k = new
+        if k in nested and isinstance(v, Mapping):
+            v, sub = upgrade_saved_config(nested[k], v, f"{prefix}{k}.")
+            done += sub
+        out[k] = v
+    return out, done
 
 
 def _defaults(config) -> dict:
@@ -107,7 +182,9 @@ class RunDir:
     Args:
       path: the directory (created if missing).
       config: the run's config (a dataclass); saved as ``config.json``. If the directory already
-        holds a different config, an error says so instead of mixing two runs.
+        holds a different config, an error says so instead of mixing two runs. A saved config
+        naming renamed fields under their old names (``RENAMED_FIELDS``) is read under the new
+        names, with a warning; the file is left as written.
     """
 
     def __init__(self, path: str, config=None):
@@ -120,6 +197,11 @@ class RunDir:
             if os.path.exists(p):
                 with open(p) as f:
                     old = json.load(f)
+                old, renames = upgrade_saved_config(config, old)
+                if renames:  # a run started before a rename: the same run, keys renamed
+                    warnings.warn(f"{p} was written before config keys were renamed "
+                                  f"({', '.join(renames)} in dfml_jax {__version__}); resuming "
+                                  "it under the new names", stacklevel=2)
                 defaults = _defaults(config)
                 # a field added to the config class since the run started matches when the new
                 # value is that field's default (older runs keep resuming across versions)

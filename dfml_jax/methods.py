@@ -1,7 +1,7 @@
 """The registry of methods: ``METHODS[name]`` says how to configure, build and run each one.
 
-Every method is a :class:`~dfml_jax.training.Method` run by the shared run loop
-(:func:`dfml_jax.training.run`); an entry gives its config class, the changes that make the
+Every method is a :class:`~dfml_jax.training.run_loop.Method` run by the shared run loop
+(:func:`dfml_jax.training.run_loop.run`); an entry gives its config class, the changes that make the
 method out of that config (NaiveKD is IDEAL with noise images, ``white_box`` is BiDf-MKD with true
 gradients), the builder ``config -> Method`` and the public function that runs it:
 
@@ -55,7 +55,7 @@ class MethodEntry(NamedTuple):
       family: ``"distill"``, ``"meta"`` or ``"baseline"`` (the builder's arguments).
       config: the config class.
       changes: config fields that make this method out of its config.
-      build: the builder (arguments by family) returning a :class:`~dfml_jax.training.Method`.
+      build: the builder (arguments by family) returning a :class:`~dfml_jax.training.run_loop.Method`.
       run: the public function that builds and runs it.
       description: one line.
     """

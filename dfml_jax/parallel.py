@@ -182,7 +182,7 @@ def shard_over(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
 
 
 def sharded_group_query(group, mesh: Mesh, axis: str = AXIS) -> Callable:
-    """``query(index, x, operand)``: an :class:`~dfml_jax.blackbox.APIGroup` answering ``x``
+    """``query(index, x, operand)``: an :class:`~dfml_jax.api.APIGroup` answering ``x``
     (leading axis sharded over ``axis``) with one host call per device shard, jitted once.
 
     Unlike an eager ``api(x)`` (which gathers ``x`` to the host), this also works when ``x`` spans

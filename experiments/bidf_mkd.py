@@ -23,10 +23,11 @@ only)::
 Devices: ``--devices N`` runs every inversion (its samples, API queries and zero-order directions)
 and every meta-batch sharded over N devices (default: all local devices, reduced to the largest
 count that divides the inversion batch ``ways * inv_per_class``; an explicit N that does not divide
-it is an error naming the valid counts). ``--set inv_shard=directions`` splits the ``q`` zero-order
-directions of each inversion instead of its samples (for small batches with many directions; the
-device count must then divide ``q``). Results equal the 1-device run up to float reduction
-order, with identical query counts. To try it on a CPU, emulate devices::
+it is an error naming the valid counts). ``--set inv_shard=directions`` splits the
+``num_directions`` zero-order directions of each inversion instead of its samples (for small
+batches with many directions; the device count must then divide ``num_directions``). Results equal
+the 1-device run up to float reduction order, with identical query counts. To try it on a CPU,
+emulate devices::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python experiments/bidf_mkd.py --config smoke --workdir runs/bidf_8dev --devices 8
@@ -64,7 +65,9 @@ def choose_mesh(devices, cfg):
 
     have = len(jax.devices())
     if cfg.inv_shard == "directions":
-        size, what, fix = cfg.q, f"the zero-order directions q = {cfg.q}", "--set q=..."
+        size = cfg.num_directions
+        what = f"the zero-order directions num_directions = {cfg.num_directions}"
+        fix = "--set num_directions=..."
     else:
         size = cfg.ways * cfg.inv_per_class
         what = f"the inversion batch ways x inv_per_class = {cfg.ways} x {cfg.inv_per_class}"

@@ -21,7 +21,7 @@ records the pool's build key (every setting above, the data's content key, the t
 
 The pool is written to ``WORKDIR/NAME`` (NAME defaults to ``<scenario>-<datasets>-<archs>-<n>``);
 a progress bar follows the training and a table of held-out accuracies is printed at the end.
-Load it with ``dfml_jax.pool.load_pool(path, output=...)``.
+Load it with ``dfml_jax.teachers.load_pool(path, output=...)``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dfml_jax.models import CLASSIFIERS  # noqa: E402
-from dfml_jax.pool import SCENARIOS, build_pool, format_summary  # noqa: E402
+from dfml_jax.teachers import SCENARIOS, build_pool, format_summary  # noqa: E402
 
 
 def _widths(spec: str | None, archs: list[str]) -> dict:

@@ -12,7 +12,7 @@ Command lines (configs and their notes: ``experiments/configs/distill_configs.py
     python experiments/distill.py --method all --config default --workdir runs/distill_s1 --seed 1
     python experiments/distill.py --method ideal --config default --workdir runs/distill_default
     python experiments/distill.py --method dfme --config default --workdir runs/d1 \\
-        --set dfme.grad_m=2 --seed 1
+        --set dfme.num_directions=2 --seed 1
 
 Measured results of ``default``: the README and ``docs/results.md``; the IDEAL diagnosis:
 ``docs/ideal_diagnosis.md``.

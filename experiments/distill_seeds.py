@@ -20,8 +20,11 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dfml_jax.experiment import markdown_table, plot_curves  # noqa: E402
+from configs.distill_configs import DistillExperimentConfig  # noqa: E402
+
+from dfml_jax.experiment import markdown_table, plot_curves, upgrade_saved_config  # noqa: E402
 
 METHOD_ORDER = ("IDEAL", "NaiveKD", "DFME")
 
@@ -38,8 +41,10 @@ def load_runs(workdirs: Sequence[str]) -> List[dict]:
             runs.append(json.load(f))
     names = {r["config"]["name"] for r in runs}
     strip = ("seed",)
-    cfgs = {json.dumps({k: v for k, v in r["config"].items() if k not in strip}, sort_keys=True)
-            for r in runs}
+    # runs from before a config rename (DFME's grad_m -> num_directions) compare under the new names
+    current = DistillExperimentConfig()
+    cfgs = {json.dumps({k: v for k, v in upgrade_saved_config(current, r["config"])[0].items()
+                        if k not in strip}, sort_keys=True) for r in runs}
     if len(cfgs) != 1:
         raise SystemExit(f"the runs use different configs ({sorted(names)}); aggregate runs that "
                          "differ in their seed only.")

@@ -30,7 +30,7 @@ def _pool(bidf, cfg, workdir):
     """The BiDf-MKD config's first ``num_apis`` teachers, built (or reused, by build key) under
     ``workdir``."""
     from dfml_jax.bidf_mkd.experiment import pool_build_args
-    from dfml_jax.pool import load_pool, load_white_box_teachers, obtain_pool
+    from dfml_jax.teachers import load_pool, load_white_box_teachers, obtain_pool
 
     build = pool_build_args(bidf, num_apis=cfg.probe.num_apis)
     if cfg.pool_seed is not None:

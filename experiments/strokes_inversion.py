@@ -47,9 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.bidf_mkd import InversionConfig, make_inverter
 from dfml_jax.bidf_mkd.inversion import ZO_SPACES
-from dfml_jax.blackbox import BlackBoxAPI
 from dfml_jax.data.glyphs import glyph_splits
 from dfml_jax.models import create_model, functional
 

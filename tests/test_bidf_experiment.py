@@ -35,6 +35,56 @@ def test_configs_are_consistent():
         run_experiment(apply_overrides(sub, ['methods=["random_scale"]']), "/nonexistent/x")
 
 
+def test_renamed_zero_order_knobs(tmp_path):
+    """``q`` / ``mu`` are now ``num_directions`` / ``smoothing``: ``--set q=...`` names the new key
+    (nothing is written), and a work directory whose config.json predates the rename resumes."""
+    from bidf_mkd import main
+
+    wd = tmp_path / "new"
+    with pytest.raises(ValueError, match=r"'q' was renamed.*'num_directions'.*--set num_directions=50"):
+        main(["--config", "smoke", "--workdir", str(wd), "--set", "q=50", "--no-progress"])
+    with pytest.raises(ValueError, match=r"'mu' was renamed.*--set smoothing=0\.1"):
+        main(["--config", "smoke", "--workdir", str(wd), "--set", "mu=0.1", "--no-progress"])
+    assert not wd.exists()
+    cfg = get_config("smoke")
+    old = {{"num_directions": "q", "smoothing": "mu"}.get(k, k): v
+           for k, v in json.loads(json.dumps(dataclasses.asdict(cfg), default=str)).items()}
+    assert old["q"] == cfg.num_directions and "num_directions" not in old
+    wd = tmp_path / "old"
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps(old))
+    (wd / "results.json").write_text(json.dumps({"rows": [], "config": "smoke"}))
+    (wd / "DONE").write_text("finished\n")
+    with pytest.warns(UserWarning, match=r"q -> num_directions, mu -> smoothing"):
+        assert run_experiment(cfg, str(wd), progress=False)["config"] == "smoke"
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"keys \['num_directions'\]"):
+        run_experiment(dataclasses.replace(cfg, num_directions=5), str(wd), progress=False)
+
+
+def test_finetune_lr_is_the_test_time_lr_without_a_grid():
+    """Without a ``finetune_lrs`` grid the test-time fine-tuning uses ``finetune_lr`` (None:
+    ``inner_lr``), in the accuracies, the recorded lr, the table and the protocol notes."""
+    from dfml_jax.bidf_mkd.experiment import _protocol_notes, _rows, _test_eval
+    from dfml_jax.meta import evaluate_tasks
+
+    meta = functional(create_model("mlp", num_classes=5, input_shape=(4, 4, 1), rngs_or_key=0,
+                                   hidden=(16,)))
+    k1, k2 = jax.random.split(jax.random.key(0))
+    y = np.tile(np.arange(5), (6, 1))
+    tasks = (jax.random.uniform(k1, (6, 5, 4, 4, 1)), y, jax.random.uniform(k2, (6, 5, 4, 4, 1)), y)
+    base = dataclasses.replace(get_config("smoke"), finetune_lrs=(), test_shots=(1,), test_tasks=6,
+                               inner_lr=0.01, paper_lr=0.01)
+    for cfg, lr in ((base, 0.01), (dataclasses.replace(base, finetune_lr=0.7), 0.7)):
+        out = _test_eval(cfg, meta.apply_batchstats, meta.params, {1: tasks}, {}, (0.0,), (1.0,))
+        want = evaluate_tasks(meta.apply_batchstats, meta.params, *tasks,
+                              steps=cfg.finetune_steps, lr=lr, batch_size=25)
+        assert out["1-shot_lr"] == lr and out["1-shot"][0] == pytest.approx(want.mean)
+        assert f"fine-tuning lr {lr} (fixed)" in _protocol_notes(cfg)["primary"]
+        row = _rows({"random": {"1-shot": out["1-shot"], "wall_s": 0}},
+                    dataclasses.replace(cfg, methods=("random",)))[0]
+        assert row["fine-tune lr (1-shot)"] == f"{lr:g}"
+
+
 def test_scale_kernels_scales_exactly_the_conv_and_linear_kernels():
     params = functional(create_model("conv4", num_classes=5, input_shape=(28, 28, 1),
                                      rngs_or_key=0, width=8)).params

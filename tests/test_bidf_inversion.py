@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.bidf_mkd import InversionConfig, inversion_queries, make_inverter, per_sample_objective
-from dfml_jax.blackbox import BlackBoxAPI
 from dfml_jax.models import create_model, functional
 
 SIZE, K = 8, 5
@@ -84,7 +84,7 @@ def test_hard_label_api_refused(parts):
 
 
 def test_one_compile_serves_every_api_of_a_group(parts):
-    from dfml_jax.blackbox import APIGroup
+    from dfml_jax.api import APIGroup
     traces = []
 
     def counted_gen_apply(p, z):  # runs only while JAX traces the inversion

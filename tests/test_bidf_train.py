@@ -1,12 +1,14 @@
 """The BiDf-MKD loop on a tiny synthetic pool: query accounting, memory, budgets, resume."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.bidf_mkd.inversion import inversion_queries
 from dfml_jax.bidf_mkd.train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
-from dfml_jax.blackbox import BlackBoxAPI
 from dfml_jax.meta import evaluate_tasks
 from dfml_jax.models import create_model, functional
 
@@ -43,7 +45,8 @@ def tasks(key, n=10, shots=1, query=3):
 
 
 CFG = BiDfMKDConfig(shots=1, query=3, meta_iterations=8, meta_batch=2, inv_iterations=3,
-                    inv_per_class=4, q=4, mu=0.01, nz=8, ngf=4, memory_slots=3, plateau_patience=2,
+                    inv_per_class=4, num_directions=4, smoothing=0.01, nz=8, ngf=4, memory_slots=3,
+                    plateau_patience=2,
                     boundary_start=2, eval_every=4, val_tasks=10, replay_inner_steps=2,
                     kd_inner_steps=2, checkpoint_every=2, inv_pad=1)
 
@@ -181,3 +184,26 @@ def test_model_selection_scores_the_initial_parameters():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(not np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(r.final_params), jax.tree.leaves(META.params)))
+
+
+def test_finetune_lr_changes_only_the_evaluations():
+    """``finetune_lr`` sets the fine-tuning lr of the meta-validation evaluations; meta-training
+    (the inner loops at ``inner_lr``) is unchanged; None (the default) evaluates at ``inner_lr``."""
+    base = dataclasses.replace(CFG, replay_source="real", meta_iterations=4, eval_every=2)
+    assert base.finetune_lr is None and base.eval_lr == base.inner_lr == 0.01
+    val = easy_tasks(jax.random.key(0))
+
+    def run(cfg):
+        return train_bidf_mkd(cfg, pool=None, val_tasks=val, progress=False, real_tasks=tasks,
+                              **parts())
+
+    a, b = run(base), run(dataclasses.replace(base, finetune_lr=0.5))
+    for x, y in zip(jax.tree.leaves(a.final_params), jax.tree.leaves(b.final_params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))     # the same meta-training
+    ev = lambda r: [h for h in r.history if h["event"] == "eval"]
+    assert [h["iteration"] for h in ev(a)] == [h["iteration"] for h in ev(b)] == [0, 2, 4]
+    for r, lr in ((a, 0.01), (b, 0.5)):                   # iteration 0: the initial parameters
+        want = evaluate_tasks(META.apply_batchstats, META.params, *val, steps=base.finetune_steps,
+                              lr=lr, batch_size=25)
+        assert ev(r)[0]["val_acc"] == pytest.approx(want.mean)
+    assert [h["val_acc"] for h in ev(a)] != [h["val_acc"] for h in ev(b)]

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfml_jax.blackbox import (BlackBoxAPI, BlackBoxError, BlackBoxGradientError,
-                               QueryBudgetExceeded, surface_api_errors)
+from dfml_jax.api import (BlackBoxAPI, BlackBoxError, BlackBoxGradientError, QueryBudgetExceeded,
+                          surface_api_errors)
 
 SHAPE = (4, 4, 3)
 K = 5
@@ -263,7 +263,7 @@ def test_ledger_state_roundtrip():
 
 
 # ----------------------------------------------------------------------------- API groups
-from dfml_jax.blackbox import APIGroup  # noqa: E402
+from dfml_jax.api import APIGroup  # noqa: E402
 
 
 def group_of(kind, n=3):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.distill import (DFMEConfig, Evaluator, IDEALConfig, cost_per_iteration, info_loss,
                               make_dfme_iteration, make_generation_phase, make_generator,
                               random_crop_flip, run_dfme, run_naive_kd, run_pool_distillation,
@@ -430,6 +430,43 @@ def test_workdir_of_the_flat_config_layout_is_refused_with_the_version(tmp_path)
                       "--set", "ideal_lr_s=0.1"])
 
 
+def test_renamed_dfme_knobs(tmp_path):
+    """DFME's ``grad_m`` / ``grad_epsilon`` are now ``num_directions`` / ``smoothing``:
+    ``--set dfme.grad_m=...`` names the new key (nothing is written), and a work directory whose
+    config.json predates the rename resumes (here a finished one, which reprints its rows)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import distill
+    from configs.distill_configs import get_config
+
+    from dfml_jax.distill.common import config_dict
+    from dfml_jax.distill.experiment import run_experiment
+
+    wd = tmp_path / "new"
+    with pytest.raises(ValueError, match=r"'dfme\.grad_m' was renamed.*'dfme\.num_directions'.*"
+                                         r"--set dfme\.num_directions=2"):
+        distill.main(["--config", "smoke", "--workdir", str(wd), "--set", "dfme.grad_m=2"])
+    with pytest.raises(ValueError, match=r"--set dfme\.smoothing=0\.01"):
+        distill.main(["--config", "smoke", "--workdir", str(wd), "--set", "dfme.grad_epsilon=0.01"])
+    assert not wd.exists()
+    cfg = get_config("smoke")
+    old = config_dict(cfg)
+    old["dfme"] = {{"num_directions": "grad_m", "smoothing": "grad_epsilon"}.get(k, k): v
+                   for k, v in old["dfme"].items()}
+    assert old["dfme"]["grad_m"] == cfg.dfme.num_directions
+    wd = tmp_path / "old"
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps(old))
+    (wd / "results.json").write_text(json.dumps({"rows": [{"method": "DFME"}]}))
+    (wd / "DONE").write_text("finished\n")
+    with pytest.warns(UserWarning, match=r"dfme\.grad_m -> dfme\.num_directions, "
+                                         r"dfme\.grad_epsilon -> dfme\.smoothing"):
+        out = run_experiment(cfg, str(wd), progress=False, log=lambda m: None)
+    assert out == {"rows": [{"method": "DFME"}], "done": True}
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"keys \['dfme'\] differ"):
+        run_experiment(dataclasses.replace(cfg, dfme=dataclasses.replace(cfg.dfme, smoothing=0.5)),
+                       str(wd), progress=False, log=lambda m: None)
+
+
 def test_ideal_rejects_unbalanced_batch(student, teacher_w):
     api = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output="label")
     with pytest.raises(ValueError, match="multiple of the number of classes"):
@@ -460,7 +497,7 @@ DFME_CFG = DFMEConfig(batch_size=8, nz=8, ngf=4, eval_every=1, checkpoint_every=
 def test_dfme_query_formula_other_estimator(student, teacher_w):
     w = jnp.asarray(teacher_w)
     api = BlackBoxAPI.from_jax(lambda x: x.reshape(len(x), -1) @ w, SHAPE, K, output="logits")
-    cfg = DFMEConfig(batch_size=8, nz=8, ngf=4, grad_m=2, d_iter=2, estimator="gaussian-central")
+    cfg = DFMEConfig(batch_size=8, nz=8, ngf=4, num_directions=2, d_iter=2, estimator="gaussian-central")
     assert cost_per_iteration(cfg) == 8 * 2 * 2 + 2 * 8
     gen = make_generator(cfg, SHAPE, head="tanh_bn")
     it = make_dfme_iteration(api, student, gen[1], cfg, 10)

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import distill_seeds  # noqa: E402
 
 
-def _run(path, seed, ideal_25k, name="default"):
+def _run(path, seed, ideal_25k, name="default", dfme=None):
     os.makedirs(path)
     rows = [{"method": "teacher (real data, all training images)", "budget": "-", "queries": 0,
              "test_acc": 95.6, "seed": 0, "run_wall_s": 20},
@@ -20,7 +20,8 @@ def _run(path, seed, ideal_25k, name="default"):
              "seed": seed, "run_wall_s": 300},
             {"method": "DFME", "budget": 25000, "queries": 22400, "test_acc": 60.0,
              "seed": seed, "run_wall_s": 20}]
-    res = {"rows": rows, "config": {"name": name, "seed": seed, "budgets": [5000, 25000]},
+    res = {"rows": rows, "config": {"name": name, "seed": seed, "budgets": [5000, 25000],
+                                    "dfme": dfme or {"num_directions": 1, "smoothing": 0.001}},
            "teacher": {"test_acc": 0.956},
            "runs": {"ideal": {"seed": seed, "class_histogram": [10, 30, 60]},
                     "dfme@25000": {"seed": seed}}}
@@ -44,6 +45,18 @@ def test_seeds_table_plot_and_json(tmp_path):
         assert (tmp_path / f"agg{ext}").exists()
     md = (tmp_path / "agg.md").read_text()
     assert "92.0 [90.0, 94.0] (94.0 / 90.0)" in md
+
+
+def test_runs_from_before_the_dfme_rename_aggregate_with_newer_ones(tmp_path):
+    _run(str(tmp_path / "s0"), 0, 94.0, dfme={"grad_m": 1, "grad_epsilon": 0.001})
+    _run(str(tmp_path / "s1"), 1, 90.0)
+    out = distill_seeds.main(["--workdirs", str(tmp_path / "s0"), str(tmp_path / "s1"),
+                              "--out", str(tmp_path / "agg")])
+    assert out["seeds"] == [0, 1]
+    _run(str(tmp_path / "s2"), 2, 90.0, dfme={"grad_m": 2, "grad_epsilon": 0.001})
+    with pytest.raises(SystemExit, match="different configs"):
+        distill_seeds.main(["--workdirs", str(tmp_path / "s1"), str(tmp_path / "s2"),
+                            "--out", str(tmp_path / "x")])
 
 
 def test_unfinished_or_mixed_runs_are_refused(tmp_path):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfml_jax.blackbox import BlackBoxAPI, BlackBoxGradientError, surface_api_errors
+from dfml_jax.api import BlackBoxAPI, BlackBoxGradientError, surface_api_errors
 from dfml_jax.estimators import (DIRECTION_FAMILIES, ESTIMATOR_SPECS, ESTIMATORS, ZeroDifferenceError,
                                  ZeroDifferenceWarning, num_queries, probe_differences, probe_grad,
                                  probe_vjp, sample_directions, smoothing_for_precision, zo_api,

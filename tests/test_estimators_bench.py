@@ -1,4 +1,4 @@
-"""Smoke test of experiments/bench_estimators.py (--quick on a tiny grid; no timing assertions)."""
+"""Smoke test of experiments/bench/bench_estimators.py (--quick, tiny grid; no timing assertions)."""
 import json
 import os
 import subprocess
@@ -11,9 +11,9 @@ FIELDS = {"estimator", "d", "q", "batch", "cosine_mean", "cosine_std", "rel_erro
 
 def test_bench_estimators_quick(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "bench_estimators.py"), "--quick",
-           "--qs", "1", "4", "--ds", "64", "--estimators", "sphere-forward", "gaussian-central",
-           "--out", str(out)]
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "bench", "bench_estimators.py"),
+           "--quick", "--qs", "1", "4", "--ds", "64", "--estimators", "sphere-forward",
+           "gaussian-central", "--out", str(out)]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -2,7 +2,7 @@
 import dataclasses
 import json
 
-from typing import Optional
+from typing import ClassVar, Dict, Optional
 
 import pytest
 
@@ -57,6 +57,48 @@ def test_run_dir_resumes_across_a_new_field_at_its_default(tmp_path):
     RunDir(str(tmp_path), CfgV2())  # new field at its default: the same run
     with pytest.raises(ValueError, match="new_option"):
         RunDir(str(tmp_path), CfgV2(new_option=5))
+
+
+@dataclasses.dataclass(frozen=True)
+class Renamed:
+    RENAMED_FIELDS: ClassVar[Dict[str, str]] = {"q": "num_directions", "mu": "smoothing"}
+    num_directions: int = 4
+    smoothing: float = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    steps: int = 3
+    zo: Renamed = Renamed()
+
+
+def test_overrides_refuse_renamed_keys_naming_the_new_one():
+    assert apply_overrides(Renamed(), ["num_directions=9"]).num_directions == 9
+    with pytest.raises(ValueError, match=r"'q' was renamed.*'num_directions'.*--set num_directions=50"):
+        apply_overrides(Renamed(), ["q=50"])
+    with pytest.raises(ValueError, match=r"'zo\.mu' was renamed.*'zo\.smoothing'.*--set zo\.smoothing=0\.1"):
+        apply_overrides(Outer(), ["zo.mu=0.1"])
+    assert not any("RENAMED" in f.name for f in dataclasses.fields(Renamed))   # a ClassVar
+
+
+def test_run_dir_resumes_a_config_saved_under_old_names(tmp_path):
+    """A config.json written before a rename (top level or nested) is the same run, read under the
+    new names with a warning; a different value under the old name is still a different run."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text(json.dumps({"q": 4, "mu": 0.01}))
+    with pytest.warns(UserWarning, match=r"q -> num_directions, mu -> smoothing"):
+        RunDir(str(tmp_path / "a"), Renamed())
+    assert json.loads((tmp_path / "a" / "config.json").read_text()) == {"q": 4, "mu": 0.01}  # kept
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"keys \['num_directions'\]"):
+        RunDir(str(tmp_path / "a"), Renamed(num_directions=5))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"steps": 3, "zo": {"q": 4, "mu": 0.01}}))
+    with pytest.warns(UserWarning, match=r"zo\.q -> zo\.num_directions, zo\.mu -> zo\.smoothing"):
+        RunDir(str(tmp_path / "b"), Outer())
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text(json.dumps({"q": 4, "num_directions": 4, "mu": 0.01}))
+    with pytest.raises(ValueError, match="both 'q' and its new name 'num_directions'"):
+        RunDir(str(tmp_path / "c"), Renamed())
 
 
 def test_results_and_plot(tmp_path):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfml_jax import augment, losses, memory, meta
+from dfml_jax import losses, memory, meta
+from dfml_jax.training import augment
 
 
 def mlp_apply(p, x):

@@ -20,11 +20,11 @@ import pytest
 from dfml_jax.bidf_mkd.experiment import BiDfExperimentConfig
 from dfml_jax.bidf_mkd.inversion import inversion_queries
 from dfml_jax.bidf_mkd.train import BiDfMKDConfig, TeacherPool
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.distill import DFMEConfig, Evaluator, IDEALConfig, cost_per_iteration
 from dfml_jax.methods import FAMILIES, METHODS
 from dfml_jax.models import create_model, functional
-from dfml_jax.training import run
+from dfml_jax.training.run_loop import run
 
 SHAPE, K = (8, 8, 1), 10           # distillation: 8x8 images, 10 classes
 WAYS, NCLS = 5, 8                  # meta-learning: 5-way tasks, 8 meta-train classes
@@ -107,9 +107,9 @@ def tasks(key, n=6, shots=1, query=3):
 def meta_case(entry, world, tmp_path) -> Case:
     cfg = entry.configure(BiDfMKDConfig(
         shots=1, query=3, meta_iterations=5, meta_batch=2, inv_iterations=2, inv_per_class=4,
-        q=2, mu=0.01, nz=8, ngf=4, memory_slots=3, plateau_patience=1, boundary_start=2,
-        eval_every=2, val_tasks=6, replay_inner_steps=1, kd_inner_steps=1, checkpoint_every=2,
-        inv_pad=1))
+        num_directions=2, smoothing=0.01, nz=8, ngf=4, memory_slots=3, plateau_patience=1,
+        boundary_start=2, eval_every=2, val_tasks=6, replay_inner_steps=1, kd_inner_steps=1,
+        checkpoint_every=2, inv_pad=1))
     per_visit = 2 * (inversion_queries(cfg.inversion(), WAYS, cfg.white_box)
                      + WAYS * cfg.inv_per_class)
     budget = None if cfg.replay_source == "real" else per_visit + 10   # one visit per API
@@ -247,7 +247,7 @@ def counter(api, stop_at=None):
             metrics["stop"] = "done"
         return state + 1, metrics
 
-    from dfml_jax.training import Method
+    from dfml_jax.training.run_loop import Method
     return Method(name="count", init=lambda key: jnp.zeros(()), step=step, step_key="step",
                   checkpoint=lambda s: ({"n": s}, {}),
                   restore=lambda s, saved: s if saved is None else saved[0]["n"],

@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 
+from dfml_jax.api import APIGroup, BlackBoxAPI
 from dfml_jax.bidf_mkd import InversionConfig, KDTask, ReplayTasks, inversion_queries, make_inverter
 from dfml_jax.bidf_mkd.metastep import make_meta_steps
 from dfml_jax.bidf_mkd.train import LoopState, train_bidf_mkd
-from dfml_jax.blackbox import APIGroup, BlackBoxAPI
 from dfml_jax.checkpoint import RunCheckpointer
 from dfml_jax.models import create_model, functional
 from dfml_jax.parallel import (check_divisible, make_mesh, replicate, replicated_sharding,
@@ -244,7 +244,7 @@ def test_script_device_choice():
     with pytest.raises(ValueError, match="asked for 16 devices but only 8 exist"):
         choose_mesh(16, cfg)
     import dataclasses
-    by_dirs = dataclasses.replace(cfg, inv_shard="directions")   # q = 4 directions
+    by_dirs = dataclasses.replace(cfg, inv_shard="directions")   # num_directions = 4
     assert choose_mesh(None, by_dirs).shape["data"] == 4
-    with pytest.raises(ValueError, match=r"directions q = 4 of 4 .* 8 devices|directions q = 4"):
+    with pytest.raises(ValueError, match=r"num_directions = 4 of 4 .* 8 devices|num_directions = 4"):
         choose_mesh(8, by_dirs)

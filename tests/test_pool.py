@@ -1,4 +1,4 @@
-"""Tests of the API-pool builder (dfml_jax.pool) and the population trainer (train_teacher).
+"""Tests of the API-pool builder (dfml_jax.teachers) and the population trainer (train_teacher).
 
 Sizes are tiny: a 65-class, 16x16 Glyphs subset, 3 Conv4 teachers of width 8 and 3 MLPs,
 8 epochs of batch 16 (80 training and 20 held-out images per teacher).
@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfml_jax.blackbox import APIGroup, BlackBoxAPI, BlackBoxGradientError
+from dfml_jax.api import APIGroup, BlackBoxAPI, BlackBoxGradientError
 from dfml_jax.data import get_class_splits
 from dfml_jax.models import create_model, functional, normalize, stack_trees, unstack_tree
-from dfml_jax.pool import (PoolError, build_pool, check_devices, format_summary, load_pool,
-                           load_white_box_teachers, read_manifest, train_group, write_pool)
-from dfml_jax.train_teacher import TEACHER_AXIS, recipe_for, train_population
+from dfml_jax.teachers import (PoolError, build_pool, check_devices, format_summary, load_pool,
+                               load_white_box_teachers, read_manifest, train_group, write_pool)
+from dfml_jax.teachers.population import TEACHER_AXIS, recipe_for, train_population
 
 RECIPE = dict(epochs=8, batch_size=16)
 

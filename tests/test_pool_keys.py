@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfml_jax.augment import augment_images, random_crop_flip
 from dfml_jax.data import ClassDataset, content_key
 from dfml_jax.models import create_model, functional, stack_trees
-from dfml_jax.pool import (PoolKeyError, _split_fingerprint, check_pool_key, load_pool,
-                           obtain_pool, pool_key, pool_spec, read_manifest)
-from dfml_jax.train_teacher import (TRAINER_VERSION, default_augment, recipe_for, resolve_augment,
-                                    train_population)
+from dfml_jax.teachers import (PoolKeyError, check_pool_key, load_pool, obtain_pool, pool_key,
+                               pool_spec, read_manifest, split_fingerprint)
+from dfml_jax.teachers.population import (TRAINER_VERSION, default_augment, recipe_for,
+                                          resolve_augment, train_population)
+from dfml_jax.training.augment import augment_images, random_crop_flip
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -176,7 +176,7 @@ def test_pools_are_reused_only_for_the_same_build_key(built, tmp_path):
     assert pool_key(pool_spec(**{k: v for k, v in build.items() if k in (
         "scenario", "datasets", "archs", "num_apis", "way", "epochs", "model_kwargs")},
         data_keys={"toy": {"dataset": "toy", "loader": "custom",
-                           "split_sha256": _split_fingerprint(other)}})) != m1["build_key"]
+                           "split_sha256": split_fingerprint(other)}})) != m1["build_key"]
     # another recipe -> another key, another directory; the old one is kept
     d2 = obtain_pool(dict(build, epochs=2), parent=parent, log=lines.append)
     assert d2 != d1 and os.path.isdir(d1) and "building" in lines[-1]

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfml_jax.augment import normalize
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.bidf_mkd import InversionConfig, inversion_queries
 from dfml_jax.bidf_mkd.probe import (ProbeConfig, Recipe, few_shot_eval, kd_student, pool_probe,
                                      recover_set, with_head, within_task_probe)
-from dfml_jax.blackbox import BlackBoxAPI
 from dfml_jax.data import ClassDataset
 from dfml_jax.models import create_model, functional, scale_kernels
+from dfml_jax.training.augment import normalize
 
 SIZE, K = 16, 5
 MEAN, STD = (0.5,), (0.5,)

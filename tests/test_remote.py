@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfml_jax.blackbox import BlackBoxAPI, surface_api_errors
+from dfml_jax.api import BlackBoxAPI, surface_api_errors
 from dfml_jax.remote import (from_http, RemoteAuthError, RemoteProtocolError, RemoteRequestTooLarge,
                              RemoteUnavailable, decode_infer_response, encode_infer_request,
                              parse_endpoint)
@@ -436,7 +436,7 @@ def test_client_on_a_plain_kserve_server_failing_10pct(plain_kserve):
 def tiny_pool(tmp_path):
     """A 2-teacher MLP pool with random weights (written with write_pool, no training)."""
     from dfml_jax.models import create_model, functional, stack_trees
-    from dfml_jax.pool import TrainedGroup, write_pool
+    from dfml_jax.teachers import TrainedGroup, write_pool
 
     shape = (6, 6, 1)
     fm = functional(create_model("mlp", num_classes=5, input_shape=shape, hidden=(8,),
@@ -462,7 +462,7 @@ def test_cli_serves_a_pool_teacher_read_by_the_triton_client(tiny_pool, tmp_path
     metadata, config, infer with binary data, statistics), then the project's client."""
     import tritonclient.http as triton
 
-    from dfml_jax.pool import load_pool
+    from dfml_jax.teachers import load_pool
 
     d, shape = tiny_pool
     port_file = str(tmp_path / "port")
@@ -525,9 +525,9 @@ def test_cli_serves_a_pool_teacher_read_by_the_triton_client(tiny_pool, tmp_path
 
 def test_pool_of_urls_for_pool_algorithms(tiny_pool, serve, tmp_path):
     from dfml_jax.bidf_mkd.experiment import BiDfExperimentConfig, _pool
-    from dfml_jax.blackbox import group_apis
+    from dfml_jax.api import group_apis
     from dfml_jax.experiment import RunDir
-    from dfml_jax.pool import load_pool
+    from dfml_jax.teachers import load_pool
     from dfml_jax.remote import load_remote_pool
 
     d, shape = tiny_pool
@@ -747,7 +747,7 @@ def test_distill_script_with_api_url(ideal_setup, serve, tmp_path):
 
 
 def test_bench_remote_prints_json_lines(capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "bench"))
     import bench_remote
 
     bench_remote.main(["--batches", "4", "--concurrency", "2", "--latencies", "5",
@@ -782,7 +782,8 @@ def test_bidf_mkd_smoke_run_against_served_teachers(serve):
                                    hidden=(16,)))
     gen = functional(create_model("dcgan", nz=8, ngf=4, img_size=s, nc=1, rngs_or_key=0))
     cfg = BiDfMKDConfig(shots=1, query=2, meta_iterations=2, meta_batch=2, inv_iterations=2,
-                        inv_per_class=3, q=2, mu=0.01, nz=8, ngf=4, memory_slots=2,
+                        inv_per_class=3, num_directions=2, smoothing=0.01, nz=8, ngf=4,
+                        memory_slots=2,
                         plateau_patience=2, boundary_start=2, eval_every=2, val_tasks=2,
                         replay_inner_steps=1, kd_inner_steps=1, inv_pad=1)
     x = jax.random.uniform(jax.random.key(0), (2, k * 3, s, s, 1))

@@ -136,7 +136,7 @@ def test_init_differs_across_keys_jittable_and_vmappable():
 
 def test_runs_inside_the_black_box_inverter_on_a_conv4_api():
     from dfml_jax.bidf_mkd import InversionConfig, inversion_queries, make_inverter
-    from dfml_jax.blackbox import BlackBoxAPI
+    from dfml_jax.api import BlackBoxAPI
 
     size, k, nz = 16, 4, 16
     teacher = functional(create_model("conv4", num_classes=k, input_shape=(size, size, 1),
@@ -175,7 +175,7 @@ def test_latent_space_zero_order_inversion_over_stroke_parameters():
     inside the black-box objective); same queries as pixel directions, a much better estimate, so
     the same budget lowers the teacher's CE further; only Z moves; clear errors."""
     from dfml_jax.bidf_mkd import InversionConfig, inversion_queries, make_inverter
-    from dfml_jax.blackbox import BlackBoxAPI
+    from dfml_jax.api import BlackBoxAPI
     from dfml_jax.parallel import make_mesh
 
     size, k, ns = 16, 3, 2

@@ -6,9 +6,9 @@
   ``average`` help only by shrinking the weights?;
 * ``average``: the element-wise average of the same-architecture teachers' weights (WHITE-BOX).
 
-Each is a :class:`~dfml_jax.training.Method` (:func:`baseline_method`) whose state is
+Each is a :class:`~dfml_jax.training.run_loop.Method` (:func:`baseline_method`) whose state is
 ``(params, info)`` (``info``: what the method's record states about the parameters); it makes no
-step and no query, so :func:`dfml_jax.training.run` returns its initial state.
+step and no query, so :func:`dfml_jax.training.run_loop.run` returns its initial state.
 :func:`meta_init_params` gives the meta-trained methods' initial parameters (``cfg.meta_init``).
 
 Example:
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dfml_jax.models import scale_kernels
-from dfml_jax.training import Method, run
+from dfml_jax.training.run_loop import Method, run
 
 __all__ = ["UNTRAINED", "META_INITS", "kernel_scale", "meta_init_params", "untrained_params",
            "average_teachers", "baseline_method", "run_baseline"]
@@ -144,7 +144,7 @@ def baseline_method(name: str, init_params, cfg, *, teachers: Optional[Sequence[
       name, init_params, cfg, teachers, records: as :func:`untrained_params`.
 
     Returns:
-      The :class:`~dfml_jax.training.Method`.
+      The :class:`~dfml_jax.training.run_loop.Method`.
     """
     if name not in UNTRAINED:
         raise ValueError(f"{name!r} is not an untrained baseline ({list(UNTRAINED)})")

@@ -19,9 +19,9 @@ Two evaluation protocols, both in every results table:
 * primary: meta-trained models are selected on meta-validation tasks (the initial model,
   iteration 0, included); the test-time fine-tuning learning rate is chosen per method and per
   shot on ``lr_select_tasks`` meta-VALIDATION tasks from the grid ``finetune_lrs`` (empty grid:
-  the fixed ``inner_lr``), then ``test_tasks`` meta-test tasks (5-way 1-shot and 5-shot, 15
-  queries, ``finetune_steps`` SGD steps) are evaluated once: mean and 95% CI. The chosen rates
-  and the whole validation grid are recorded in ``results.json``
+  the fixed ``finetune_lr``, by default ``inner_lr``), then ``test_tasks`` meta-test tasks (5-way
+  1-shot and 5-shot, 15 queries, ``finetune_steps`` SGD steps) are evaluated once: mean and 95%
+  CI. The chosen rates and the whole validation grid are recorded in ``results.json``
   (``methods[name]["1-shot"|"5-shot"] = [mean, ci95]``).
 * paper protocol (labelled; it selects on the TEST split, so it is optimistic): fine-tuning lr
   ``paper_lr`` (0.01) for ``paper_steps`` (10) steps; for meta-trained methods, on the training
@@ -43,13 +43,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from dfml_jax.augment import normalize
 from dfml_jax.data import ClassDataset, get_class_splits, Taskset
 from dfml_jax.experiment import RunDir, plot_curves, write_results
 from dfml_jax.meta import evaluate_tasks, select_finetune_lr
 from dfml_jax.models import create_model, functional, scale_kernels
-from dfml_jax.pool import load_pool, load_white_box_teachers, obtain_pool
 from dfml_jax.remote import load_remote_pool
+from dfml_jax.teachers import load_pool, load_white_box_teachers, obtain_pool
+from dfml_jax.training.augment import normalize
 
 from .baselines import META_INITS, UNTRAINED, kernel_scale, meta_init_params, run_baseline
 from .train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
@@ -107,7 +107,7 @@ class BiDfExperimentConfig(BiDfMKDConfig):
     test_shots: tuple = (1, 5)
     eval_seed: int = 12345
     # test-time fine-tuning lr: chosen per method and shot on meta-validation tasks from this grid
-    # (empty: the paper's fixed inner_lr, no selection)
+    # (empty: the fixed finetune_lr, no selection; finetune_lr=None: the paper's inner_lr)
     finetune_lrs: tuple = ()
     lr_select_tasks: int = 200
     # random_scaled: every conv / linear kernel of the random init times this
@@ -124,7 +124,7 @@ class BiDfExperimentConfig(BiDfMKDConfig):
 
 
 def pool_build_args(cfg: BiDfExperimentConfig, num_apis: Optional[int] = None) -> Dict[str, Any]:
-    """:func:`dfml_jax.pool.build_pool` arguments of the config's pool (``num_apis``: its first
+    """:func:`dfml_jax.teachers.build_pool` arguments of the config's pool (``num_apis``: its first
     teachers only; teacher ``m`` does not depend on the pool size)."""
     kw = {a: {"width": cfg.pool_width} for a in cfg.pool_archs
           if a in ("conv4", "resnet10", "resnet18")}
@@ -294,8 +294,8 @@ def _test_eval(cfg: BiDfExperimentConfig, apply_fn, params, test_sets, lr_sets, 
       ``{"<s>-shot": (mean, ci95), "<s>-shot_lr": lr, "<s>-shot_val_by_lr": {lr: val acc}
       (with a grid), "paper_protocol": {"<s>-shot": (mean, ci95), "<s>-shot_source": str,
       "lr": paper_lr, "steps": paper_steps}}``: primary protocol (lr chosen on validation if
-      ``cfg.finetune_lrs``, else ``inner_lr``; ``finetune_steps`` steps) and one test evaluation
-      at ``paper_lr`` / ``paper_steps``.
+      ``cfg.finetune_lrs``, else ``cfg.eval_lr``: ``finetune_lr``, or ``inner_lr`` if None;
+      ``finetune_steps`` steps) and one test evaluation at ``paper_lr`` / ``paper_steps``.
     """
     def norm(tasks):
         sx, sy, qx, qy = tasks
@@ -304,7 +304,7 @@ def _test_eval(cfg: BiDfExperimentConfig, apply_fn, params, test_sets, lr_sets, 
     out: Dict[str, Any] = {}
     paper: Dict[str, Any] = {"lr": cfg.paper_lr, "steps": cfg.paper_steps}
     for s, tasks in test_sets.items():
-        lr = cfg.inner_lr
+        lr = cfg.eval_lr
         if cfg.finetune_lrs:
             lr, table = select_finetune_lr(apply_fn, params, *norm(lr_sets[s]), lrs=cfg.finetune_lrs,
                                            steps=cfg.finetune_steps, batch_size=25)
@@ -355,7 +355,7 @@ def pool_data_split(train_split: ClassDataset, records: Sequence[Dict[str, Any]]
     """The real images the pool's teachers were trained on, as a few-shot split.
 
     The classes are the union of the teachers' classes (``record["classes"]``: ids of the
-    meta-train split). A teacher of :func:`dfml_jax.pool.train_group` trained on the first
+    meta-train split). A teacher of :func:`dfml_jax.teachers.train_group` trained on the first
     ``num_train // num_classes`` images of each of its classes (the rest is its held-out set);
     the split keeps the first ``min`` of that over the records, i.e. images every teacher of the
     class trained on (in a pool from ``build_pool`` all teachers share one train fraction). If a
@@ -447,7 +447,7 @@ def _rows(results: Dict[str, Any], cfg: BiDfExperimentConfig):
         for s in cfg.test_shots:
             row[f"{s}-shot acc (%)"] = tuple(r[f"{s}-shot"])
         row["fine-tune lr (" + "/".join(f"{s}" for s in cfg.test_shots) + "-shot)"] = "/".join(
-            f"{r.get(f'{s}-shot_lr', cfg.inner_lr):g}" for s in cfg.test_shots)
+            f"{r.get(f'{s}-shot_lr', cfg.eval_lr):g}" for s in cfg.test_shots)
         for s in cfg.test_shots:
             v = paper.get(f"{s}-shot")
             row[f"{PAPER_MARK} {s}-shot (%)"] = tuple(v) if v is not None else "n/a"
@@ -461,7 +461,7 @@ def _protocol_notes(cfg: BiDfExperimentConfig) -> Dict[str, str]:
     """The two evaluation protocols in words (``results.json["protocols"]`` and the notes)."""
     lr = (f"fine-tuning lr chosen per method and shot on {cfg.lr_select_tasks} meta-validation "
           f"tasks from {list(cfg.finetune_lrs)}" if cfg.finetune_lrs
-          else f"fine-tuning lr {cfg.inner_lr} (fixed)")
+          else f"fine-tuning lr {cfg.eval_lr} (fixed)")
     other = [s for s in cfg.test_shots if s != cfg.shots]
     if cfg.paper_eval_tasks > 0:
         trained = (f"for meta-trained methods the {cfg.shots}-shot number is the MAXIMUM over the "

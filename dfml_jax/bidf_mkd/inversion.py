@@ -42,12 +42,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfml_jax.augment import batch_shared_augment
-from dfml_jax.blackbox import APIGroup, BlackBoxAPI
+from dfml_jax.api import APIGroup, BlackBoxAPI
 from dfml_jax.estimators import num_queries, zo_gradient, zo_gradient_lowres
 from dfml_jax.estimators.subspace import UPSAMPLE_METHODS
 from dfml_jax.parallel import (P, check_divisible, constrain_batch, replicate, shard_offset,
                                shard_over)
+from dfml_jax.training.augment import batch_shared_augment
 
 ZO_SPACES = ("image", "latent")
 
@@ -532,7 +532,7 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
     """Builds the jitted inversion for a group of same-signature APIs.
 
     Args:
-      group: an :class:`~dfml_jax.blackbox.APIGroup` (``APIGroup([api])`` for one API); output
+      group: an :class:`~dfml_jax.api.APIGroup` (``APIGroup([api])`` for one API); output
         mode logits, probs or topk (hard labels are refused).
       gen_apply: ``(gen_params, z) -> images in [0, 1]`` (train-mode BN).
       nz: latent size.

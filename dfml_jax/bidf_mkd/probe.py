@@ -40,12 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dfml_jax.augment import normalize
-from dfml_jax.blackbox import group_apis, surface_api_errors
+from dfml_jax.api import group_apis, surface_api_errors
 from dfml_jax.data import ClassDataset, Taskset
 from dfml_jax.losses import teacher_probs
 from dfml_jax.meta import evaluate_tasks, select_finetune_lr
 from dfml_jax.models import create_model, functional, scale_kernels
+from dfml_jax.training.augment import normalize
 
 from .inversion import InversionConfig, inversion_queries, make_inverter
 from .train import BiDfMKDConfig, train_bidf_mkd
@@ -134,7 +134,7 @@ def recover_sets(recipe: Recipe, apis: Sequence, keys: jax.Array, *, base: Inver
                  white_box: Optional[Sequence[Tuple[Callable, Any]]] = None) -> List[RecoveredSet]:
     """Recovers (or takes) each API's image set by ``recipe`` and buys its soft labels once.
 
-    Same-signature APIs share one compiled inversion (:func:`~dfml_jax.blackbox.group_apis`).
+    Same-signature APIs share one compiled inversion (:func:`~dfml_jax.api.group_apis`).
 
     Args:
       recipe: the :class:`Recipe`.
@@ -464,7 +464,7 @@ def run_probe(recipes: Dict[str, Recipe], *, pool, train_split: ClassDataset,
 
     Args:
       recipes: name -> :class:`Recipe`.
-      pool: a loaded :class:`~dfml_jax.pool.APIPool` (records with classes and ``num_train``).
+      pool: a loaded :class:`~dfml_jax.api.APIPool` (records with classes and ``num_train``).
       train_split, val_split: the meta-train split the pool was trained on and the
         meta-validation split (new classes).
       meta: the meta-model's functional view (its width must equal ``cfg.student_width``).

@@ -1,7 +1,7 @@
 """The BiDf-MKD training loop: API visits, bi-level KD, memory replay, plateau rule, evaluation.
 
-BiDf-MKD is a :class:`~dfml_jax.training.Method` (:func:`bidf_mkd_method`) run by the shared run
-loop (:func:`dfml_jax.training.run`), which owns the evaluation points, the checkpoints (orbax, so
+BiDf-MKD is a :class:`~dfml_jax.training.run_loop.Method` (:func:`bidf_mkd_method`) run by the shared run
+loop (:func:`dfml_jax.training.run_loop.run`), which owns the evaluation points, the checkpoints (orbax, so
 a killed run resumes without losing work or re-buying queries), the query ledgers and the bar.
 A step is a meta-iteration over explicit state (:class:`BiDfState`: the arrays
 :class:`LoopState` and the host-side visits, plateau rule and model selection) made of jitted
@@ -27,19 +27,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dfml_jax.augment import normalize
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.memory import MemoryState, PlateauTrigger, init_memory, sample_tasks
 from dfml_jax.meta import evaluate_tasks
 from dfml_jax.parallel import replicate
-from dfml_jax.training import LOG, STEP_COUNT, STOP, EvalAt, Method, run
+from dfml_jax.training.augment import normalize
+from dfml_jax.training.run_loop import LOG, STEP_COUNT, STOP, EvalAt, Method, run
 
 from .inversion import InversionConfig
 from .metastep import KDTask, ReplayTasks, cached_meta_steps
@@ -51,7 +51,21 @@ __all__ = ["BiDfMKDConfig", "TeacherPool", "LoopState", "BiDfState", "bidf_mkd_m
 
 @dataclasses.dataclass(frozen=True)
 class BiDfMKDConfig:
-    """Everything the loop needs; paper values in comments (spec section 8)."""
+    """Everything the loop needs; paper values in comments (spec section 8).
+
+    The zero-order estimate of the inversion takes ``num_directions`` random directions (q) per
+    sample and steps of ``smoothing`` (mu), as in :func:`dfml_jax.estimators.zo_gradient`; they
+    were named ``q`` and ``mu`` until issue 17 (one name per knob): ``--set`` refuses the old
+    names and saved configs are read under the new ones (``RENAMED_FIELDS``).
+
+    Learning rates of the meta-model: ``inner_lr`` is the SGD step of the inner loops of
+    meta-training (the replay and KD tasks' adaptation, :mod:`.metastep`); ``finetune_lr`` is the
+    fine-tuning step of the evaluations (the meta-validation tasks of model selection here, and
+    in :mod:`.experiment` the test-time fine-tuning when no ``finetune_lrs`` grid is given); None
+    (the default, as in the paper) fine-tunes at ``inner_lr`` (:attr:`eval_lr`). The paper
+    protocol's test evaluations have their own ``paper_lr``.
+    """
+    RENAMED_FIELDS: ClassVar[Dict[str, str]] = {"q": "num_directions", "mu": "smoothing"}
     ways: int = 5
     shots: int = 1                  # num_sup_train (= test shot)
     query: int = 15
@@ -68,8 +82,8 @@ class BiDfMKDConfig:
     inv_per_class: int = 30
     inv_lr: float = 1e-3
     estimator: str = "sphere-forward"
-    q: int = 100
-    mu: float = 0.005
+    num_directions: int = 100       # q
+    smoothing: float = 0.005        # mu
     chunk_size: Optional[int] = None
     boundary_weight: float = 1.0
     boundary_start: int = 4000      # meta-iteration after which the boundary term is on
@@ -103,9 +117,15 @@ class BiDfMKDConfig:
     paper_lr: float = 0.01          # fine-tuning lr of the paper protocol's test evaluations
     paper_steps: int = 10           # fine-tuning steps of the paper protocol's test evaluations
     finetune_steps: int = 10
+    finetune_lr: Optional[float] = None  # fine-tuning lr of the evaluations (None: inner_lr)
     query_budget: Optional[int] = None
     checkpoint_every: int = 50
     seed: int = 2022
+
+    @property
+    def eval_lr(self) -> float:
+        """The evaluations' fine-tuning learning rate: ``finetune_lr``, or ``inner_lr`` if None."""
+        return self.inner_lr if self.finetune_lr is None else self.finetune_lr
 
     @property
     def flip(self) -> bool:
@@ -114,8 +134,8 @@ class BiDfMKDConfig:
 
     def inversion(self) -> InversionConfig:
         return InversionConfig(iterations=self.inv_iterations, per_class=self.inv_per_class,
-                               lr=self.inv_lr, estimator=self.estimator, num_directions=self.q,
-                               smoothing=self.mu, chunk_size=self.chunk_size,
+                               lr=self.inv_lr, estimator=self.estimator, num_directions=self.num_directions,
+                               smoothing=self.smoothing, chunk_size=self.chunk_size,
                                boundary_weight=self.boundary_weight, pad=self.inv_pad,
                                flip=self.flip, select=self.inv_select,
                                tv_weight=self.inv_tv_weight, l1_weight=self.inv_l1_weight,
@@ -312,7 +332,7 @@ class _BiDfMKD:
         the test tasks with ``paper_lr`` / ``paper_steps``); keeps it as ``best_params`` if its
         validation accuracy is the best so far. Returns the state and the ``eval`` record."""
         cfg, host, arrays = self.cfg, s.host, s.arrays
-        r = _evaluate(self.meta_apply, self.norm, arrays.params, self.val, cfg.inner_lr,
+        r = _evaluate(self.meta_apply, self.norm, arrays.params, self.val, cfg.eval_lr,
                       cfg.finetune_steps)
         info = {"train_acc": at.metrics["train_acc"]} if at.kind == "step" else {}
         rec = {"event": "eval", "iteration": at.steps, "val_acc": r.mean, "val_ci": r.ci95,
@@ -396,7 +416,7 @@ def bidf_mkd_method(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_param
     :func:`run`'s key (``jax.random.key(cfg.seed)`` in :func:`train_bidf_mkd`); run it on the
     pool's APIs. It evaluates its initial parameters (they compete in model selection),
     checkpoints whenever the run stops and keeps the
-    :data:`~dfml_jax.training.STEP_COUNT` checkpoint layout.
+    :data:`~dfml_jax.training.run_loop.STEP_COUNT` checkpoint layout.
 
     Args:
       cfg, meta_apply, meta_init_params, gen_init, gen_apply, pool, val_tasks, test_tasks,
@@ -404,7 +424,7 @@ def bidf_mkd_method(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_param
       t_start: ``time.time()`` from which the records' ``wall_s`` count (default: now).
 
     Returns:
-      The :class:`~dfml_jax.training.Method`.
+      The :class:`~dfml_jax.training.run_loop.Method`.
     """
     _validate(cfg, pool)
     return _BiDfMKD(cfg, meta_apply=meta_apply, meta_init_params=meta_init_params,

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfml_jax.augment import batch_shared_augment
-from dfml_jax.blackbox import group_apis, surface_api_errors
+from dfml_jax.api import group_apis, surface_api_errors
 from dfml_jax.losses import teacher_probs
 from dfml_jax.memory import MemoryState, row_of_classes, write
 from dfml_jax.parallel import replicate, sharded_group_query
+from dfml_jax.training.augment import batch_shared_augment
 
 from .inversion import InversionConfig, inversion_queries, make_inverter
 from .metastep import KDTask

@@ -150,7 +150,7 @@ def content_key(name: str, *, image_size: Optional[int] = None, channels: Option
         :func:`get_class_splits`.
 
     Returns:
-      A JSON-serialisable dict (part of API-pool build keys, :func:`dfml_jax.pool.pool_spec`).
+      A JSON-serialisable dict (part of API-pool build keys, :func:`dfml_jax.teachers.pool_spec`).
 
     Raises:
       ValueError: unknown ``name`` or options, as :func:`get_class_splits`.

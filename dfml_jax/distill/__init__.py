@@ -1,7 +1,7 @@
 """Query-efficient data-free distillation of ONE black-box model: IDEAL, DFME and NaiveKD.
 
-Each method is a run-loop :class:`~dfml_jax.training.Method` (:func:`ideal_method`,
-:func:`dfme_method`) run by :func:`dfml_jax.training.run`; the functions below build and run it.
+Each method is a run-loop :class:`~dfml_jax.training.run_loop.Method` (:func:`ideal_method`,
+:func:`dfme_method`) run by :func:`dfml_jax.training.run_loop.run`; the functions below build and run it.
 
 * :func:`run_pool_distillation` (:mod:`.ideal`): IDEAL (ICLR 2023) with a label cache (each
   synthetic sample is queried exactly once, hard labels suffice); ``synth="noise"`` is NaiveKD
@@ -14,7 +14,7 @@ Each method is a run-loop :class:`~dfml_jax.training.Method` (:func:`ideal_metho
 * :mod:`.common`: student optimisers and training steps, per-sample augmentation, evaluation, the
   on-disk label cache (:class:`PoolStore`), validation-based selection within a budget.
 
-Every teacher query goes through a :class:`~dfml_jax.blackbox.BlackBoxAPI`; its ledger is the
+Every teacher query goes through a :class:`~dfml_jax.api.BlackBoxAPI`; its ledger is the
 query count reported everywhere, and its budget bounds every run (a step is reserved before it
 runs; a run stops cleanly when the budget cannot cover the next step).
 """

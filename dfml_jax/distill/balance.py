@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfml_jax.augment import augment_images
 from dfml_jax.distill.common import PoolStore, dequantize
+from dfml_jax.training.augment import augment_images
 
 __all__ = ["pool_balancing_targets", "balanced_selection", "class_floor_deficit",
            "class_floor_images", "with_floor_images"]

@@ -2,14 +2,15 @@
 
 * :class:`Evaluator`: accuracy on the validation and test splits (BatchNorm in eval mode).
 * :func:`accuracy_point`: a point of a run's curve (the budgeted, resumable loop itself, with its
-  checkpoints, evaluation points, bar and ``result.json``, is :func:`dfml_jax.training.run`).
+  checkpoints, evaluation points, bar and ``result.json``, is :func:`dfml_jax.training.run_loop.run`).
 * :func:`make_generator`: the DCGAN generator both IDEAL and DFME use.
 * Validation-based model selection within a budget (:func:`select_within_budget`) and the
   stratified validation split (:func:`split_validation`).
 
-Re-exported for the methods, from the modules that define them: the student's optimiser, state
-and training passes (:mod:`.student`), the label cache (:mod:`.label_cache`), the compiled-step
-cache (:mod:`.compile_cache`) and per-sample augmentation (:mod:`dfml_jax.augment`).
+Re-exported for the methods, from the modules that define them: the student's state and training
+passes (:mod:`.student`), its optimiser (:mod:`dfml_jax.training.optim`), the label cache
+(:mod:`.label_cache`), the compiled-step cache (:mod:`dfml_jax.training.compile_cache`) and
+per-sample augmentation (:mod:`dfml_jax.training.augment`).
 """
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfml_jax.augment import AUGMENTATIONS, augment_images, random_crop_flip
-from dfml_jax.distill.compile_cache import memoize_builder, uncommitted
 from dfml_jax.distill.label_cache import PoolStore, atomic_write_json, dequantize, quantize_uint8
 from dfml_jax.distill.student import (POOL_LOSSES, StudentState, balanced_loss, init_student,
-                                      make_pool_pass, make_supervised_epoch, multistep_schedule,
-                                      pool_class_prior, torch_sgd, train_supervised)
+                                      make_pool_pass, make_supervised_epoch, pool_class_prior,
+                                      train_supervised)
 from dfml_jax.models import create_model, functional, get_default_conv_impl
-from dfml_jax.training import EvalAt
+from dfml_jax.training.augment import AUGMENTATIONS, augment_images, random_crop_flip
+from dfml_jax.training.compile_cache import memoize_builder, uncommitted
+from dfml_jax.training.optim import multistep_schedule, torch_sgd
+from dfml_jax.training.run_loop import EvalAt
 
 __all__ = [
     "StudentState",
@@ -199,7 +201,7 @@ def accuracy_point(evaluator: Evaluator, step_key: str, at: EvalAt, params, bn,
     Args:
       evaluator: the :class:`Evaluator`.
       step_key: name of the step count (``"round"``, ``"iteration"``).
-      at: the run loop's :class:`~dfml_jax.training.EvalAt`.
+      at: the run loop's :class:`~dfml_jax.training.run_loop.EvalAt`.
       params, bn: the evaluated student.
       fields: further entries of the point, after the step count and the queries.
 

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfml_jax.distill.student import StudentState, _torch_sgd, make_pool_pass
+from dfml_jax.distill.student import StudentState, make_pool_pass
+from dfml_jax.training.optim import _torch_sgd
 
 __all__ = ["cosine_pass_lrs", "make_consolidation"]
 

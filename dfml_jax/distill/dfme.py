@@ -29,18 +29,18 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.distill.common import (Evaluator, StudentState, accuracy_point, atomic_write_json,
                                      config_dict, init_student, make_generator, memoize_builder,
                                      multistep_schedule, torch_sgd, uncommitted)
 from dfml_jax.estimators import ESTIMATORS, num_queries, zo_gradient
-from dfml_jax.training import EvalAt, Method, RunOutcome, run
+from dfml_jax.training.run_loop import EvalAt, Method, RunOutcome, run
 
 __all__ = ["DFMEConfig", "DFMEState", "cost_per_iteration", "num_iterations", "make_dfme_iteration",
            "recover_logits", "run_dfme", "DFMERunResult", "init_dfme_state", "DFMERun",
@@ -54,8 +54,9 @@ class DFMEConfig:
     Attributes:
       batch_size: B (256).
       g_iter, d_iter: generator and student steps per iteration (1, 5).
-      grad_m: directions per sample of the zero-order estimate (1).
-      grad_epsilon: smoothing step of the estimate (1e-3).
+      num_directions: directions per sample of the zero-order estimate (1; the official code's
+        ``grad_m``).
+      smoothing: smoothing step of the estimate (1e-3; the official code's ``grad_epsilon``).
       estimator: a name of :data:`dfml_jax.estimators.ESTIMATORS` (``"sphere-forward"``).
       chunk_size: directions per API call inside the estimate (None: all).
       lr_s, momentum_s, weight_decay_s: student SGD (0.1, 0.9, 5e-4).
@@ -74,13 +75,19 @@ class DFMEConfig:
       checkpoint_every: checkpoint every this many iterations (iterations after the last
         checkpoint are redone after a kill and their queries bought again; the count is recorded).
       on_zero_differences: precision check of the estimator (``"warn"``, ``"raise"``, ``"ignore"``).
+
+    ``num_directions`` and ``smoothing`` were named ``grad_m`` and ``grad_epsilon`` until issue 17
+    (one name per knob: the estimators' names); ``--set`` refuses the old names and saved configs
+    are read under the new ones (``RENAMED_FIELDS``).
     """
+    RENAMED_FIELDS: ClassVar[Dict[str, str]] = {"grad_m": "num_directions",
+                                                "grad_epsilon": "smoothing"}
 
     batch_size: int = 256
     g_iter: int = 1
     d_iter: int = 5
-    grad_m: int = 1
-    grad_epsilon: float = 1e-3
+    num_directions: int = 1
+    smoothing: float = 1e-3
     estimator: str = "sphere-forward"
     chunk_size: Optional[int] = None
     lr_s: float = 0.1
@@ -115,12 +122,13 @@ class DFMEConfig:
 
 
 def cost_per_iteration(cfg: DFMEConfig) -> int:
-    """Queries of one DFME iteration: ``g_iter * num_queries(estimator, B, m) + d_iter * B``.
+    """Queries of one DFME iteration: ``g_iter * num_queries(estimator, B, num_directions) +
+    d_iter * B``.
 
     >>> cost_per_iteration(DFMEConfig())
     1792
     """
-    return cfg.g_iter * num_queries(cfg.estimator, cfg.batch_size, cfg.grad_m) + \
+    return cfg.g_iter * num_queries(cfg.estimator, cfg.batch_size, cfg.num_directions) + \
         cfg.d_iter * cfg.batch_size
 
 
@@ -224,8 +232,8 @@ def _build_dfme_iteration(api, student_fm, gen_fm, cfg, total_iters):
                 return -per_sample_loss(s_logits, teacher_targets(x))
 
             est = zo_gradient(objective, jax.lax.stop_gradient(x_pre), ke,
-                              estimator=cfg.estimator, num_directions=cfg.grad_m,
-                              smoothing=cfg.grad_epsilon, chunk_size=cfg.chunk_size,
+                              estimator=cfg.estimator, num_directions=cfg.num_directions,
+                              smoothing=cfg.smoothing, chunk_size=cfg.chunk_size,
                               on_zero_differences=cfg.on_zero_differences)
             # est.grad estimates the gradient of the objective l_i = -loss_i; it is the cotangent
             # of G's output and Adam *minimises* the objective (maximises the disagreement), as
@@ -312,7 +320,7 @@ def dfme_method(api: BlackBoxAPI, student_fm, cfg: DFMEConfig, *, seed: int = 0,
       workdir: directory of ``queries_log.json`` (what was bought, for ``requeried``).
 
     Returns:
-      The :class:`~dfml_jax.training.Method`.
+      The :class:`~dfml_jax.training.run_loop.Method`.
     """
     _check_api(api)
     cfg.validate()

@@ -31,14 +31,14 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.checkpoint import RunCheckpointer
+from dfml_jax.data import load_single_task
 from dfml_jax.distill.common import (Evaluator, atomic_write_json, select_within_budget,
                                      split_validation, torch_sgd, train_supervised)
 from dfml_jax.distill.dfme import DFMEConfig, cost_per_iteration, run_dfme
 from dfml_jax.distill.ideal import IDEALConfig, run_pool_distillation
 from dfml_jax.experiment import RunDir, plot_curves, write_results
-from dfml_jax.data import load_single_task
 from dfml_jax.models import create_model, functional, set_default_conv_impl
 
 __all__ = ["METHODS", "run_experiment", "load_data", "get_teacher", "get_reference", "make_api",
@@ -259,7 +259,7 @@ def report(cfg, run, results, teacher_meta, reference, seconds):
         "budget, so every prefix is exactly the run with the smaller budget); teacher queried "
         f"once per synthetic sample ({cfg.ideal.batch_size} per round, top-1 labels).",
         f"DFME: one run per budget (its LR schedule depends on the budget); {dcost} queries per "
-        f"iteration = {cfg.dfme.batch_size} x ({cfg.dfme.g_iter} x ({cfg.dfme.grad_m} + 1) + "
+        f"iteration = {cfg.dfme.batch_size} x ({cfg.dfme.g_iter} x ({cfg.dfme.num_directions} + 1) + "
         f"{cfg.dfme.d_iter}); teacher probabilities, logits recovered as log p - mean log p.",
         "run_wall_s: wall seconds of the run that produced the row (IDEAL and NaiveKD: the whole "
         "run up to the largest budget; a resumed run: the last invocation only).",

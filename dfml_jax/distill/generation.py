@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfml_jax.augment import augment_images
 from dfml_jax.distill.balance import balanced_selection, pool_balancing_targets
 from dfml_jax.distill.common import memoize_builder
 from dfml_jax.losses import cross_entropy
+from dfml_jax.training.augment import augment_images
 
 __all__ = ["INFO_LOSSES", "GEN_HEADS", "TARGETS", "NOISES", "SELECTS", "SELECT_SCORES",
            "info_loss", "noise_images", "make_generation_phase"]

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.distill.balance import with_floor_images
 from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, PoolStore,
                                      StudentState, accuracy_point, config_dict, dequantize,
@@ -48,144 +48,160 @@ from dfml_jax.distill.consolidate import make_consolidation
 from dfml_jax.distill.generation import (GEN_HEADS, INFO_LOSSES, NOISES, SELECT_SCORES, SELECTS,
                                          TARGETS, make_generation_phase, noise_images)
 from dfml_jax.losses import teacher_probs
-from dfml_jax.training import EvalAt, Method, RunOutcome, run
+from dfml_jax.training.run_loop import EvalAt, Method, RunOutcome, run
 
 __all__ = ["IDEALConfig", "IDEALState", "ideal_method", "run_pool_distillation", "PoolRunResult"]
 
 
 @dataclasses.dataclass(frozen=True)
 class IDEALConfig:
-    """Hyper-parameters of IDEAL (defaults: the released code, ``ideal_dfme.md`` section 3.7).
+    """Hyper-parameters of IDEAL and of NaiveKD (``synth="noise"``), one round at a time.
 
-    Attributes:
-      batch_size: B, new synthetic samples per round (queries per round) and the distillation
-        minibatch. Must be a multiple of K with balanced targets.
-      rounds: E, number of rounds; None: until the API's budget cannot buy another round.
-      stop_gen: rounds after which no new samples are generated (400 in the code); later rounds
-        only re-train on the pool. None: never stop.
-      g_steps: generator Adam steps per round (30; the code's CIFAR-10 example uses 5).
-      lr_g, betas_g: generator Adam (1e-3, (0.5, 0.999)).
-      nz, ngf: generator latent size and width (256, 64).
-      gen_head: ``"sigmoid"`` (IDEAL's ``Generator_2``) or ``"bn_sigmoid"`` (a final
-        BN(affine=False) before the sigmoid, as in DFME's generator; spec section 10).
-      gen_bias: a fixed offset added before the final sigmoid (0: the code). Negative values make
-        dark images (``bn_sigmoid`` with -2: pixels ~ sigmoid(N(-2, 1)), mean ~0.16, close to
-        MNIST's 0.13); bright images such as U[0,1] noise are answered "1" by a digit teacher
-        (``docs/ideal_diagnosis.md``).
-      info_loss: one of :data:`INFO_LOSSES`.
-      info_weight: weight of ``L_info`` (5 in the code, DAFL's beta).
-      targets: ``"balanced"`` (``i mod K``, the code), ``"random"`` (uniform class draws) or
-        ``"pool_balancing"`` (a departure: the round's B targets are split over the classes in
-        inverse proportion to ``count_k + B/K``, where ``count_k`` is how often the teacher has
-        answered class k on the pool so far (already paid for, no extra query): the generator
-        aims more often at the classes the pool lacks; see :func:`pool_balancing_targets`).
-      select: which generated images are bought each round. ``"best"``: the lowest-loss batch
-        (the code). ``"balanced"`` (a departure): the candidates are the batches of all
-        ``g_steps`` generator steps (``g_steps * B`` images, no query); the student (eval mode)
-        predicts each, every class k gets a quota of the B purchases in inverse proportion to
-        the teacher's answers of class k in the pool so far (:func:`pool_balancing_targets`),
-        filled by the candidates the student assigns to k with the highest ``select_score``;
-        unfilled quotas go to the best-scoring remaining candidates
-        (:func:`balanced_selection`). The teacher still answers each bought image once.
-      select_score: ranking within a class for ``select="balanced"``: ``"confidence"`` (the
-        student's top probability: most likely to be answered that class) or ``"entropy"`` (the
-        student's uncertainty: where a label teaches most).
-      gen_augment: augmentation of the generated batch before the student (kornia crop(pad 4) +
-        flip in the code: ``"crop_flip"``).
-      synth: ``"generator"`` (IDEAL) or ``"noise"`` (NaiveKD: noise images).
-      noise: NaiveKD's noise: ``"uniform"`` (U[0, 1], the spec's baseline) or ``"gauss"``
-        (``clip(noise_mean + noise_std * N(0, 1), 0, 1)``: a standard normal in the teacher's
-        normalised input space, the field's NaiveKD (``torch.randn`` fed to a normalising
-        teacher); the defaults are MNIST's normalisation constants).
-      noise_mean, noise_std: of ``"gauss"`` noise (0.1307, 0.3081).
-      lr_s, momentum_s, weight_decay_s: student SGD (0.01, 0.9, 5e-4; constant).
-      student_batch: distillation minibatch (None: ``batch_size``).
-      pool_loss: the student's loss on the pool (:data:`~dfml_jax.distill.common.POOL_LOSSES`):
-        ``"ce"`` (the paper and the code), ``"balanced_ce"`` (inverse label-frequency weights) or
-        ``"logit_adjusted"`` (the code's commented-out class-count-aware loss); the frequencies
-        are those of the teacher's labels in the pool, recomputed every pass. Hard labels only.
-      distill_augment: augmentation of pool minibatches (the code: ``"flip"`` for MNIST/SVHN,
-        ``"crop_flip"`` for CIFAR); pad of the crop is ``aug_pad``.
-      aug_pad: crop padding (4).
-      max_student_batches: cap on the minibatches of one pool pass (None: the whole pool, the
-        paper; a CPU-scaling knob otherwise).
-      min_student_batches: at least this many minibatches per round (0: one pass, the paper);
-        while the pool is small the student cycles through it, so the early student (the
-        generator's proxy) learns from its few labels instead of taking one step a round.
-      class_floor: a departure: every class should be at least this share of the pool of teacher
-        answers (0: off). Each round, up to ``floor_share * batch_size`` of the round's images
-        are replaced by mixtures of two pool images the TEACHER answered with a class below the
-        floor (the first weighted ``floor_mix``, shifted by up to ``floor_shift`` px;
-        :func:`class_floor_images`). They are queried like every other image (same round size,
-        same budget); the teacher mostly answers them with that class, which lifts rare classes
-        that the proxy-driven generator cannot reach.
-      floor_share: the largest share of a round spent on class-floor images.
-      floor_shift: largest shift of a class-floor image, in pixels (0: pure mixtures, which stay
-        in the class for any teacher with convex class regions, e.g. a linear one).
-      floor_mix: ``(low, high)`` range of the first image's weight in a class-floor mixture
-        ((0.75, 0.95): close to one image the teacher answered with the class, but new).
-      soft_labels: cache the teacher's probabilities and distil with KL (needs a score API); the
-        default (False) caches top-1 labels and uses cross-entropy (hard-label IDEAL).
-      quantize: store the pool as uint8 levels (the code's PNG round-trip); the teacher is queried
-        on the quantised images.
-      consolidate_passes: a departure (0: off, the paper): after the last round within each
-        evaluation budget and after the last round, a copy of the student makes this many more
-        passes over the pool bought so far (no query; lr from ``consolidate_lr`` decayed to 0 on
-        a cosine; :mod:`dfml_jax.distill.consolidate`), evaluated every
-        ``consolidate_eval_every`` passes; its points enter the curve (``phase="consolidate"``)
-        at the same query count, so each budget's validation selection sees them. The online
-        student (the generator's proxy) goes on unchanged.
-      consolidate_lr: first-pass learning rate of the copy (None: ``lr_s``).
-      consolidate_eval_every: evaluate the copy every this many passes (and after the last).
-      consolidate_augment, consolidate_pad: augmentation of the copy's minibatches (``"crop"``
-        with pad 1: shifts of at most one pixel, labels kept; no query).
-      eval_every: evaluate (validation + test) every this many rounds; budget crossings and the
-        last round are always evaluated.
-      checkpoint_every: checkpoint the student every this many rounds (the pool and its labels are
-        logged every round regardless, so a resume never re-buys a query).
+    A round generates ``batch_size`` images against the student (no query), buys the teacher's
+    answers to them once, then distils the student on the pool bought so far (module docstring).
+    The defaults are the released code's (``shared/specs/ideal_dfme.md`` section 3.7); fields
+    marked "a departure" are this library's additions, off by default. Each field is documented
+    where it is declared; :meth:`validate` checks a config against the number of classes.
+
+    >>> cfg = IDEALConfig(batch_size=20, g_steps=3)
+    >>> cfg.validate(num_classes=10)
+    >>> (cfg.batch_size, cfg.lr_s, cfg.distill_augment)
+    (20, 0.01, 'flip')
     """
 
+    #: B: new synthetic samples per round (queries per round) and the distillation minibatch.
+    #: Must be a multiple of K with balanced targets.
     batch_size: int = 250
+    #: E: number of rounds; None: until the API's budget cannot buy another round.
     rounds: Optional[int] = None
+    #: Rounds after which no new samples are generated (400 in the code); later rounds only
+    #: re-train on the pool. None: never stop.
     stop_gen: Optional[int] = None
+    #: Generator Adam steps per round (30; the code's CIFAR-10 example uses 5).
     g_steps: int = 30
+    #: Generator Adam learning rate (1e-3).
     lr_g: float = 1e-3
+    #: Generator Adam betas ((0.5, 0.999)).
     betas_g: tuple = (0.5, 0.999)
+    #: Generator latent size (256).
     nz: int = 256
+    #: Generator width (64).
     ngf: int = 64
+    #: ``"sigmoid"`` (IDEAL's ``Generator_2``) or ``"bn_sigmoid"`` (a final BN(affine=False)
+    #: before the sigmoid, as in DFME's generator; spec section 10).
     gen_head: str = "sigmoid"
+    #: A fixed offset added before the final sigmoid (0: the code). Negative values make dark
+    #: images (``bn_sigmoid`` with -2: pixels ~ sigmoid(N(-2, 1)), mean ~0.16, close to MNIST's
+    #: 0.13); bright images such as U[0,1] noise are answered "1" by a digit teacher
+    #: (``docs/ideal_diagnosis.md``).
     gen_bias: float = 0.0
+    #: One of :data:`~dfml_jax.distill.generation.INFO_LOSSES` (see the module docstring).
     info_loss: str = "per_sample"
+    #: Weight of ``L_info`` (5 in the code, DAFL's beta).
     info_weight: float = 5.0
+    #: ``"balanced"`` (``i mod K``, the code), ``"random"`` (uniform class draws) or
+    #: ``"pool_balancing"`` (a departure: the round's B targets are split over the classes in
+    #: inverse proportion to ``count_k + B/K``, where ``count_k`` is how often the teacher has
+    #: answered class k on the pool so far (already paid for, no extra query): the generator aims
+    #: more often at the classes the pool lacks; see
+    #: :func:`~dfml_jax.distill.balance.pool_balancing_targets`).
     targets: str = "balanced"
+    #: Which generated images are bought each round. ``"best"``: the lowest-loss batch (the
+    #: code). ``"balanced"`` (a departure): the candidates are the batches of all ``g_steps``
+    #: generator steps (``g_steps * B`` images, no query); the student (eval mode) predicts each,
+    #: every class k gets a quota of the B purchases in inverse proportion to the teacher's
+    #: answers of class k in the pool so far, filled by the candidates the student assigns to k
+    #: with the highest ``select_score``; unfilled quotas go to the best-scoring remaining
+    #: candidates (:func:`~dfml_jax.distill.balance.balanced_selection`). The teacher still
+    #: answers each bought image once.
     select: str = "best"
+    #: Ranking within a class for ``select="balanced"``: ``"confidence"`` (the student's top
+    #: probability: most likely to be answered that class) or ``"entropy"`` (the student's
+    #: uncertainty: where a label teaches most).
     select_score: str = "confidence"
+    #: Augmentation of the generated batch before the student (kornia crop(pad 4) + flip in the
+    #: code: ``"crop_flip"``).
     gen_augment: str = "crop_flip"
+    #: ``"generator"`` (IDEAL) or ``"noise"`` (NaiveKD: noise images).
     synth: str = "generator"
+    #: NaiveKD's noise: ``"uniform"`` (U[0, 1], the spec's baseline) or ``"gauss"``
+    #: (``clip(noise_mean + noise_std * N(0, 1), 0, 1)``: a standard normal in the teacher's
+    #: normalised input space, the field's NaiveKD (``torch.randn`` fed to a normalising
+    #: teacher); the defaults are MNIST's normalisation constants).
     noise: str = "uniform"
+    #: Mean of ``"gauss"`` noise (0.1307).
     noise_mean: float = 0.1307
+    #: Standard deviation of ``"gauss"`` noise (0.3081).
     noise_std: float = 0.3081
+    #: Student SGD learning rate (0.01, constant).
     lr_s: float = 0.01
+    #: Student SGD momentum (0.9).
     momentum_s: float = 0.9
+    #: Student SGD weight decay (5e-4).
     weight_decay_s: float = 5e-4
+    #: Distillation minibatch (None: ``batch_size``).
     student_batch: Optional[int] = None
+    #: The student's loss on the pool (:data:`~dfml_jax.distill.common.POOL_LOSSES`): ``"ce"``
+    #: (the paper and the code), ``"balanced_ce"`` (inverse label-frequency weights) or
+    #: ``"logit_adjusted"`` (the code's commented-out class-count-aware loss); the frequencies are
+    #: those of the teacher's labels in the pool, recomputed every pass. Hard labels only.
     pool_loss: str = "ce"
+    #: Augmentation of pool minibatches (the code: ``"flip"`` for MNIST/SVHN, ``"crop_flip"`` for
+    #: CIFAR); pad of the crop is ``aug_pad``.
     distill_augment: str = "flip"
+    #: Crop padding (4).
     aug_pad: int = 4
+    #: Cap on the minibatches of one pool pass (None: the whole pool, the paper; a CPU-scaling
+    #: knob otherwise).
     max_student_batches: Optional[int] = None
+    #: At least this many minibatches per round (0: one pass, the paper); while the pool is small
+    #: the student cycles through it, so the early student (the generator's proxy) learns from
+    #: its few labels instead of taking one step a round.
     min_student_batches: int = 0
+    #: A departure: every class should be at least this share of the pool of teacher answers (0:
+    #: off). Each round, up to ``floor_share * batch_size`` of the round's images are replaced by
+    #: mixtures of two pool images the TEACHER answered with a class below the floor (the first
+    #: weighted ``floor_mix``, shifted by up to ``floor_shift`` px;
+    #: :func:`~dfml_jax.distill.balance.class_floor_images`). They are queried like every other
+    #: image (same round size, same budget); the teacher mostly answers them with that class,
+    #: which lifts rare classes that the proxy-driven generator cannot reach.
     class_floor: float = 0.0
+    #: The largest share of a round spent on class-floor images.
     floor_share: float = 0.2
+    #: Largest shift of a class-floor image, in pixels (0: pure mixtures, which stay in the class
+    #: for any teacher with convex class regions, e.g. a linear one).
     floor_shift: int = 0
+    #: ``(low, high)`` range of the first image's weight in a class-floor mixture ((0.75, 0.95):
+    #: close to one image the teacher answered with the class, but new).
     floor_mix: tuple = (0.75, 0.95)
+    #: Cache the teacher's probabilities and distil with KL (needs a score API); the default
+    #: (False) caches top-1 labels and uses cross-entropy (hard-label IDEAL).
     soft_labels: bool = False
+    #: Store the pool as uint8 levels (the code's PNG round-trip); the teacher is queried on the
+    #: quantised images.
     quantize: bool = True
+    #: A departure (0: off, the paper): after the last round within each evaluation budget and
+    #: after the last round, a copy of the student makes this many more passes over the pool
+    #: bought so far (no query; lr from ``consolidate_lr`` decayed to 0 on a cosine;
+    #: :mod:`dfml_jax.distill.consolidate`), evaluated every ``consolidate_eval_every`` passes;
+    #: its points enter the curve (``phase="consolidate"``) at the same query count, so each
+    #: budget's validation selection sees them. The online student (the generator's proxy) goes
+    #: on unchanged.
     consolidate_passes: int = 0
+    #: First-pass learning rate of the copy (None: ``lr_s``).
     consolidate_lr: Optional[float] = None
+    #: Evaluate the copy every this many passes (and after the last).
     consolidate_eval_every: int = 2
+    #: Augmentation of the copy's minibatches (``"crop"`` with pad ``consolidate_pad`` = 1:
+    #: shifts of at most one pixel, labels kept; no query).
     consolidate_augment: str = "crop"
+    #: Crop padding of the copy's augmentation.
     consolidate_pad: int = 1
+    #: Evaluate (validation + test) every this many rounds; budget crossings and the last round
+    #: are always evaluated.
     eval_every: int = 1
+    #: Checkpoint the student every this many rounds (the pool and its labels are logged every
+    #: round regardless, so a resume never re-buys a query).
     checkpoint_every: int = 1
 
     def validate(self, num_classes: int) -> None:
@@ -309,7 +325,7 @@ def ideal_method(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, seed: int = 
       workdir: directory of the on-disk pool log (None: in memory).
 
     Returns:
-      The :class:`~dfml_jax.training.Method`.
+      The :class:`~dfml_jax.training.run_loop.Method`.
     """
     k, b = api.num_classes, cfg.batch_size
     cfg.validate(k)

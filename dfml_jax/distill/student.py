@@ -1,76 +1,26 @@
-"""The student side of single-teacher distillation: PyTorch-semantics SGD, the student's state,
-a supervised epoch over a fixed dataset (teacher, real-data reference) and one pass over a growing
-synthetic pool (:func:`make_pool_pass`: ONE compiled function whatever the pool size, a
-``fori_loop`` with a dynamic trip count over a capacity-padded pool).
+"""The student side of single-teacher distillation: the student's state, a supervised epoch over
+a fixed dataset (teacher, real-data reference) and one pass over a growing synthetic pool
+(:func:`make_pool_pass`: ONE compiled function whatever the pool size, a ``fori_loop`` with a
+dynamic trip count over a capacity-padded pool). The optimisers are :mod:`dfml_jax.training.optim`.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from dfml_jax.augment import augment_images
-from dfml_jax.distill.compile_cache import memoize_builder
 from dfml_jax.distill.label_cache import dequantize
 from dfml_jax.losses import cross_entropy, kd_kl
+from dfml_jax.training.augment import augment_images
+from dfml_jax.training.compile_cache import memoize_builder
+from dfml_jax.training.optim import multistep_schedule, torch_sgd
 
-__all__ = ["torch_sgd", "multistep_schedule", "StudentState", "init_student",
-           "make_supervised_epoch", "train_supervised", "POOL_LOSSES", "pool_class_prior",
-           "balanced_loss", "make_pool_pass"]
-
-
-# ----------------------------------------------------------------------------- optimisers
-def torch_sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 0.0
-              ) -> optax.GradientTransformation:
-    """``torch.optim.SGD(lr, momentum, weight_decay)``: decay added to the gradient, then momentum.
-
-    Args:
-      learning_rate: a float or an optax schedule (a function of the step count).
-      momentum: heavy-ball momentum (PyTorch convention, no dampening, not Nesterov).
-      weight_decay: L2 coefficient added to the gradient of every parameter (biases and BN too,
-        like PyTorch's default parameter group).
-
-    Calls with the same hashable arguments return the same object (so jitted steps closing over
-    it are shared between runs).
-    """
-    try:
-        return _torch_sgd_cached(learning_rate, momentum, weight_decay)
-    except TypeError:  # unhashable learning rate (an array)
-        return _torch_sgd(learning_rate, momentum, weight_decay)
-
-
-@functools.lru_cache(maxsize=64)
-def _torch_sgd_cached(learning_rate, momentum, weight_decay):
-    return _torch_sgd(learning_rate, momentum, weight_decay)
-
-
-def _torch_sgd(learning_rate, momentum, weight_decay):
-    parts = []
-    if weight_decay:
-        parts.append(optax.add_decayed_weights(weight_decay))
-    parts.append(optax.sgd(learning_rate, momentum=momentum or None))
-    return optax.chain(*parts)
-
-
-def multistep_schedule(base: float, boundaries: Sequence[int], scale: float) -> Callable:
-    """``base * scale ** #{b in boundaries: step >= b}`` (PyTorch ``MultiStepLR`` on steps).
-
-    >>> s = multistep_schedule(0.1, [2, 4], 0.5)
-    >>> [round(float(s(i)), 4) for i in range(5)]
-    [0.1, 0.1, 0.05, 0.05, 0.025]
-    """
-    if not boundaries:
-        return lambda count: jnp.asarray(base, jnp.float32)
-    bounds = jnp.asarray(sorted(int(b) for b in boundaries), jnp.int32)
-
-    def schedule(count):
-        passed = jnp.sum((count >= bounds).astype(jnp.int32))
-        return jnp.asarray(base, jnp.float32) * jnp.asarray(scale, jnp.float32) ** passed
-
-    return schedule
+__all__ = ["StudentState", "init_student", "make_supervised_epoch", "train_supervised",
+           "POOL_LOSSES", "pool_class_prior", "balanced_loss", "make_pool_pass",
+           # moved to dfml_jax.training.optim; re-exported so that old imports keep working
+           "torch_sgd", "multistep_schedule"]
 
 
 # ----------------------------------------------------------------------------- student

@@ -18,7 +18,7 @@ Any number of losses can be differentiated from the same probe without new queri
 
 Example:
   >>> import numpy as np
-  >>> from dfml_jax.blackbox import BlackBoxAPI
+  >>> from dfml_jax.api import BlackBoxAPI
   >>> W = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
   >>> api = BlackBoxAPI.from_host(lambda x: x.reshape(len(x), -1) @ W, (2, 2, 3), 5, output="probs")
   >>> x, y = jnp.zeros((4, 2, 2, 3)), jnp.arange(4)
@@ -120,7 +120,7 @@ def zo_api_outputs(api, x: jax.Array, key: jax.Array, *, estimator="sphere-forwa
     Each chunk of directions is ONE vmapped API call (one host round-trip).
 
     Args:
-      api: a :class:`~dfml_jax.blackbox.BlackBoxAPI` returning scores (logits, probs or top-k), or
+      api: a :class:`~dfml_jax.api.BlackBoxAPI` returning scores (logits, probs or top-k), or
         any callable ``(n, *shape) -> (n, K)``.
       x: ``(B, *shape)`` inputs (no gradient flows into them).
       key: PRNG key of the directions (kept in the probe).

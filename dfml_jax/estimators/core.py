@@ -11,7 +11,7 @@ Uniform contract of every registry entry::
 * ``x`` is ``(B, *shape)``; every sample is perturbed independently with its own directions; ``grad``
   has the shape of ``x`` and is an estimate of ``grad_x sum_i f(x)_i`` (row ``i``: ``grad f_i(x_i)``).
 * ``num_queries`` is a Python int that depends only on shapes: the samples one call asks ``f`` for,
-  which is exactly what a :class:`~dfml_jax.blackbox.BlackBoxAPI` ledger charges when ``f`` queries
+  which is exactly what a :class:`~dfml_jax.api.BlackBoxAPI` ledger charges when ``f`` queries
   the API once per point: ``B * (q + 1)`` for forward differences (``B * q`` when the clean values
   are passed as ``fx``), ``2 * B * q`` for central differences (see :func:`num_queries`).
 * ``smoothing`` (``mu``) is the step length in input units for every family (RMS length for
@@ -220,7 +220,7 @@ def zo_gradient(f: Callable[[jax.Array], jax.Array], x: jax.Array, key: jax.Arra
 
     Args:
       f: ``(B, *shape) -> (B,)`` per-sample objective (row ``i`` is always a copy or perturbation of
-        ``x[i]``). Typically closes over a :class:`~dfml_jax.blackbox.BlackBoxAPI`.
+        ``x[i]``). Typically closes over a :class:`~dfml_jax.api.BlackBoxAPI`.
       x: ``(B, *shape)`` points (treated as constants: no gradient flows into ``x``).
       key: PRNG key of the directions.
       estimator: a name in :data:`ESTIMATOR_SPECS` (``"sphere-forward"``, ``"gaussian-central"``...).

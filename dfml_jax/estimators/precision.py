@@ -42,7 +42,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from dfml_jax.blackbox import record_api_error
+from dfml_jax.api import record_api_error
 
 __all__ = [
     "ZERO_DIFFERENCE_ACTIONS",
@@ -136,7 +136,7 @@ def report_zero_differences(fraction: jax.Array, smoothing, *, action: str = "wa
     """In-graph version of :func:`check_zero_differences` (a ``jax.debug.callback``).
 
     Works under ``jit``, ``vmap`` and ``scan``. With ``action="raise"`` the error surfaces from XLA
-    as ``JaxRuntimeError``; inside :func:`dfml_jax.blackbox.surface_api_errors` it is re-raised as
+    as ``JaxRuntimeError``; inside :func:`dfml_jax.api.surface_api_errors` it is re-raised as
     :class:`ZeroDifferenceError`. ``action="ignore"`` adds nothing to the graph.
     """
     if action not in ZERO_DIFFERENCE_ACTIONS:

@@ -23,7 +23,7 @@ give the loss value).
 
 Example:
   >>> import numpy as np
-  >>> from dfml_jax.blackbox import BlackBoxAPI
+  >>> from dfml_jax.api import BlackBoxAPI
   >>> W = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
   >>> api = BlackBoxAPI.from_host(lambda x: x.reshape(len(x), -1) @ W, (2, 2, 3), 5)
   >>> ce = lambda logits, y: -jax.nn.log_softmax(logits)[jnp.arange(len(y)), y]
@@ -55,7 +55,7 @@ def zo_objective(api, loss_fn: Callable, *, estimator="sphere-forward", num_dire
     """Make ``x -> loss_fn(api(x), ...)`` differentiable w.r.t. ``x`` by zero-order estimation.
 
     Args:
-      api: a :class:`~dfml_jax.blackbox.BlackBoxAPI` returning scores, or any callable
+      api: a :class:`~dfml_jax.api.BlackBoxAPI` returning scores, or any callable
         ``(n, *shape) -> (n, K)``.
       loss_fn: ``loss_fn(outputs (B, K), *loss_args) -> (B,)`` per-sample loss; row ``i`` belongs
         to sample ``i``. Pass traced data it needs (targets, student logits) as ``loss_args``, not
@@ -128,7 +128,7 @@ def zo_api(api, *, estimator="sphere-forward", num_directions: int, smoothing,
     strongly nonlinear in the outputs at the scale of ``mu`` (masks, argmax).
 
     Args:
-      api: a :class:`~dfml_jax.blackbox.BlackBoxAPI` returning scores, or a callable
+      api: a :class:`~dfml_jax.api.BlackBoxAPI` returning scores, or a callable
         ``(n, *shape) -> (n, K)``.
       estimator, num_directions, smoothing, chunk_size, on_zero_differences,
       zero_difference_threshold: as in :func:`zo_objective` (the check counts unchanged output

@@ -55,7 +55,7 @@ All functions are pure and close over nothing but the static graph definition, s
 jitted once and ``jax.vmap``-ed over a population of parameters with a leading axis, e.g.
 ``jax.vmap(functools.partial(fm.apply, train=True))(P, S, X)``. They are implemented with
 ``nnx.merge`` inside the traced function: after ``jax.jit`` this compiles to exactly the same XLA
-program as a hand-written functional forward pass (``experiments/bench_conv.py`` measures the
+program as a hand-written functional forward pass (``experiments/bench/bench_conv.py`` measures the
 runtime and the trace/compile overhead of both).
 
 Initialisation: every parameter carries its distribution as ``init_spec`` metadata

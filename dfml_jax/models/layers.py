@@ -7,13 +7,13 @@ back-ends with identical semantics (NHWC inputs, HWIO kernels, symmetric zero pa
   concatenated along the channel axis and multiplied with the reshaped kernel in one matmul.
 * ``"lax"``: :func:`jax.lax.conv_general_dilated`.
 
-Measured on 2 CPU cores (``experiments/bench_conv.py``, which prints the numbers): im2col is
+Measured on 2 CPU cores (``experiments/bench/bench_conv.py``, which prints the numbers): im2col is
 7-13x faster whenever ``vmap`` batches the kernels (a meta-batch of second-order MAML tasks, a
 population of teachers: lax's batching rule turns these into grouped convolutions, which XLA:CPU
 runs slowly) and 1.3-1.6x faster for second-order MAML on one task; lax is 2-3x faster for
 single-model forward passes and first-order gradients, and ~5x for eval-mode forward passes of
 1024 images (API queries). The default is im2col, because the training loops of this library
-are vmapped and second-order; :func:`dfml_jax.pool.load_pool` builds its black-box APIs with
+are vmapped and second-order; :func:`dfml_jax.teachers.load_pool` builds its black-box APIs with
 ``"lax"``. Change it per model (``conv_impl=...``) or globally with
 :func:`set_default_conv_impl`.
 

@@ -4,7 +4,7 @@ Any server that speaks the Open Inference Protocol (OIP) REST API is a teacher: 
 KServe ``ModelServer`` (``kserve.Model``), Seldon MLServer, or this project's own server
 (``python -m dfml_jax.serve``, :mod:`dfml_jax.serve`).
 :func:`from_http` wraps an :class:`OIPClient` exactly as
-:meth:`~dfml_jax.blackbox.BlackBoxAPI.from_host` wraps any host function: inside ``jit`` / ``vmap``
+:meth:`~dfml_jax.api.BlackBoxAPI.from_host` wraps any host function: inside ``jit`` / ``vmap``
 a query is one ``pure_callback``, and the ledger charges answered samples only.
 
 What the client uses of the protocol

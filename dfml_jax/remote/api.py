@@ -1,16 +1,15 @@
 """Remote teachers as black-box APIs and pools: :func:`from_http` and its experiment wiring.
 
 :func:`from_http` wraps an :class:`~dfml_jax.remote.client.OIPClient` in a
-:class:`~dfml_jax.blackbox.BlackBoxAPI` (ledger, output modes, the jit/vmap path);
+:class:`~dfml_jax.api.BlackBoxAPI` (ledger, output modes, the jit/vmap path);
 :func:`remote_api_factory` builds such APIs for experiment runners (``--api-url``) and
-:func:`load_remote_pool` a :class:`~dfml_jax.pool.APIPool` of remote teachers (``--pool-urls``).
+:func:`load_remote_pool` a :class:`~dfml_jax.api.APIPool` of remote teachers (``--pool-urls``).
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from dfml_jax.blackbox import BlackBoxAPI
-from dfml_jax.pool import APIPool
+from dfml_jax.api import APIPool, BlackBoxAPI
 from dfml_jax.remote.client import OIPClient
 from dfml_jax.remote.wire import parse_endpoint
 
@@ -29,7 +28,7 @@ def http_api_kwargs(client: OIPClient, input_shape: Optional[Sequence[int]],
 
     Returns:
       ``{"input_shape", "num_classes", "output", "scores", "name"}`` for
-      :meth:`~dfml_jax.blackbox.BlackBoxAPI.from_host`.
+      :meth:`~dfml_jax.api.BlackBoxAPI.from_host`.
 
     Raises:
       ValueError: the server's model does not match, or cannot reveal ``output``.
@@ -169,14 +168,14 @@ def load_remote_pool(urls: Sequence[str], *, output: str = "logits", k: Optional
     Args:
       urls: one endpoint per teacher, in pool order: ``http://host:port/v2/models/NAME`` (or a
         base URL of a server with a single model).
-      output, k, budget, decimals: as in :func:`dfml_jax.pool.load_pool` (per API).
+      output, k, budget, decimals: as in :func:`dfml_jax.teachers.load_pool` (per API).
       api_key: the servers' key, if any.
       cache_dir: on-disk pending cache shared by the APIs.
       **client_options: ``timeout``, ``max_retries``, ``backoff``, ``max_backoff``,
         ``concurrency``, ``max_batch``, ``binary`` (see :class:`OIPClient`).
 
     Returns:
-      A :class:`dfml_jax.pool.APIPool` (``scenario`` ``"remote"``, ``directory`` the first URL).
+      A :class:`dfml_jax.api.APIPool` (``scenario`` ``"remote"``, ``directory`` the first URL).
 
     Raises:
       ValueError: no URLs, or a model that does not publish its teacher's classes and

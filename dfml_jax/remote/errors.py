@@ -1,6 +1,6 @@
 """Errors of the remote black-box client (:mod:`dfml_jax.remote`).
 
-The public errors are :class:`~dfml_jax.blackbox.BlackBoxError` s, so callers that handle a
+The public errors are :class:`~dfml_jax.api.BlackBoxError` s, so callers that handle a
 black-box failure handle a remote one too; :class:`RemoteAPIError` is the family's base.
 The two private exceptions steer the client's retry loop and never leave it.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from dfml_jax.blackbox import BlackBoxError
+from dfml_jax.api import BlackBoxError
 
 __all__ = [
     "RemoteAPIError",

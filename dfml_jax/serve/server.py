@@ -24,7 +24,7 @@ import uvicorn
 from fastapi.responses import JSONResponse, Response
 from grpc import aio as grpc_aio
 
-from dfml_jax.api_outputs import scores_to_outputs
+from dfml_jax.api.outputs import scores_to_outputs
 from dfml_jax.remote import CONFIG_PARAMETER, SERVER_OUTPUTS
 from dfml_jax.serve.oip import (_K, INPUT_NAME, OUTPUT_NAME, TeacherModel, _BinaryDataPlane,
                                 _GrpcGuard, _Guard, _HTTPStatus, _http_status_handler)

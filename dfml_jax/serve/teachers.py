@@ -25,7 +25,7 @@ import numpy as np
 from dfml_jax.checkpoint import RunCheckpointer
 from dfml_jax.data import load_single_task
 from dfml_jax.models import create_model, functional
-from dfml_jax.pool import load_white_box_teachers, read_manifest
+from dfml_jax.teachers import load_white_box_teachers, read_manifest
 
 __all__ = ["make_linear_teacher", "pool_teacher", "distill_teacher", "model_name_of"]
 
@@ -56,10 +56,10 @@ def pool_teacher(directory: str, index: int, *, input_space: str = "normalized",
     """The forward pass of teacher ``index`` of a pool (server side: the owner's white-box view).
 
     Args:
-      directory: pool directory (:func:`dfml_jax.pool.build_pool`).
+      directory: pool directory (:func:`dfml_jax.teachers.build_pool`).
       index: teacher index.
       input_space: ``"normalized"`` (callers normalise with the pool's mean/std, the default of
-        :func:`dfml_jax.pool.load_pool`) or ``"raw"`` ([0, 1] images).
+        :func:`dfml_jax.teachers.load_pool`) or ``"raw"`` ([0, 1] images).
       conv_impl: convolution back-end of the forward pass (``"lax"``: fastest forward-only).
 
     Returns:
@@ -69,7 +69,7 @@ def pool_teacher(directory: str, index: int, *, input_space: str = "normalized",
       input_space).
 
     Raises:
-      ValueError: index out of range; :class:`dfml_jax.pool.PoolError` for a broken pool.
+      ValueError: index out of range; :class:`dfml_jax.teachers.PoolError` for a broken pool.
     """
     records = read_manifest(directory)["teachers"]
     if not 0 <= index < len(records):

@@ -8,7 +8,7 @@ the same for every method:
 
 * **stopping**: on the method's own step limit (``num_steps``), on the query budget (the step's
   queries are reserved before it runs; a step that cannot be paid for ends the run cleanly, and
-  so does :class:`~dfml_jax.blackbox.QueryBudgetExceeded` raised inside a step), or after
+  so does :class:`~dfml_jax.api.QueryBudgetExceeded` raised inside a step), or after
   ``max_steps`` steps in total (an interruption, e.g. a simulated kill);
 * **evaluation points**: before the first step (``Method.eval_initial``), after the first step
   (``Method.eval_first``), every ``eval_every`` steps, after the last step within each of
@@ -31,7 +31,7 @@ the orbax step is the number of steps done, also stored as ``iteration``; ``hist
 
 Example (a counter that buys two queries a step from an API with a budget of five):
   >>> import jax.numpy as jnp
-  >>> from dfml_jax.blackbox import BlackBoxAPI
+  >>> from dfml_jax.api import BlackBoxAPI
   >>> api = BlackBoxAPI.from_host(lambda x: x.reshape(len(x), -1), (1, 1, 2), 2, budget=5)
   >>> def step(state, key, index):
   ...     api(jnp.zeros((2, 1, 1, 2)))
@@ -53,7 +53,7 @@ import jax
 from tqdm.auto import tqdm
 
 from dfml_jax import __version__
-from dfml_jax.blackbox import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
+from dfml_jax.api import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
 from dfml_jax.checkpoint import CheckpointError, RunCheckpointer
 
 __all__ = ["Method", "EvalAt", "RunOutcome", "CheckpointLayout", "STEP_INDEX", "STEP_COUNT",

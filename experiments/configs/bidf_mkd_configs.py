@@ -42,8 +42,8 @@ DEFAULT_METHODS = ("bidf_mkd", "random", "random_scaled", "average")
 _SMOKE = BiDfExperimentConfig(
     name="smoke", num_apis=3, pool_epochs=15, pool_width=8, meta_width=8,
     shots=1, query=3, meta_iterations=6, meta_batch=2, replay_inner_steps=2, kd_inner_steps=2,
-    inv_iterations=3, inv_per_class=4, q=4, mu=0.01, chunk_size=None, nz=32, ngf=8,
-    boundary_start=3, plateau_patience=2, memory_slots=3, eval_every=3, val_tasks=10,
+    inv_iterations=3, inv_per_class=4, num_directions=4, smoothing=0.01, chunk_size=None, nz=32,
+    ngf=8, boundary_start=3, plateau_patience=2, memory_slots=3, eval_every=3, val_tasks=10,
     test_tasks=20, finetune_steps=3, checkpoint_every=3, inv_lr=0.1, seed=0,
     generator="strokes", stroke_latent="direct", inv_zo_space="latent", meta_init="scaled",
     finetune_lrs=(0.01, 0.1), lr_select_tasks=10, paper_eval_tasks=20, paper_steps=3)
@@ -52,7 +52,8 @@ _DEFAULT = BiDfExperimentConfig(
     name="default", num_apis=20, pool_epochs=60, pool_width=32, meta_width=32,
     shots=1, query=15, meta_iterations=150, meta_batch=4, replay_inner_steps=5, kd_inner_steps=10,
     inner_lr=0.1, meta_init="scaled",
-    inv_iterations=30, inv_per_class=16, q=20, mu=0.005, chunk_size=10, nz=32, ngf=16, inv_lr=0.1,
+    inv_iterations=30, inv_per_class=16, num_directions=20, smoothing=0.005, chunk_size=10, nz=32,
+    ngf=16, inv_lr=0.1,
     generator="strokes", stroke_latent="direct", inv_zo_space="latent",
     inv_direction_resolution=None, boundary_start=100, plateau_patience=5, memory_slots=10,
     eval_every=50, val_tasks=100,
@@ -63,8 +64,9 @@ _DEFAULT = BiDfExperimentConfig(
 _PAPER = BiDfExperimentConfig(
     name="paper_cifar_fs_ss", dataset="cifar_fs", image_size=32, channels=3, num_apis=100,
     pool_epochs=60, pool_width=32, meta_width=32, shots=1, query=15, meta_iterations=60000,
-    meta_batch=4, inv_iterations=200, inv_per_class=30, q=100, mu=0.005, chunk_size=20, nz=256,
-    ngf=64, inv_lr=1e-3, boundary_start=4000, plateau_patience=200, memory_slots=20,
+    meta_batch=4, inv_iterations=200, inv_per_class=30, num_directions=100, smoothing=0.005,
+    chunk_size=20, nz=256, ngf=64, inv_lr=1e-3, boundary_start=4000, plateau_patience=200,
+    memory_slots=20,
     eval_every=500, val_tasks=600, paper_eval_tasks=600, test_tasks=600, seed=2022)
 
 CONFIGS = {

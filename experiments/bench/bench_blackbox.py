@@ -12,7 +12,7 @@ Prints one JSON line per (path, batch) with the median and IQR over repeats, the
 
 Command line (the numbers in the Foundation issue's closing note)::
 
-    python experiments/bench_blackbox.py --batches 1 150 15000 --repeats 20
+    python experiments/bench/bench_blackbox.py --batches 1 150 15000 --repeats 20
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 
 
 def make_teacher(kind: str, shape, num_classes: int, key):

@@ -19,7 +19,7 @@ Cases (Conv4, 32 channels, batch-statistics BN as for the meta-model unless note
 Every case reports the median of ``--reps`` timed runs after one warm-up/compile call, and the
 ratio lax/im2col. Output: one JSON object on stdout. Example::
 
-    python experiments/bench_conv.py --reps 5
+    python experiments/bench/bench_conv.py --reps 5
 
 Measured (jax 0.10.2, 2 shared CPU cores; other jobs kept the load average at 7-9, so absolute
 times are inflated, ratios are what matters; an earlier run at load 4-5 gave similar ratios,
@@ -39,7 +39,7 @@ population      4.404     30.18     6.9   [9.6]
 So im2col wins wherever kernels are batched by ``vmap`` (meta-batches of MAML tasks, teacher
 populations: lax's batching rule makes them grouped convolutions) and for second-order MAML on
 one task; lax wins for single-model forward passes and first-order gradients. The library
-default is im2col; black-box APIs (:func:`dfml_jax.pool.load_pool`) are built with lax.
+default is im2col; black-box APIs (:func:`dfml_jax.teachers.load_pool`) are built with lax.
 ``functional``: the NNX-merge view and the hand-written forward give the same primitive sequence
 (6,894 jaxpr equations), bit-identical gradients and the same run time (ratio 1.04, noise);
 trace 4.2 s vs 4.4 s, compile 33 s for both.
@@ -59,7 +59,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, _REPO)
 from dfml_jax.models import create_model, functional, layers  # noqa: E402
 
 

@@ -27,12 +27,12 @@ depend on the content) when the data package is unavailable.
 
 Example::
 
-    python experiments/bench_pool.py --epochs 10 --reps 3 --cpu-devices 2
+    python experiments/bench/bench_pool.py --epochs 10 --reps 3 --cpu-devices 2
 
 Measured on a quiet machine (jax 0.10.2, 2 CPU cores, load average 1.5 at the start; 20 teachers,
 10 epochs, width 32, Glyphs, medians of 3 in the same run)::
 
-    python experiments/bench_pool.py --epochs 10 --reps 3 --cpu-devices 2 \
+    python experiments/bench/bench_pool.py --epochs 10 --reps 3 --cpu-devices 2 \
         --modes sequential,population_map,population_map_sharded,population_vmap_sharded
 
 =================================  ===============  ==========================
@@ -51,7 +51,7 @@ Measured under load (jax 0.10.2, 2 CPU cores shared with other jobs, load averag
 25.3 at the end; 20 teachers, 10 epochs, width 32, Glyphs, medians of 3 in the same run; seconds,
 speed-up over sequential in brackets)::
 
-    python experiments/bench_pool.py --epochs 10 --reps 3 --cpu-devices 2 --lax-reference
+    python experiments/bench/bench_pool.py --epochs 10 --reps 3 --cpu-devices 2 --lax-reference
 
 =================================  ===============  ==========================
 mode                               time             compile + 1 epoch
@@ -99,9 +99,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, _REPO)
 from dfml_jax.models import create_model, functional, normalize, stack_trees  # noqa: E402
-from dfml_jax.train_teacher import recipe_for, train_population  # noqa: E402
+from dfml_jax.teachers.population import recipe_for, train_population  # noqa: E402
 
 
 def load_data(args, P, way):

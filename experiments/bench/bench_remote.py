@@ -20,10 +20,10 @@ seconds. One JSON line per point:
 
 Command lines::
 
-    python experiments/bench_remote.py                       # short default grid (~15 s)
-    python experiments/bench_remote.py --batches 1 16 128 512 --concurrency 1 2 4 8 \\
+    python experiments/bench/bench_remote.py                       # short default grid (~15 s)
+    python experiments/bench/bench_remote.py --batches 1 16 128 512 --concurrency 1 2 4 8 \\
         --latencies 0 20 100 --seconds 2
-    python experiments/bench_remote.py --pool runs/bidf_default/pool --api 0 --shape 28,28,1 \\
+    python experiments/bench/bench_remote.py --pool runs/bidf_default/pool --api 0 --shape 28,28,1 \\
         --classes 5
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.remote import from_http
 from dfml_jax.serve import make_linear_teacher
 
@@ -92,7 +92,7 @@ def measure(api, shape, n: int, seconds: float, rng) -> dict:
     """Query ``n`` samples at a time for about ``seconds``.
 
     Args:
-      api: a :class:`~dfml_jax.blackbox.BlackBoxAPI`.
+      api: a :class:`~dfml_jax.api.BlackBoxAPI`.
       shape: one sample's shape.
       n: samples per query.
       seconds: time to spend (at least one query).

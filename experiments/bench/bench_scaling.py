@@ -36,9 +36,9 @@ XLA's per-device threading, not a multi-device speed-up.
 
 Command lines::
 
-    python experiments/bench_scaling.py --cpu-devices 8 --smoke --out runs/bench_scaling_smoke
-    python experiments/bench_scaling.py --cpu-devices 8 --out runs/bench_scaling_cpu
-    python experiments/bench_scaling.py --devices 1 2 4 8 --out runs/bench_scaling_gpu   # 8 GPUs
+    python experiments/bench/bench_scaling.py --cpu-devices 8 --smoke --out runs/bench_scaling_smoke
+    python experiments/bench/bench_scaling.py --cpu-devices 8 --out runs/bench_scaling_cpu
+    python experiments/bench/bench_scaling.py --devices 1 2 4 8 --out runs/bench_scaling_gpu   # 8 GPUs
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def main(argv=None):
 
     from dfml_jax.bidf_mkd import InversionConfig, ReplayTasks, make_inverter
     from dfml_jax.bidf_mkd.metastep import make_meta_steps
-    from dfml_jax.blackbox import APIGroup, BlackBoxAPI
+    from dfml_jax.api import APIGroup, BlackBoxAPI
     from dfml_jax.models import create_model, functional
     from dfml_jax.parallel import make_mesh, replicate
 

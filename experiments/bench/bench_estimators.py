@@ -43,8 +43,8 @@ Outputs under ``--out DIR``: ``bench_estimators.jsonl``, ``bench_estimators.md``
 
 Command lines::
 
-    python experiments/bench_estimators.py --quick --out runs/bench_estimators_quick   # < 1 min
-    python experiments/bench_estimators.py --out runs/bench_estimators                  # full grid
+    python experiments/bench/bench_estimators.py --quick --out runs/bench_estimators_quick   # < 1 min
+    python experiments/bench/bench_estimators.py --out runs/bench_estimators                  # full grid
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfml_jax.blackbox import BlackBoxAPI
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.estimators import ESTIMATOR_SPECS, num_queries, zo_gradient
 
 REQUIRED = ("sphere-forward", "gaussian-forward", "gaussian-central", "orthogonal-central",

@@ -17,7 +17,7 @@ replay meta-iteration and 4.5 s per KD task (numbers from the project issue); th
 
 Command line::
 
-    python experiments/bench_inversion.py --batch 150 --q 100 --image-size 32 --iters 3
+    python experiments/bench/bench_inversion.py --batch 150 --q 100 --image-size 32 --iters 3
 
 Measured on a quiet 2-core CPU (load 1, jax 0.10.2, Conv4 width 32, 32x32x3): ``ms_per_iter``
 6205, ``api_forward_ms_per_iter`` 4332 (ratio 1.43), generator forward+VJP 1613 ms (ratio to API
@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dfml_jax.api import APIGroup, BlackBoxAPI
 from dfml_jax.bidf_mkd import InversionConfig, KDTask, ReplayTasks, make_inverter
 from dfml_jax.bidf_mkd.metastep import make_meta_steps
-from dfml_jax.blackbox import APIGroup, BlackBoxAPI
 from dfml_jax.models import create_model, functional
 
 PYTORCH_REFERENCE_S = {"replay_meta_iteration": 0.70, "kd_task": 4.5}
