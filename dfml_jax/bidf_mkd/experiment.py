@@ -8,7 +8,7 @@
   the BatchNorm parameters) multiplied by ``random_scale`` (default ``1/sqrt(num_apis)``): does
   ``average`` help only by shrinking the weights? (see :func:`scale_kernels`);
 * ``average``: element-wise average of the same-architecture teachers' weights (WHITE-BOX) +
-  fine-tuning;
+  fine-tuning (the three untrained baselines: :mod:`.baselines`);
 * ``white_box``: BiDf-MKD with true gradients through the teachers (inversion upper bound);
 * ``maml_real``: MAML on the real meta-train data, all classes (meta-learning upper bound);
 * ``maml_pool_data``: the same MAML, but its tasks are drawn only from the real training images
@@ -36,13 +36,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dfml_jax.data import ClassDataset, get_class_splits, Taskset
@@ -53,15 +51,14 @@ from dfml_jax.remote import load_remote_pool
 from dfml_jax.teachers import load_pool, load_white_box_teachers, obtain_pool
 from dfml_jax.training.augment import normalize
 
+from .baselines import META_INITS, UNTRAINED, kernel_scale, meta_init_params, run_baseline
 from .train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
 
 __all__ = ["BiDfExperimentConfig", "run_experiment", "METHODS", "scale_kernels", "META_INITS",
-           "meta_init_params",
-           "pool_data_split", "pool_build_args"]
+           "kernel_scale", "meta_init_params", "pool_data_split", "pool_build_args"]
 
 METHODS = ("bidf_mkd", "random", "random_scaled", "average", "white_box", "maml_real",
            "maml_pool_data")
-UNTRAINED = ("random", "random_scaled", "average")   # evaluated as they are: no meta-training
 REAL_DATA = ("maml_real", "maml_pool_data")          # MAML on real images: no API queries
 # Line drawings change identity under a horizontal flip: no flips in their augmentation.
 LINE_DRAWING_DATASETS = ("glyphs", "omniglot", "mnist", "mnist5k", "digits")
@@ -207,10 +204,9 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
     if pool is not None:
         teacher_pool = TeacherPool(pool.apis, pool.classes, mean, std, pool.image_size,
                                    tuple((w.apply, w.params) for w in wb) if wb else None)
-    gen_init = lambda k: gen.init(k)[0]
     common = dict(meta_apply=meta.apply_batchstats, meta_init_params=meta_init_params(meta, cfg),
-                  gen_init=gen_init, gen_apply=gen.apply_batchstats, val_tasks=val_tasks,
-                  test_tasks=test_sets.get(cfg.shots), progress=progress)
+                  gen_init=lambda k: gen.init(k)[0], gen_apply=gen.apply_batchstats,
+                  val_tasks=val_tasks, test_tasks=test_sets.get(cfg.shots), progress=progress)
     results: Dict[str, Any] = {}
     for method in cfg.methods:
         path = run.file(os.path.join("methods", f"{method}.json"))
@@ -221,7 +217,8 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
         tm = time.time()
         rec: Dict[str, Any] = {"method": method}
         if method in UNTRAINED:
-            params, info = _untrained_params(method, meta.params, wb, pool, cfg)
+            params, info = run_baseline(method, meta.params, cfg, teachers=wb,
+                                        records=pool.records if pool is not None else None)
             rec.update(info, **test_eval(params), api_queries=0, history=[])
         else:
             res, info = _train_method(method, cfg, common=common, teacher_pool=teacher_pool,
@@ -351,62 +348,6 @@ def _paper_from_history(rec: Dict[str, Any], cfg: BiDfExperimentConfig) -> None:
     paper[key + "_source"] = (f"max over {len(evals)} test evaluations during training "
                               f"({min(cfg.paper_eval_tasks, cfg.test_tasks)} tasks each; best at "
                               f"meta-iteration {best['iteration']})")
-
-
-def kernel_scale(cfg: BiDfExperimentConfig) -> float:
-    """The ``random_scaled`` factor: ``cfg.random_scale``, or ``1/sqrt(cfg.num_apis)`` if None.
-
-    Raises:
-      ValueError: a non-positive or non-finite scale, or ``num_apis < 1``.
-    """
-    if cfg.random_scale is None:
-        if cfg.num_apis < 1:
-            raise ValueError(f"random_scaled: num_apis={cfg.num_apis} gives no default scale "
-                             "1/sqrt(num_apis); set random_scale.")
-        return 1.0 / math.sqrt(cfg.num_apis)
-    if not (math.isfinite(cfg.random_scale) and cfg.random_scale > 0):
-        raise ValueError(f"random_scale must be a positive number (or None: 1/sqrt(num_apis)), "
-                         f"got {cfg.random_scale}")
-    return float(cfg.random_scale)
-
-
-META_INITS = ("random", "scaled")
-
-
-def meta_init_params(meta, cfg: BiDfExperimentConfig):
-    """The meta-trained methods' initial parameters (``cfg.meta_init``).
-
-    ``"scaled"``: the random init with every conv / linear kernel times :func:`kernel_scale` (the
-    ``random_scaled`` baseline's parameters); ``"random"``: the random init (the paper).
-
-    Raises:
-      ValueError: an unknown ``meta_init``.
-    """
-    if cfg.meta_init == "random":
-        return meta.params
-    if cfg.meta_init == "scaled":
-        return scale_kernels(meta.params, kernel_scale(cfg))[0]
-    raise ValueError(f"meta_init must be one of {META_INITS}, got {cfg.meta_init!r}")
-
-
-def _untrained_params(method: str, init_params, wb, pool, cfg: BiDfExperimentConfig):
-    """Parameters of an untrained baseline (``random``, ``random_scaled``, ``average``).
-
-    Returns:
-      ``(params, info)``: ``info`` is what the method's record states about them.
-    """
-    if method == "random":
-        return init_params, {}
-    if method == "random_scaled":
-        f = kernel_scale(cfg)
-        params, paths = scale_kernels(init_params, f)
-        return params, {"kernel_scale": f, "scaled_leaves": paths,
-                        "note": f"random init, every conv / linear kernel x {f:.4g} (biases and "
-                                "BatchNorm parameters unchanged)"}
-    if method == "average":
-        return (_average_teachers(init_params, wb, pool, cfg),
-                {"note": "white-box: averages teacher weights"})
-    raise ValueError(f"{method!r} is not an untrained baseline ({list(UNTRAINED)})")
 
 
 def pool_data_split(train_split: ClassDataset, records: Sequence[Dict[str, Any]],
@@ -564,17 +505,6 @@ def _stats(split) -> Tuple[tuple, tuple]:
     x = split.images_of(np.arange(min(split.num_classes, 50)))
     c = x.shape[-1]
     return tuple(float(v) for v in x.reshape(-1, c).mean(0)), tuple(float(v) for v in x.reshape(-1, c).std(0) + 1e-6)
-
-
-def _average_teachers(meta_params, wb, pool, cfg):
-    """Element-wise average of the teachers whose parameters match the meta-model's structure."""
-    same = [w.params["params"] for w, r in zip(wb, pool.records) if r["arch"] == cfg.meta_arch]
-    ok = [p for p in same if jax.tree.structure(p) == jax.tree.structure(meta_params) and all(
-        a.shape == b.shape for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(meta_params)))]
-    if not ok:
-        raise ValueError(f"average baseline: no teacher shares the meta-model's architecture "
-                         f"({cfg.meta_arch}, width {cfg.meta_width}); drop 'average' from methods")
-    return jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), 0), *ok)
 
 
 def _plots(run: RunDir, results, cfg):

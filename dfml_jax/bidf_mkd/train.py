@@ -1,11 +1,13 @@
 """The BiDf-MKD training loop: API visits, bi-level KD, memory replay, plateau rule, evaluation.
 
-Host-side orchestration of jitted pure steps (:mod:`.inversion`, :mod:`.metastep`) over explicit
-state (:class:`LoopState`), checkpointed with orbax so a killed run resumes without losing work or
-re-buying queries. The API visits (inversion, queries, memory writes) are in :mod:`.visits`;
-a run's pieces and its host-side state (``_RunState``: the checkpoint's JSON metadata) are held
-by ``_Loop``, one method per step of the loop. The loop follows the official code (spec
-``bidf_mkd.md`` section 6):
+BiDf-MKD is a :class:`~dfml_jax.training.run_loop.Method` (:func:`bidf_mkd_method`) run by the shared run
+loop (:func:`dfml_jax.training.run_loop.run`), which owns the evaluation points, the checkpoints (orbax, so
+a killed run resumes without losing work or re-buying queries), the query ledgers and the bar.
+A step is a meta-iteration over explicit state (:class:`BiDfState`: the arrays
+:class:`LoopState` and the host-side visits, plateau rule and model selection) made of jitted
+pure steps (:mod:`.inversion`, :mod:`.metastep`); the API visits (inversion, queries, memory
+writes) are in :mod:`.visits`. The method follows the official code (spec ``bidf_mkd.md``
+section 6):
 
 * the first task is a KD task; later a new API is visited when the batch-mean replay training
   accuracy has not reached a new maximum for ``plateau_patience`` meta-iterations;
@@ -31,20 +33,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from dfml_jax.api import BlackBoxAPI, QueryBudgetExceeded
-from dfml_jax.checkpoint import RunCheckpointer
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.memory import MemoryState, PlateauTrigger, init_memory, sample_tasks
 from dfml_jax.meta import evaluate_tasks
 from dfml_jax.parallel import replicate
 from dfml_jax.training.augment import normalize
+from dfml_jax.training.run_loop import LOG, STEP_COUNT, STOP, EvalAt, Method, run
 
 from .inversion import InversionConfig
 from .metastep import KDTask, ReplayTasks, cached_meta_steps
 from .visits import ApiVisits, store_recovered
 
-__all__ = ["BiDfMKDConfig", "TeacherPool", "LoopState", "train_bidf_mkd", "TrainResult"]
+__all__ = ["BiDfMKDConfig", "TeacherPool", "LoopState", "BiDfState", "bidf_mkd_method",
+           "train_bidf_mkd", "TrainResult"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,45 +222,49 @@ def _validate(cfg: BiDfMKDConfig, pool: Optional[TeacherPool]):
 
 
 @dataclasses.dataclass
-class _RunState:
-    """Host-side state of a run, checkpointed as the JSON metadata (the keys and their order are
-    the checkpoint format: see :meth:`to_meta`; keys this version does not know are carried over
-    in ``other``)."""
-    iteration: int = 0
+class _Host:
+    """Host-side state of a run, checkpointed as JSON metadata (:meth:`to_meta`); keys this
+    version does not know are carried over in ``other``."""
     need_api: bool = True
     visits: int = 0
-    history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     best_val: float = -1.0
     paper_best_test: Optional[float] = None
-    plateau: Optional[dict] = None        # PlateauTrigger.state_dict() at the last save
-    ledgers: Optional[list] = None        # the APIs' ledger state_dicts at the last save
-    train_accs: list = dataclasses.field(default_factory=list)  # unused; kept in the format
-    stopped_by_budget: bool = False
+    plateau: Optional[PlateauTrigger] = None
     other: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    _FIELDS = ("need_api", "visits", "best_val", "paper_best_test")
+    _RETIRED = ("train_accs", "stopped_by_budget")   # written by earlier versions, now unused
+
     def to_meta(self) -> Dict[str, Any]:
-        """The checkpoint metadata: every field but ``other``, in order, then ``other``."""
-        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "other"}
-        return {**meta, **self.other}
+        """The checkpoint metadata: the fields, the plateau rule's state, then ``other``."""
+        return {**{k: getattr(self, k) for k in self._FIELDS},
+                "plateau": self.plateau.state_dict(), **self.other}
 
     def load_meta(self, meta: Dict[str, Any]) -> None:
         """Takes a checkpoint's metadata over the current values (as ``dict.update``)."""
-        names = {f.name for f in dataclasses.fields(self)} - {"other"}
         for k, v in meta.items():
-            if k in names:
+            if k in self._FIELDS:
                 setattr(self, k, v)
-            else:
+            elif k == "plateau":
+                self.plateau.load_state_dict(v)
+            elif k not in self._RETIRED:
                 self.other[k] = v
 
 
+class BiDfState(NamedTuple):
+    """BiDf-MKD's state in the run loop: the arrays (:class:`LoopState`, with the key chain of
+    the run) and the host-side state (visits, the plateau rule, model selection)."""
+    arrays: LoopState
+    host: _Host
+
+
 def _initial_state(cfg: BiDfMKDConfig, optimizer, meta_init_params, image_shape, rows: int,
-                   real: bool) -> LoopState:
+                   real: bool, key) -> LoopState:
     """The loop state before training (a one-slot dummy memory with ``real``)."""
     opt_state = optimizer.init(meta_init_params)
     memory = init_memory(rows if not real else 1, cfg.memory_slots if not real else 1,
                          cfg.inv_per_class if not real else 1, image_shape)
-    return LoopState(meta_init_params, opt_state, memory, jax.random.key(cfg.seed),
-                     meta_init_params)
+    return LoopState(meta_init_params, opt_state, memory, key, meta_init_params)
 
 
 def _evaluate(meta_apply: Callable, norm: Callable, params, tasks, lr: float, steps: int):
@@ -268,38 +274,29 @@ def _evaluate(meta_apply: Callable, norm: Callable, params, tasks, lr: float, st
                           steps=steps, lr=lr, batch_size=25)
 
 
-class _Loop:
-    """One run of :func:`train_bidf_mkd` (same arguments): its fixed pieces, its array state
-    ``state`` (:class:`LoopState`) and host state ``run`` (:class:`_RunState`), restored from the
-    latest checkpoint of ``checkpoint_dir`` if there is one."""
+class _BiDfMKD:
+    """The pieces of one run (arguments of :func:`train_bidf_mkd`) and the method's functions
+    over :class:`BiDfState` (:meth:`init`, :meth:`step`, :meth:`evaluate`, :meth:`checkpoint`,
+    :meth:`restore`)."""
 
     def __init__(self, cfg: BiDfMKDConfig, *, meta_apply, meta_init_params, gen_init, gen_apply,
-                 pool, val_tasks, test_tasks, real_tasks, checkpoint_dir, mesh, t_start: float):
+                 pool, val_tasks, test_tasks, real_tasks, mesh, t_start: float):
         self.cfg, self.pool, self.meta_apply, self.real_tasks = cfg, pool, meta_apply, real_tasks
-        self.t_start = t_start
+        self.meta_init_params, self.mesh, self.t_start = meta_init_params, mesh, t_start
         self.mean, self.std = (pool.mean, pool.std) if pool is not None else ((0.0,), (1.0,))
-        optimizer = optax.adam(cfg.outer_lr)
+        self.optimizer = optax.adam(cfg.outer_lr)
         self.steps = cached_meta_steps(
             meta_apply, cfg.outer_lr, replay_steps=cfg.replay_inner_steps,
             kd_steps=cfg.kd_inner_steps, inner_lr=cfg.inner_lr, kd_loss=cfg.kd_loss,
             first_order=cfg.first_order, mesh=mesh)
-        inv_cfg = cfg.inversion()
-        image_shape = tuple(val_tasks[0].shape[2:])
+        self.image_shape = tuple(val_tasks[0].shape[2:])
         self.real = real = cfg.replay_source == "real"
-        memory_classes = np.unique(np.concatenate([np.asarray(c) for c in pool.classes])) \
+        self.memory_classes = np.unique(np.concatenate([np.asarray(c) for c in pool.classes])) \
             if not real else np.arange(1)
-        self.state = _initial_state(cfg, optimizer, meta_init_params, image_shape,
-                                    len(memory_classes), real)
-        self.run = _RunState(need_api=not real)
-        self.plateau = PlateauTrigger(cfg.plateau_patience)
-        self.ckpt = RunCheckpointer(checkpoint_dir) if checkpoint_dir else None
-        self.restore()
-        if mesh is not None:  # the state lives replicated on the mesh (whatever wrote the ckpt)
-            self.state = replicate(self.state, mesh)
         self.apis = None if pool is None else ApiVisits(
-            cfg, pool, inv_cfg=inv_cfg, gen_init=gen_init, gen_apply=gen_apply,
+            cfg, pool, inv_cfg=cfg.inversion(), gen_init=gen_init, gen_apply=gen_apply,
             meta_apply=meta_apply, steps=self.steps, mean=self.mean, std=self.std,
-            memory_classes=memory_classes, mesh=mesh)
+            memory_classes=self.memory_classes, mesh=mesh)
         self.val = tuple(jnp.asarray(a) for a in val_tasks)
         self.paper_test = None if not (cfg.paper_eval_tasks and test_tasks is not None) else tuple(
             jnp.asarray(a)[:cfg.paper_eval_tasks] for a in test_tasks)
@@ -310,145 +307,130 @@ class _Loop:
     def total_queries(self) -> int:
         return 0 if self.pool is None else int(sum(a.queries for a in self.pool.apis))
 
-    def restore(self) -> None:
-        """Resumes from the latest checkpoint, if any: arrays, host state, plateau, ledgers."""
-        restored = self.ckpt.restore_latest(self.state) if self.ckpt is not None else None
-        if restored is None:
-            return
-        _, arrays, meta = restored
-        self.state = LoopState(*arrays) if not isinstance(arrays, LoopState) else arrays
-        self.run.load_meta(meta)
-        self.plateau.load_state_dict(self.run.plateau)
-        if self.pool is not None and self.run.ledgers:
-            for api, led in zip(self.pool.apis, self.run.ledgers):
-                api.ledger.load_state_dict(led)
+    def init(self, key) -> BiDfState:
+        """The initial meta-model, its optimiser, an empty memory and the key chain ``key``."""
+        arrays = _initial_state(self.cfg, self.optimizer, self.meta_init_params, self.image_shape,
+                                len(self.memory_classes), self.real, key)
+        return BiDfState(arrays, _Host(need_api=not self.real,
+                                       plateau=PlateauTrigger(self.cfg.plateau_patience)))
 
-    def save(self) -> None:
-        """Checkpoints the state at the current iteration (no-op without a checkpoint dir)."""
-        if self.ckpt is None:
-            return
-        self.run.plateau = self.plateau.state_dict()
-        self.run.ledgers = None if self.pool is None else [a.ledger.state_dict()
-                                                           for a in self.pool.apis]
-        self.ckpt.save(self.run.iteration, self.state, self.run.to_meta())
+    def checkpoint(self, s: BiDfState):
+        return s.arrays, s.host.to_meta()
 
-    def eval_point(self, it: int, **info) -> None:
-        """Evaluates ``state.params`` on the meta-validation tasks (and, for the paper protocol, on
-        the test tasks with ``paper_lr`` / ``paper_steps``), appends the record to the history and
-        keeps the parameters as ``best_params`` if their validation accuracy is the best so far."""
-        cfg, run = self.cfg, self.run
-        r = _evaluate(self.meta_apply, self.norm, self.state.params, self.val, cfg.eval_lr,
+    def restore(self, s: BiDfState, saved) -> BiDfState:
+        """The checkpointed arrays and host state (if any), replicated on the mesh (if any)."""
+        arrays = s.arrays
+        if saved is not None:
+            arrays = saved[0] if isinstance(saved[0], LoopState) else LoopState(*saved[0])
+            s.host.load_meta(saved[1])
+        if self.mesh is not None:  # the state lives replicated on the mesh (whatever wrote it)
+            arrays = replicate(arrays, self.mesh)
+        return BiDfState(arrays, s.host)
+
+    def evaluate(self, s: BiDfState, at: EvalAt):
+        """Scores the meta-model on the meta-validation tasks (and, for the paper protocol, on
+        the test tasks with ``paper_lr`` / ``paper_steps``); keeps it as ``best_params`` if its
+        validation accuracy is the best so far. Returns the state and the ``eval`` record."""
+        cfg, host, arrays = self.cfg, s.host, s.arrays
+        r = _evaluate(self.meta_apply, self.norm, arrays.params, self.val, cfg.eval_lr,
                       cfg.finetune_steps)
-        rec = {"event": "eval", "iteration": it, "val_acc": r.mean, "val_ci": r.ci95,
-               "queries": self.total_queries(), "visits": run.visits, **info,
+        info = {"train_acc": at.metrics["train_acc"]} if at.kind == "step" else {}
+        rec = {"event": "eval", "iteration": at.steps, "val_acc": r.mean, "val_ci": r.ci95,
+               "queries": at.queries, "visits": host.visits, **info,
                "wall_s": time.time() - self.t_start}
-        if r.mean > run.best_val:
-            run.best_val = r.mean
-            self.state = self.state._replace(best_params=self.state.params)
+        if r.mean > host.best_val:
+            host.best_val = r.mean
+            arrays = arrays._replace(best_params=arrays.params)
         if self.paper_test is not None:
-            tr = _evaluate(self.meta_apply, self.norm, self.state.params, self.paper_test,
+            tr = _evaluate(self.meta_apply, self.norm, arrays.params, self.paper_test,
                            cfg.paper_lr, cfg.paper_steps)
             rec.update(test_acc_paper_protocol=tr.mean, test_ci_paper_protocol=tr.ci95)
-            prev = run.paper_best_test
-            run.paper_best_test = tr.mean if prev is None else max(prev, tr.mean)
-        run.history.append(rec)
+            prev = host.paper_best_test
+            host.paper_best_test = tr.mean if prev is None else max(prev, tr.mean)
+        return BiDfState(arrays, host), [rec]
 
-    def replay_batch(self, key, n: int) -> ReplayTasks:
+    def replay_batch(self, memory, key, n: int) -> ReplayTasks:
         """``n`` normalised replay tasks: from the memory, or real meta-train tasks."""
         cfg = self.cfg
         if self.real:
             t = self.real_tasks(key)
             t = ReplayTasks(*(a[:n] for a in t))
         else:
-            sx, sy, qx, qy, _ = _sample_memory(self.state.memory, key, n, cfg.ways, cfg.shots,
-                                               cfg.query)
+            sx, sy, qx, qy, _ = _sample_memory(memory, key, n, cfg.ways, cfg.shots, cfg.query)
             t = ReplayTasks(sx, sy, qx, qy)
         return ReplayTasks(self.norm(t.support_x), t.support_y, self.norm(t.query_x), t.query_y)
 
-    def visit(self, key, it: int) -> Optional[KDTask]:
-        """Visits ``apis_per_visit`` APIs at meta-iteration ``it``, stores the recovered sets and
-        records the visit; returns the KD task(s), or None if the query budget is exhausted
-        (the run then stops)."""
-        run = self.run
-        try:
-            kd, new_mem, info = self.apis.visit(self.state.params, self.state.memory, key, it)
-        except QueryBudgetExceeded as e:
-            run.stopped_by_budget = True
-            tqdm.write(f"query budget exhausted at meta-iteration {it}: {e}")
-            return None
-        self.state = self.state._replace(memory=new_mem)
-        run.visits += self.cfg.apis_per_visit
-        run.need_api = False
-        info.update(iteration=it, queries=self.total_queries())
-        run.history.append({"event": "visit", **info})
-        return kd
-
-    def meta_step(self, kd: Optional[KDTask], k_rep, key) -> tuple:
+    def meta_step(self, arrays: LoopState, kd: Optional[KDTask], k_rep, key):
         """One outer step on a meta-batch (``kd`` and replay tasks, or replay tasks only);
-        ``key`` becomes the state's key. Returns ``(loss, batch-mean replay training accuracy)``."""
-        cfg, st = self.cfg, self.state
+        ``key`` becomes the state's key. Returns ``(arrays, loss, mean replay accuracy)``."""
+        cfg = self.cfg
         if kd is not None:
-            tasks = self.replay_batch(k_rep, max(cfg.meta_batch - cfg.apis_per_visit, 1))
-            params, opt, loss, accs = self.steps.kd_replay(st.params, st.opt_state, kd, tasks)
+            tasks = self.replay_batch(arrays.memory, k_rep,
+                                      max(cfg.meta_batch - cfg.apis_per_visit, 1))
+            params, opt, loss, accs = self.steps.kd_replay(arrays.params, arrays.opt_state, kd,
+                                                           tasks)
         else:
-            tasks = self.replay_batch(k_rep, cfg.meta_batch)
-            params, opt, loss, accs = self.steps.replay(st.params, st.opt_state, tasks)
-        self.state = st._replace(params=params, opt_state=opt, key=key)
-        return loss, float(jnp.mean(accs))
+            tasks = self.replay_batch(arrays.memory, k_rep, cfg.meta_batch)
+            params, opt, loss, accs = self.steps.replay(arrays.params, arrays.opt_state, tasks)
+        return arrays._replace(params=params, opt_state=opt, key=key), loss, float(jnp.mean(accs))
 
-    def iterate(self, bar, stop_after: Optional[int]) -> bool:
-        """One meta-iteration (visit if needed, outer step, plateau rule, bar, evaluation,
-        checkpoint); False when the run stops here (query budget, ``stop_after``)."""
-        cfg, run = self.cfg, self.run
-        it = run.iteration
-        key, k_visit, k_rep = jax.random.split(self.state.key, 3)
-        kd = None
-        if run.need_api:
-            kd = self.visit(k_visit, it)
-            if kd is None:
-                return False
+    def step(self, s: BiDfState, _key, it: int):
+        """Meta-iteration ``it``: a visit if the plateau rule asked for one (its record is
+        logged; a budget that cannot pay for it raises ``QueryBudgetExceeded``), then the outer
+        step and the plateau rule. The keys come from the state's own key chain."""
+        cfg, host = self.cfg, s.host
+        key, k_visit, k_rep = jax.random.split(s.arrays.key, 3)
+        arrays, log, kd = s.arrays, [], None
+        if host.need_api:
+            kd, memory, info = self.apis.visit(arrays.params, arrays.memory, k_visit, it)
+            arrays = arrays._replace(memory=memory)
+            host.visits += cfg.apis_per_visit
+            host.need_api = False
+            info.update(iteration=it, queries=self.total_queries())
+            log.append({"event": "visit", **info})
         if cfg.query_budget is not None and self.total_queries() > cfg.query_budget:
-            run.stopped_by_budget = True
-            return False
-        loss, train_acc = self.meta_step(kd, k_rep, key)
-        run.iteration = it = it + 1
-        if not self.real and self.plateau.update(train_acc):
-            run.need_api = True
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{train_acc:.2f}", visits=run.visits,
-                        queries=self.total_queries())
-        if it % cfg.eval_every == 0 or it == cfg.meta_iterations:
-            self.eval_point(it, train_acc=train_acc)
-        if it % cfg.checkpoint_every == 0:
-            self.save()
-        if stop_after is not None and it >= stop_after:
-            self.save()
-            return False
-        return True
+            return BiDfState(arrays, host), {LOG: log, STOP: "budget"}
+        arrays, loss, train_acc = self.meta_step(arrays, kd, k_rep, key)
+        if not self.real and host.plateau.update(train_acc):
+            host.need_api = True
+        return BiDfState(arrays, host), {LOG: log, "loss": float(loss), "train_acc": train_acc,
+                                         "visits": host.visits}
 
-    def train(self, progress: bool, stop_after: Optional[int]) -> TrainResult:
-        """Runs the loop to ``cfg.meta_iterations`` (or a stop), evaluates a budget stop, saves."""
-        cfg, run = self.cfg, self.run
-        if run.iteration == 0 and not any(h.get("event") == "eval" for h in run.history):
-            self.eval_point(0)  # the initial parameters compete in model selection too
-        bar = tqdm(total=cfg.meta_iterations, initial=run.iteration, disable=not progress,
-                   desc="BiDf-MKD" if not self.real else "MAML (real data)", dynamic_ncols=True)
-        try:
-            while run.iteration < cfg.meta_iterations:
-                if not self.iterate(bar, stop_after):
-                    break
-        finally:
-            bar.close()
-        evaluated_now = any(h.get("event") == "eval" and h["iteration"] == run.iteration
-                            for h in run.history[-1:])
-        if run.stopped_by_budget and not evaluated_now:  # stop cleanly: evaluate what we have
-            self.eval_point(run.iteration)
-        self.save()
-        if self.ckpt is not None:
-            self.ckpt.close()
-        return TrainResult(self.state.best_params, self.state.params, run.history,
-                           self.total_queries(), run.visits, time.time() - self.t_start,
-                           run.paper_best_test, run.stopped_by_budget)
+    def method(self) -> Method:
+        return Method(
+            name="BiDf-MKD" if not self.real else "MAML (real data)", init=self.init,
+            step=self.step, checkpoint=self.checkpoint, restore=self.restore,
+            evaluate=self.evaluate, num_steps=self.cfg.meta_iterations,
+            limit_reason="iterations", step_key="iteration", unit="it",
+            show=("loss", "train_acc", "visits"), layout=STEP_COUNT, eval_initial=True,
+            checkpoint_at_stop=True)
+
+
+def bidf_mkd_method(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params,
+                    gen_init: Callable, gen_apply: Callable, pool: Optional[TeacherPool],
+                    val_tasks, test_tasks=None, real_tasks: Optional[Callable] = None,
+                    mesh=None, t_start: Optional[float] = None) -> Method:
+    """BiDf-MKD (or MAML on real data, ``replay_source="real"``) as a run-loop method.
+
+    A step is a meta-iteration; the state is :class:`BiDfState` and its key chain starts from
+    :func:`run`'s key (``jax.random.key(cfg.seed)`` in :func:`train_bidf_mkd`); run it on the
+    pool's APIs. It evaluates its initial parameters (they compete in model selection),
+    checkpoints whenever the run stops and keeps the
+    :data:`~dfml_jax.training.run_loop.STEP_COUNT` checkpoint layout.
+
+    Args:
+      cfg, meta_apply, meta_init_params, gen_init, gen_apply, pool, val_tasks, test_tasks,
+        real_tasks, mesh: as :func:`train_bidf_mkd`.
+      t_start: ``time.time()`` from which the records' ``wall_s`` count (default: now).
+
+    Returns:
+      The :class:`~dfml_jax.training.run_loop.Method`.
+    """
+    _validate(cfg, pool)
+    return _BiDfMKD(cfg, meta_apply=meta_apply, meta_init_params=meta_init_params,
+                    gen_init=gen_init, gen_apply=gen_apply, pool=pool, val_tasks=val_tasks,
+                    test_tasks=test_tasks, real_tasks=real_tasks, mesh=mesh,
+                    t_start=time.time() if t_start is None else t_start).method()
 
 
 def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params,
@@ -483,9 +465,14 @@ def train_bidf_mkd(cfg: BiDfMKDConfig, *, meta_apply: Callable, meta_init_params
       accuracy among the evaluations, the initial parameters (iteration 0, evaluated before
       training) included: training that only degrades the model returns ``meta_init_params``.
     """
-    _validate(cfg, pool)
-    loop = _Loop(cfg, meta_apply=meta_apply, meta_init_params=meta_init_params, gen_init=gen_init,
-                 gen_apply=gen_apply, pool=pool, val_tasks=val_tasks, test_tasks=test_tasks,
-                 real_tasks=real_tasks, checkpoint_dir=checkpoint_dir, mesh=mesh,
-                 t_start=time.time())
-    return loop.train(progress, stop_after)
+    t_start = time.time()
+    method = bidf_mkd_method(cfg, meta_apply=meta_apply, meta_init_params=meta_init_params,
+                             gen_init=gen_init, gen_apply=gen_apply, pool=pool,
+                             val_tasks=val_tasks, test_tasks=test_tasks, real_tasks=real_tasks,
+                             mesh=mesh, t_start=t_start)
+    out = run(method, pool.apis if pool is not None else (), key=jax.random.key(cfg.seed),
+              checkpoint_dir=checkpoint_dir, eval_every=cfg.eval_every,
+              checkpoint_every=cfg.checkpoint_every, max_steps=stop_after, progress=progress)
+    arrays, host = out.state
+    return TrainResult(arrays.best_params, arrays.params, out.curve, out.queries, host.visits,
+                       time.time() - t_start, host.paper_best_test, out.stopped == "budget")

@@ -1,10 +1,8 @@
 """Shared machinery of the single-teacher distillation methods (IDEAL, DFME, NaiveKD).
 
 * :class:`Evaluator`: accuracy on the validation and test splits (BatchNorm in eval mode).
-* :class:`RunTracker`: the bookkeeping every budgeted, resumable run loop shares (IDEAL / NaiveKD
-  rounds, DFME iterations): orbax checkpoints with the curve and the query ledger, restore after a
-  kill, the curve of evaluated ``(queries, val_acc, test_acc)`` points with evaluation at budget
-  crossings, the tqdm bar and ``result.json``.
+* :func:`accuracy_point`: a point of a run's curve (the budgeted, resumable loop itself, with its
+  checkpoints, evaluation points, bar and ``result.json``, is :func:`dfml_jax.training.run_loop.run`).
 * :func:`make_generator`: the DCGAN generator both IDEAL and DFME use.
 * Validation-based model selection within a budget (:func:`select_within_budget`) and the
   stratified validation split (:func:`split_validation`).
@@ -18,14 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfml_jax.checkpoint import RunCheckpointer
 from dfml_jax.distill.label_cache import PoolStore, atomic_write_json, dequantize, quantize_uint8
 from dfml_jax.distill.student import (POOL_LOSSES, StudentState, balanced_loss, init_student,
                                       make_pool_pass, make_supervised_epoch, pool_class_prior,
@@ -34,6 +30,7 @@ from dfml_jax.models import create_model, functional, get_default_conv_impl
 from dfml_jax.training.augment import AUGMENTATIONS, augment_images, random_crop_flip
 from dfml_jax.training.compile_cache import memoize_builder, uncommitted
 from dfml_jax.training.optim import multistep_schedule, torch_sgd
+from dfml_jax.training.run_loop import EvalAt
 
 __all__ = [
     "StudentState",
@@ -58,7 +55,7 @@ __all__ = [
     "atomic_write_json",
     "memoize_builder",
     "uncommitted",
-    "RunTracker",
+    "accuracy_point",
     "make_generator",
     "config_dict",
 ]
@@ -195,123 +192,20 @@ def make_generator(cfg, image_shape: Sequence[int], *, key: Any = 0, head: Optio
     return build()
 
 
-# ----------------------------------------------------------------------------- run bookkeeping
-class RunTracker:
-    """Bookkeeping of a budgeted, resumable distillation loop (the algorithm stays in the loop).
-
-    IDEAL / NaiveKD (steps are rounds) and DFME (steps are iterations) share it: checkpoints under
-    ``workdir/checkpoints`` that carry the curve and the API's query ledger with the arrays, the
-    restore after a kill, the curve of evaluated points (evaluation also when a step crosses one of
-    ``eval_budgets``, so each budget gets its own model selection), the tqdm bar and
-    ``result.json``.
+# ----------------------------------------------------------------------------- curve points
+def accuracy_point(evaluator: Evaluator, step_key: str, at: EvalAt, params, bn,
+                   **fields) -> Dict[str, Any]:
+    """A curve point of the distillation methods: the step count, the queries, ``fields`` and the
+    evaluator's accuracies.
 
     Args:
-      api: the teacher API whose ledger is checkpointed and restored.
-      workdir: run directory (None: nothing on disk, no resume).
-      evaluator: an :class:`Evaluator` (None: no curve).
-      eval_budgets: query counts at which the student is evaluated as well.
-      step_key: name of the step counter in the curve's points (``"round"``, ``"iteration"``).
+      evaluator: the :class:`Evaluator`.
+      step_key: name of the step count (``"round"``, ``"iteration"``).
+      at: the run loop's :class:`~dfml_jax.training.run_loop.EvalAt`.
+      params, bn: the evaluated student.
+      fields: further entries of the point, after the step count and the queries.
 
-    >>> from dfml_jax.api import BlackBoxAPI
-    >>> api = BlackBoxAPI.from_host(lambda x: x.reshape(len(x), -1), (2, 2, 1), 4)
-    >>> t = RunTracker(api, workdir=None, evaluator=None, eval_budgets=(100,), step_key="round")
-    >>> t.crosses_budget(step_cost=40), t.start
-    (False, 0)
+    Returns:
+      ``{step_key: at.steps, "queries": at.queries, **fields, "val_acc": ..., "test_acc": ...}``.
     """
-
-    def __init__(self, api, *, workdir: Optional[str], evaluator: Optional[Evaluator],
-                 eval_budgets: Sequence[int] = (), step_key: str = "step"):
-        self.api = api
-        self.workdir = workdir
-        self.evaluator = evaluator
-        self.budgets = sorted(int(b) for b in eval_budgets)
-        self.step_key = step_key
-        self.ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints")) if workdir else None
-        self.curve: List[Dict[str, Any]] = []
-        self.start = 0                   # first step to run (after a restore: the next one)
-        self.last_eval = -1              # index of the last evaluated step
-        self.bar = None
-
-    def restore(self, template: Any):
-        """Restores the latest checkpoint, if any.
-
-        Args:
-          template: pytree with the structure of the saved arrays.
-
-        Returns:
-          ``(arrays, meta)`` with fresh uncommitted arrays, or None (nothing saved). The curve,
-          the API's ledger and :attr:`start` are restored as a side effect.
-        """
-        if self.ckpt is None:
-            return None
-        restored = self.ckpt.restore_latest(template)
-        if restored is None:
-            return None
-        step, arrays, meta = restored
-        self.curve = meta["curve"]
-        self.api.ledger.load_state_dict(meta["ledger"])
-        self.start = step + 1
-        self.last_eval = self.curve[-1][self.step_key] - 1 if self.curve else -1
-        return uncommitted(arrays), meta
-
-    def open_progress(self, enabled: bool, total: Optional[int], desc: str, unit: str) -> None:
-        """Opens a tqdm bar at :attr:`start` when ``enabled``."""
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=self.start, desc=desc, unit=unit, leave=True)
-
-    def crosses_budget(self, step_cost: int) -> bool:
-        """Whether the next step (``step_cost`` queries) cannot be bought within an eval budget.
-
-        True when the queries spent so far are within one of ``eval_budgets`` and one more step
-        would pass it: the current student is the last one of that budget.
-        """
-        q = self.api.queries
-        return any(q <= b < q + step_cost for b in self.budgets)
-
-    def evaluate(self, step: int, params, bn, **fields) -> Dict[str, Any]:
-        """Appends the point of step index ``step`` (``step + 1`` steps done) to the curve."""
-        point = {self.step_key: step + 1, "queries": self.api.queries, **fields}
-        point.update(self.evaluator(params, bn))
-        self.curve.append(point)
-        self.last_eval = step
-        return point
-
-    def save(self, step: int, arrays: Any, **meta) -> None:
-        """Checkpoints step index ``step``: the arrays, the curve, the ledger and ``meta``."""
-        if self.ckpt is not None:
-            self.ckpt.save(step, arrays, {"curve": self.curve,
-                                          "ledger": self.api.ledger.state_dict(), **meta})
-
-    def tick(self, point: Optional[Dict[str, Any]], **post) -> None:
-        """Advances the bar by one step, showing ``post`` and the point's accuracies."""
-        if self.bar is None:
-            return
-        if point is not None:
-            post["val"] = f"{point.get('val_acc', float('nan')):.3f}"
-            post["test"] = f"{point.get('test_acc', float('nan')):.3f}"
-        self.bar.set_postfix(post)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        """Closes the bar and the checkpointer."""
-        if self.bar is not None:
-            self.bar.close()
-        if self.ckpt is not None:
-            self.ckpt.close()
-
-    def evaluate_end(self, steps_done: int, stopped: str, params, bn, **fields) -> None:
-        """Evaluates the last completed step unless it was evaluated or the run was interrupted
-        (a budget stop is found out only when the next step cannot be bought)."""
-        if (self.evaluator is not None and steps_done > 0 and self.last_eval != steps_done - 1
-                and stopped != "interrupted"):
-            self.evaluate(steps_done - 1, params, bn, **fields)
-
-    def write_result(self, summary: Dict[str, Any], finished: bool, cfg, seed: int,
-                     name: str) -> None:
-        """Writes ``workdir/result.json`` for a finished run (an interrupted one writes nothing)."""
-        if self.workdir and finished:
-            atomic_write_json(os.path.join(self.workdir, "result.json"),
-                              {**summary, "config": config_dict(cfg), "seed": seed,
-                               "method": name})
+    return {step_key: at.steps, "queries": at.queries, **fields, **evaluator(params, bn)}

@@ -35,14 +35,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfml_jax.api import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
-from dfml_jax.distill.common import (Evaluator, RunTracker, StudentState, atomic_write_json,
+from dfml_jax.api import BlackBoxAPI
+from dfml_jax.distill.common import (Evaluator, StudentState, accuracy_point, atomic_write_json,
                                      config_dict, init_student, make_generator, memoize_builder,
-                                     multistep_schedule, torch_sgd)
+                                     multistep_schedule, torch_sgd, uncommitted)
 from dfml_jax.estimators import ESTIMATORS, num_queries, zo_gradient
+from dfml_jax.training.run_loop import EvalAt, Method, RunOutcome, run
 
 __all__ = ["DFMEConfig", "DFMEState", "cost_per_iteration", "num_iterations", "make_dfme_iteration",
-           "recover_logits", "run_dfme", "DFMERunResult", "init_dfme_state"]
+           "recover_logits", "run_dfme", "DFMERunResult", "init_dfme_state", "DFMERun",
+           "dfme_method"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +300,76 @@ def _check_api(api: BlackBoxAPI) -> None:
             "hard-label API use IDEAL (dfml_jax.distill.run_pool_distillation).") from None
 
 
+class DFMERun(NamedTuple):
+    """DFME's run state: the algorithm's :class:`DFMEState` and ``requeried``, the queries bought
+    again because a kill lost iterations done after the last checkpoint (0 without a kill)."""
+
+    state: DFMEState
+    requeried: int
+
+
+def dfme_method(api: BlackBoxAPI, student_fm, cfg: DFMEConfig, *, seed: int = 0,
+                evaluator: Optional[Evaluator] = None, workdir: Optional[str] = None,
+                name: str = "DFME", generator: Any = None) -> Method:
+    """DFME as a run-loop method: a step is an iteration of exactly :func:`cost_per_iteration`
+    queries; the run makes as many as the API's budget (or ``cfg.iterations``) allows.
+
+    Args:
+      api, student_fm, cfg, evaluator, name, generator: as :func:`run_dfme`.
+      seed: recorded in ``result.json`` (the run's key is :func:`run`'s).
+      workdir: directory of ``queries_log.json`` (what was bought, for ``requeried``).
+
+    Returns:
+      The :class:`~dfml_jax.training.run_loop.Method`.
+    """
+    _check_api(api)
+    cfg.validate()
+    cost = cost_per_iteration(cfg)
+    total = num_iterations(cfg, None if api.remaining is None else api.queries + api.remaining)
+    gen_fm = (generator or make_generator(cfg, api.input_shape, head="tanh_bn"))[1]
+    iteration = make_dfme_iteration(api, student_fm, gen_fm, cfg, total)
+    log_path = os.path.join(workdir, "queries_log.json") if workdir else None
+
+    def step(run_state: DFMERun, key, it: int):
+        state, metrics = iteration(run_state.state, key)
+        jax.block_until_ready(state)
+        if log_path:
+            atomic_write_json(log_path, {"answered": api.queries + run_state.requeried,
+                                         "iteration": it})
+        return run_state._replace(state=state), {k: float(v) for k, v in metrics.items()}
+
+    def evaluate(run_state: DFMERun, at: EvalAt):
+        st = run_state.state.student
+        return run_state, [accuracy_point(
+            evaluator, "iteration", at, st.params, st.bn,
+            loss_G=at.metrics.get("loss_G", float("nan")),
+            loss_S=at.metrics.get("loss_S", float("nan")))]
+
+    def restore(run_state: DFMERun, saved) -> DFMERun:
+        if saved is not None:
+            s = uncommitted(saved[0])["state"]
+            run_state = DFMERun(DFMEState(StudentState(*s[0]), s[1], s[2]),
+                                int(saved[1].get("requeried", 0)))
+        if log_path and os.path.exists(log_path):
+            with open(log_path) as f:
+                logged = json.load(f)["answered"]
+            # Everything bought beyond the checkpoint's trajectory was lost and is bought again.
+            run_state = run_state._replace(requeried=max(run_state.requeried,
+                                                         logged - api.queries))
+        return run_state
+
+    return Method(
+        name=name, init=lambda key: DFMERun(init_dfme_state(student_fm, gen_fm, cfg, total, key), 0),
+        step=step, restore=restore,
+        checkpoint=lambda s: ({"state": s.state},
+                              {"requeried": s.requeried, "config": config_dict(cfg)}),
+        evaluate=evaluate if evaluator is not None else None, step_cost=lambda s, i: cost,
+        query_cost=cost, num_steps=total,
+        limit_reason="budget" if cfg.iterations is None or total < cfg.iterations else "iterations",
+        step_key="iteration", unit="it", show=("loss_S",),
+        info={"config": config_dict(cfg), "seed": seed})
+
+
 def run_dfme(api: BlackBoxAPI, student_fm, cfg: DFMEConfig, *, seed: int,
              evaluator: Optional[Evaluator] = None, workdir: Optional[str] = None,
              max_iterations: Optional[int] = None, eval_budgets: Sequence[int] = (),
@@ -322,97 +394,18 @@ def run_dfme(api: BlackBoxAPI, student_fm, cfg: DFMEConfig, *, seed: int,
       :class:`DFMERunResult`.
     """
     t0 = time.perf_counter()
-    _check_api(api)
-    cfg.validate()
-    cost = cost_per_iteration(cfg)
-    budget_total = None if api.remaining is None else api.queries + api.remaining
-    total = num_iterations(cfg, budget_total)
-    gen_fm = (generator or make_generator(cfg, api.input_shape, head="tanh_bn"))[1]
-    iteration = make_dfme_iteration(api, student_fm, gen_fm, cfg, total)
-    base = jax.random.key(seed)
-    state = init_dfme_state(student_fm, gen_fm, cfg, total, base)
+    method = dfme_method(api, student_fm, cfg, seed=seed, evaluator=evaluator, workdir=workdir,
+                         name=name, generator=generator)
 
-    tracker = RunTracker(api, workdir=workdir, evaluator=evaluator, eval_budgets=eval_budgets,
-                         step_key="iteration")
-    state, requeried = _restore(tracker, state, api, workdir)
-    tracker.open_progress(progress, total, name, "it")
-    run = _Iterations(api, cfg, tracker, iteration, base, total, cost, requeried,
-                      os.path.join(workdir, "queries_log.json") if workdir else None)
-    try:
-        state, it, stopped, metrics = run(state, max_iterations)
-    finally:
-        tracker.close()
-    tracker.evaluate_end(it, stopped, state.student.params, state.student.bn,
-                         loss_G=float(metrics.get("loss_G", float("nan"))),
-                         loss_S=float(metrics.get("loss_S", float("nan"))))
-    result = DFMERunResult(curve=tracker.curve, queries=api.queries, iterations=it,
-                           stopped=stopped, finished=stopped != "interrupted",
-                           params=state.student.params, bn=state.student.bn,
-                           cost_per_iteration=cost, requeried=requeried,
-                           seconds=time.perf_counter() - t0)
-    tracker.write_result(result.summary(), result.finished, cfg, seed, name)
-    return result
+    def result(out: RunOutcome) -> DFMERunResult:
+        st = out.state.state.student
+        return DFMERunResult(curve=out.curve, queries=api.queries, iterations=out.steps,
+                             stopped=out.stopped, finished=out.finished, params=st.params,
+                             bn=st.bn, cost_per_iteration=method.query_cost,
+                             requeried=out.state.requeried, seconds=out.seconds)
 
-
-def _restore(tracker: RunTracker, state: DFMEState, api: BlackBoxAPI, workdir: Optional[str]):
-    """The checkpointed state (or ``state``) and the queries bought again after a kill."""
-    requeried = 0
-    restored = tracker.restore({"state": state})
-    if restored is not None:
-        arrays, meta = restored
-        s = arrays["state"]
-        state = DFMEState(StudentState(*s[0]), s[1], s[2])
-        requeried = int(meta.get("requeried", 0))
-    log_path = os.path.join(workdir, "queries_log.json") if workdir else None
-    if log_path and os.path.exists(log_path):
-        with open(log_path) as f:
-            logged = json.load(f)["answered"]
-        # Everything bought beyond the checkpoint's trajectory was lost and is bought again.
-        requeried = max(requeried, logged - api.queries)
-    return state, requeried
-
-
-class _Iterations:
-    """DFME's loop: ``(state, max_iterations) -> (state, iterations_done, why_stopped, metrics)``;
-    each iteration reserves its queries first, logs what was bought, evaluates and checkpoints."""
-
-    def __init__(self, api, cfg, tracker, iteration, base, total, cost, requeried, log_path):
-        self.api, self.cfg, self.tracker, self.iteration = api, cfg, tracker, iteration
-        self.base, self.total, self.cost = base, total, cost
-        self.requeried, self.log_path = requeried, log_path
-
-    def __call__(self, state, max_iterations):
-        api, cfg, cost, it, metrics = self.api, self.cfg, self.cost, self.tracker.start, {}
-        while True:
-            if it >= self.total:
-                return state, it, ("budget" if cfg.iterations is None or self.total < cfg.iterations
-                                   else "iterations"), metrics
-            if max_iterations is not None and it >= max_iterations:
-                return state, it, "interrupted", metrics
-            if api.remaining is not None and api.remaining < cost:
-                return state, it, "budget", metrics
-            key = jax.random.fold_in(jax.random.fold_in(self.base, 1), it)
-            try:
-                with api.reserve(cost), surface_api_errors():
-                    state, metrics = self.iteration(state, key)
-                    jax.block_until_ready(state)
-            except QueryBudgetExceeded:
-                return state, it, "budget", metrics
-            self.record(it, state, metrics)
-            it += 1
-
-    def record(self, it, state, metrics):
-        cfg, tracker = self.cfg, self.tracker
-        if self.log_path:
-            atomic_write_json(self.log_path, {"answered": self.api.queries + self.requeried,
-                                              "iteration": it})
-        last = it + 1 >= self.total
-        point = None
-        if tracker.evaluator is not None and ((it + 1) % cfg.eval_every == 0
-                                              or tracker.crosses_budget(self.cost) or last):
-            point = tracker.evaluate(it, state.student.params, state.student.bn,
-                                     loss_G=float(metrics["loss_G"]),
-                                     loss_S=float(metrics["loss_S"]))
-        if (it + 1) % cfg.checkpoint_every == 0 or point is not None or last:
-            tracker.save(it, {"state": state}, requeried=self.requeried, config=config_dict(cfg))
-        tracker.tick(point, queries=self.api.queries, loss_S=f"{float(metrics['loss_S']):.3f}")
+    out = run(method, api, key=jax.random.key(seed), workdir=workdir, eval_every=cfg.eval_every,
+              eval_budgets=eval_budgets, checkpoint_every=cfg.checkpoint_every,
+              max_steps=max_iterations, progress=progress, started=t0,
+              summary=lambda o: result(o).summary())
+    return result(out)

@@ -33,22 +33,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from dfml_jax.api import BlackBoxAPI, QueryBudgetExceeded, surface_api_errors
+from dfml_jax.api import BlackBoxAPI
 from dfml_jax.distill.balance import with_floor_images
 from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, PoolStore,
-                                     RunTracker, StudentState, config_dict, dequantize,
-                                     init_student, make_generator, make_pool_pass, torch_sgd)
+                                     StudentState, accuracy_point, config_dict, dequantize,
+                                     init_student, make_generator, make_pool_pass, torch_sgd,
+                                     uncommitted)
 from dfml_jax.distill.consolidate import make_consolidation
 from dfml_jax.distill.generation import (GEN_HEADS, INFO_LOSSES, NOISES, SELECT_SCORES, SELECTS,
                                          TARGETS, make_generation_phase, noise_images)
 from dfml_jax.losses import teacher_probs
+from dfml_jax.training.run_loop import EvalAt, Method, RunOutcome, run
 
-__all__ = ["IDEALConfig", "run_pool_distillation", "PoolRunResult"]
+__all__ = ["IDEALConfig", "IDEALState", "ideal_method", "run_pool_distillation", "PoolRunResult"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,8 +298,97 @@ class PoolRunResult:
                 "class_histogram": self.class_histogram, "seconds": self.seconds}
 
 
-def _round_key(seed: int, r: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), r)
+class IDEALState(NamedTuple):
+    """IDEAL's (and NaiveKD's) state: the student and the pool of bought samples.
+
+    Attributes:
+      student: the :class:`~dfml_jax.distill.common.StudentState`.
+      pool: the :class:`~dfml_jax.distill.common.PoolStore` (host-side; with a work directory
+        every round's purchase is logged to disk the moment it is bought).
+    """
+    student: StudentState
+    pool: PoolStore
+
+
+def ideal_method(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, seed: int = 0,
+                 evaluator: Optional[Evaluator] = None, workdir: Optional[str] = None,
+                 name: str = "IDEAL", generator: Any = None) -> Method:
+    """IDEAL (``cfg.synth="generator"``) or NaiveKD (``"noise"``) as a run-loop method.
+
+    A step is a round: generate (no query), buy the new images' labels once (replayed from the
+    pool log if a killed run bought them already), one pass over the pool. Evaluation adds
+    consolidation points at budget crossings (``cfg.consolidate_passes``).
+
+    Args:
+      api, student_fm, cfg, evaluator, name, generator: as :func:`run_pool_distillation`.
+      seed: recorded in ``result.json`` (the run's key is :func:`run`'s).
+      workdir: directory of the on-disk pool log (None: in memory).
+
+    Returns:
+      The :class:`~dfml_jax.training.run_loop.Method`.
+    """
+    k, b = api.num_classes, cfg.batch_size
+    cfg.validate(k)
+    if cfg.soft_labels:
+        api.require_output(("probs", "logits"), f"{name} with soft labels")
+    else:
+        api.require_output(("label", "probs", "logits", "topk"), name)
+    parts = _RunParts(student_fm, cfg, k, api.input_shape, generator)
+    max_samples = _max_samples(api, cfg)
+
+    def init(key):
+        return IDEALState(init_student(student_fm, parts.tx, jax.random.fold_in(key, 0)),
+                          _new_pool(cfg, k, api.input_shape, max_samples, workdir))
+
+    def step(state: IDEALState, key, r: int):
+        kgen, kpass = jax.random.split(key)
+        pool, gen_loss, agree = state.pool, float("nan"), float("nan")
+        if cfg.stop_gen is None or r < cfg.stop_gen:
+            gen_loss, agree = _buy_round(api, parts, pool, state.student, r, kgen)
+        student, loss, nsteps = parts.pool_pass(state.student, pool.x, pool.y,
+                                                jnp.int32(pool.size), kpass)
+        return state._replace(student=student), {
+            "loss": float(loss), "gen_loss": gen_loss, "student_teacher_agree": agree,
+            "student_steps": int(nsteps)}
+
+    def step_cost(state: IDEALState, r: int) -> int:
+        bought = (cfg.stop_gen is not None and r >= cfg.stop_gen) or state.pool.has_round(r)
+        return 0 if bought else b
+
+    def evaluate(state: IDEALState, at: EvalAt):
+        pool = state.pool
+        if at.kind == "end":
+            fields = dict(pool_size=pool.size, loss=float("nan"), gen_loss=float("nan"),
+                          student_steps=0)
+        else:
+            fields = dict(pool_size=pool.size, **at.metrics,
+                          pool_histogram=pool.class_histogram(k))
+        return state, [accuracy_point(evaluator, "round", at, state.student.params,
+                                      state.student.bn, **fields)]
+
+    def consolidate(state: IDEALState, at: EvalAt):
+        """Points of a copy of the student trained further on the pool (no query)."""
+        pool, key = state.pool, jax.random.fold_in(jax.random.split(at.key)[1], 3)
+        return [accuracy_point(evaluator, "round", at, params, bn, pool_size=pool.size,
+                               phase="consolidate", consolidate_passes=passes, loss=loss)
+                for passes, params, bn, loss in parts.consolidate(
+                    state.student, pool.x, pool.y, jnp.int32(pool.size), key)]
+
+    def restore(state: IDEALState, saved):
+        if saved is None:
+            return state
+        arrays, meta = saved
+        state.pool.reload(meta["pool_rounds"])
+        return state._replace(student=StudentState(*uncommitted(arrays)["student"]))
+
+    return Method(
+        name=name, init=init, step=step, restore=restore, step_cost=step_cost,
+        checkpoint=lambda s: ({"student": s.student},
+                              {"pool_rounds": s.pool.rounds, "config": config_dict(cfg)}),
+        evaluate=evaluate if evaluator is not None else None,
+        on_budget=consolidate if evaluator is not None and parts.consolidate else None,
+        query_cost=b, num_steps=cfg.rounds, limit_reason="rounds", step_key="round",
+        unit="round", eval_first=True, info={"config": config_dict(cfg), "seed": seed})
 
 
 def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, seed: int,
@@ -329,63 +420,22 @@ def run_pool_distillation(api: BlackBoxAPI, student_fm, cfg: IDEALConfig, *, see
       :class:`PoolRunResult`.
     """
     t0 = time.perf_counter()
-    k = api.num_classes
-    cfg.validate(k)
-    if cfg.soft_labels:
-        api.require_output(("probs", "logits"), f"{name} with soft labels")
-    else:
-        api.require_output(("label", "probs", "logits", "topk"), name)
-    parts = _RunParts(student_fm, cfg, k, api.input_shape, generator)
-    state = init_student(student_fm, parts.tx, jax.random.fold_in(jax.random.key(seed), 0))
-    max_samples = _max_samples(api, cfg)
-    pool = _new_pool(cfg, k, api.input_shape, max_samples, workdir)
-    tracker = RunTracker(api, workdir=workdir, evaluator=evaluator, eval_budgets=eval_budgets,
-                         step_key="round")
-    restored = tracker.restore({"student": state})
-    if restored is not None:
-        arrays, meta = restored
-        state = StudentState(*arrays["student"])
-        pool.reload(meta["pool_rounds"])
-    b = cfg.batch_size
-    total = cfg.rounds if cfg.rounds is not None else (
-        (max_samples // b) if max_samples is not None else None)
-    tracker.open_progress(progress, total, name, "round")
-    try:
-        state, r, stopped = _run_rounds(api, parts, pool, tracker, state, seed, max_rounds)
-    finally:
-        tracker.close()
-    tracker.evaluate_end(r, stopped, state.params, state.bn, pool_size=pool.size,
-                         loss=float("nan"), gen_loss=float("nan"), student_steps=0)
-    result = PoolRunResult(curve=tracker.curve, queries=api.queries, rounds=r, stopped=stopped,
-                           finished=stopped != "interrupted", params=state.params, bn=state.bn,
-                           class_histogram=pool.class_histogram(k),
-                           seconds=time.perf_counter() - t0)
-    tracker.write_result(result.summary(), result.finished, cfg, seed, name)
-    return result
+    method = ideal_method(api, student_fm, cfg, seed=seed, evaluator=evaluator, workdir=workdir,
+                          name=name, generator=generator)
 
+    def result(out: RunOutcome) -> PoolRunResult:
+        st = out.state
+        return PoolRunResult(curve=out.curve, queries=api.queries, rounds=out.steps,
+                             stopped=out.stopped, finished=out.finished, params=st.student.params,
+                             bn=st.student.bn,
+                             class_histogram=st.pool.class_histogram(api.num_classes),
+                             seconds=out.seconds)
 
-def _run_rounds(api: BlackBoxAPI, parts: "_RunParts", pool: PoolStore, tracker: RunTracker,
-                state, seed: int, max_rounds: Optional[int]):
-    """Rounds from ``tracker.start`` until the budget, ``cfg.rounds`` or ``max_rounds`` ends them:
-    ``(state, rounds_done, why_stopped)``."""
-    cfg, r = parts.cfg, tracker.start
-    while True:
-        if cfg.rounds is not None and r >= cfg.rounds:
-            return state, r, "rounds"
-        if max_rounds is not None and r >= max_rounds:
-            return state, r, "interrupted"
-        kgen, kpass = jax.random.split(_round_key(seed, r))
-        gen_loss, agree = float("nan"), float("nan")
-        if cfg.stop_gen is None or r < cfg.stop_gen:
-            bought = _buy_round(api, parts, pool, state, r, kgen)
-            if bought is None:
-                return state, r, "budget"
-            gen_loss, agree = bought
-        state, loss, nsteps = parts.pool_pass(state, pool.x, pool.y, jnp.int32(pool.size), kpass)
-        _record_round(tracker, api, parts, r, state, pool, jax.random.fold_in(kpass, 3),
-                      loss=float(loss), gen_loss=gen_loss, student_teacher_agree=agree,
-                      student_steps=int(nsteps))
-        r += 1
+    out = run(method, api, key=jax.random.key(seed), workdir=workdir, eval_every=cfg.eval_every,
+              eval_budgets=eval_budgets, checkpoint_every=cfg.checkpoint_every,
+              max_steps=max_rounds, progress=progress, started=t0,
+              summary=lambda o: result(o).summary())
+    return result(out)
 
 
 class _RunParts:
@@ -431,35 +481,6 @@ class _RunParts:
         return x, gen_loss
 
 
-def _record_round(tracker: RunTracker, api: BlackBoxAPI, parts: _RunParts, r: int, state,
-                  pool: PoolStore, key, **metrics) -> None:
-    """Evaluates (on schedule, at budget crossings, before the last round), consolidates at
-    budget crossings and before the last round, and checkpoints."""
-    cfg, k, b = parts.cfg, parts.k, parts.cfg.batch_size
-    next_unaffordable = (
-        (cfg.rounds is not None and r + 1 >= cfg.rounds)
-        or (api.remaining is not None and api.remaining < b and
-            (cfg.stop_gen is None or r + 1 < cfg.stop_gen)))
-    last_of_budget = tracker.crosses_budget(b) or next_unaffordable
-    point = None
-    if tracker.evaluator is not None and ((r + 1) % cfg.eval_every == 0 or last_of_budget
-                                          or r == 0):
-        point = tracker.evaluate(r, state.params, state.bn, pool_size=pool.size, **metrics,
-                                 pool_histogram=pool.class_histogram(k))
-        if last_of_budget and parts.consolidate is not None:
-            _consolidate(tracker, parts, r, state, pool, key)
-    if (r + 1) % cfg.checkpoint_every == 0 or point is not None or next_unaffordable:
-        tracker.save(r, {"student": state}, pool_rounds=pool.rounds, config=config_dict(cfg))
-    tracker.tick(point, queries=api.queries)
-
-
-def _consolidate(tracker: RunTracker, parts: _RunParts, r: int, state, pool: PoolStore,
-                 key) -> None:
-    """Evaluation points of a copy of the student trained further on the pool (no query)."""
-    for passes, params, bn, loss in parts.consolidate(state, pool.x, pool.y,
-                                                      jnp.int32(pool.size), key):
-        tracker.evaluate(r, params, bn, pool_size=pool.size, phase="consolidate",
-                         consolidate_passes=passes, loss=loss)
 
 
 def _max_samples(api: BlackBoxAPI, cfg: IDEALConfig) -> Optional[int]:
@@ -483,10 +504,11 @@ def _new_pool(cfg: IDEALConfig, k: int, image_shape, max_samples, workdir) -> Po
 
 
 def _buy_round(api: BlackBoxAPI, parts: _RunParts, pool: PoolStore, state, r: int, key):
-    """Round ``r``'s purchase, appended to ``pool``: ``(gen_loss, agreement)``, None if the budget
-    cannot pay for it. A round bought before a kill is replayed from the pool log, never re-bought.
+    """Round ``r``'s purchase (its ``B`` queries reserved by the run loop), appended to ``pool``:
+    ``(gen_loss, agreement)``. A round bought before a kill is replayed from the pool log, never
+    re-bought.
     """
-    cfg, b = parts.cfg, parts.cfg.batch_size
+    cfg = parts.cfg
     gen_loss, agree = float("nan"), float("nan")
     cached = pool.cached_round(r)
     if cached is not None:
@@ -495,15 +517,9 @@ def _buy_round(api: BlackBoxAPI, parts: _RunParts, pool: PoolStore, state, r: in
         led["answered"] = answered
         api.ledger.load_state_dict(led)
     else:
-        if api.remaining is not None and api.remaining < b:
-            return None
         x, gen_loss = parts.new_images(state, pool, key)
         x_st = pool.prepare(x)
-        try:
-            with api.reserve(b), surface_api_errors():
-                out = api(jax.lax.stop_gradient(dequantize(x_st)))
-        except QueryBudgetExceeded:
-            return None
+        out = api(jax.lax.stop_gradient(dequantize(x_st)))
         if cfg.soft_labels:
             answers = teacher_probs(out, api.output, parts.k)
         elif api.output == "label":

@@ -7,13 +7,14 @@ resume. Images are stored as uint8 levels (the released code's PNG round-trip).
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dfml_jax.training.run_loop import atomic_write_json
 
 __all__ = ["PoolStore", "quantize_uint8", "dequantize", "atomic_write_json"]
 
@@ -32,13 +33,6 @@ def dequantize(x: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- label cache
-def atomic_write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
-    os.replace(tmp, path)
-
-
 class PoolStore:
     """The synthetic pool and its label cache: images + teacher answers, each bought exactly once.
 
@@ -92,6 +86,10 @@ class PoolStore:
 
     def _path(self, round_index: int) -> str:
         return os.path.join(self.directory, f"round_{round_index:06d}.npz")
+
+    def has_round(self, round_index: int) -> bool:
+        """Whether round ``round_index`` was bought (and logged) already."""
+        return bool(self.directory) and os.path.exists(self._path(round_index))
 
     def cached_round(self, round_index: int):
         """``(x_stored, answers, ledger_answered)`` of a round already bought, or None."""
