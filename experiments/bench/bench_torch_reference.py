@@ -553,6 +553,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny sizes (a test, not a benchmark)")
     p.add_argument("--inv-iters", type=int, default=None,
                    help="inversion iterations per timed call (default 2; 1 with --smoke)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads (default: the core count)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -560,7 +562,7 @@ def main(argv=None):
     cfg = SMOKE if args.smoke else REAL
     inv_iters = args.inv_iters or (1 if args.smoke else 2)
     n = cores()
-    torch.set_num_threads(n)
+    torch.set_num_threads(args.torch_threads or n)
     load_before = loadavg()
     env = environment()
     log(f"env: {json.dumps(env)}; load before {load_before}")
