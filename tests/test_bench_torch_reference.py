@@ -1,0 +1,78 @@
+"""Smoke test of experiments/bench/bench_torch_reference.py (tiny sizes; no timing assertions).
+
+PyTorch is a benchmark-only dependency (requirements-bench.txt): the test is skipped when it is not
+installed. The benchmark runs in a subprocess, so torch is never imported into the test process
+(the check below only looks the package up, as ``pytest.importorskip`` would without loading it).
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = ("inversion_b150_q100", "inversion_b50_q20", "replay_meta_iteration", "kd_task")
+ENV_FIELDS = {"device", "cores", "jax", "jaxlib", "torch", "torch_num_threads", "xla_flags",
+              "xla_cpu_threads"}
+ROW_FIELDS = {"row", "jax_ms", "torch_ms", "speedup", "jax_ms_rounds", "torch_ms_rounds", "check"}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed (benchmark-only: pip install -r requirements-bench.txt)")
+    out = tmp_path_factory.mktemp("bench") / "ref.json"
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "bench", "bench_torch_reference.py"),
+           "--smoke", "--rounds", "1", "--out", str(out)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = json.loads(res.stdout)
+    assert json.loads(out.read_text()) == printed  # --out holds the JSON printed on stdout
+    return printed
+
+
+def test_structure(result):
+    assert result["bench"] == "torch_reference" and result["smoke"] is True
+    assert ENV_FIELDS <= set(result["environment"]), ENV_FIELDS - set(result["environment"])
+    assert result["environment"]["torch_num_threads"] == result["environment"]["cores"]
+    assert len(result["load_before"]) == 3 and len(result["load_after"]) == 3
+    assert result["loaded"] == (max(result["load_before"][0], result["load_after"][0])
+                                > result["environment"]["cores"])
+    assert [r["row"] for r in result["rows"]] == list(ROWS)
+    for r in result["rows"]:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert len(r["jax_ms_rounds"]) == len(r["torch_ms_rounds"]) == result["rounds"] == 1
+        assert r["jax_ms"] > 0 and r["torch_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["torch_ms"] / r["jax_ms"], rel=1e-2)
+
+
+def test_inversion_rows_compute_the_same(result):
+    for r in result["rows"][:2]:
+        c = r["check"]
+        assert c["generator_output_max_abs_diff"] < 1e-5
+        assert c["api_logits_max_abs_diff"] < 1e-4
+        assert c["pullback_generator_grad_rel_err"] < 1e-4
+        assert c["pullback_z_grad_rel_err"] < 1e-4
+        assert c["generator_grad_shapes_equal"]
+        for key in ("z_grad_shape", "image_grad_shape", "clean_ce_shape"):
+            jax_shape, torch_shape = c[key]
+            assert jax_shape == torch_shape, key
+        assert r["queries_per_iteration"] == r["batch"] * (r["q"] + 1)
+        assert r["chunk_size"] * r["numsplit"] == r["q"]
+
+
+def test_meta_rows_agree_numerically(result):
+    """Same weights (JAX init ported to PyTorch) and data: outer loss and full second-order
+    gradient agree to float32 accuracy."""
+    for r in result["rows"][2:]:
+        c = r["check"]
+        assert c["grad_shapes_equal"] and c["num_param_tensors"] == 18  # Conv4: 4 x 4 + Linear 2
+        assert c["loss_rel_diff"] < 1e-4, c
+        assert c["grad_rel_err"] < 1e-3, c
+        assert r["second_order"] is True
