@@ -130,6 +130,16 @@ def upgrade_saved_config(config, saved: Mapping[str, Any], prefix: str = ""
     >>> upgrade_saved_config(C(), {"q": 5})
     ({'num_directions': 5}, ['q -> num_directions'])
 
+    A new name may be dotted: a flat field moved into a nested config.
+
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Outer:
+    ...     RENAMED_FIELDS = {"zo_q": "zo.num_directions"}
+    ...     zo: C = C()
+    ...     steps: int = 1
+    >>> upgrade_saved_config(Outer(), {"zo_q": 5, "steps": 2})
+    ({'zo': {'num_directions': 5}, 'steps': 2}, ['zo_q -> zo.num_directions'])
+
     Args:
       config: the current config (a dataclass instance): which keys were renamed, and which
         fields are nested configs.
@@ -137,7 +147,8 @@ def upgrade_saved_config(config, saved: Mapping[str, Any], prefix: str = ""
       prefix: dotted path of ``config`` (for the returned descriptions).
 
     Returns:
-      ``(upgraded dict, ["old -> new", ...])``, the key order kept.
+      ``(upgraded dict, ["old -> new", ...])``, the key order kept (a moved key goes where its
+      nested config is, or where the first key moved into it was).
 
     Raises:
       ValueError: ``saved`` holds a key under both its old and its new name.
@@ -149,31 +160,77 @@ def upgrade_saved_config(config, saved: Mapping[str, Any], prefix: str = ""
     out: Dict[str, Any] = {}
     done: List[str] = []
     for k, v in saved.items():
+        path = [k]
         if k in renamed and k not in nested:
             new = renamed[k]
-            if new in saved:
+            if _saved_has(saved, new):
                 raise ValueError(f"a saved config holds both {prefix + k!r} and its new name "
                                  f"{prefix + new!r}")
             done.append(f"{prefix}{k} -> {prefix}{new}")
-            k = new
-        if k in nested and isinstance(v, Mapping):
-            v, sub = upgrade_saved_config(nested[k], v, f"{prefix}{k}.")
+            path = new.split(".")
+        _put(out, path, v)
+    for k in nested:
+        if k in out and isinstance(out[k], Mapping):
+            out[k], sub = upgrade_saved_config(nested[k], out[k], f"{prefix}{k}.")
             done += sub
-        out[k] = v
     return out, done
 
 
+def _saved_has(saved: Mapping[str, Any], dotted: str) -> bool:
+    """Whether the nested dict ``saved`` holds the dotted key."""
+    node: Any = saved
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _put(out: Dict[str, Any], path: List[str], value) -> None:
+    """``out[path[0]][path[1]]... = value``, creating (copies of) the dicts on the way."""
+    for part in path[:-1]:
+        out[part] = dict(out.get(part) or {})
+        out = out[part]
+    out[path[-1]] = value
+
+
 def _defaults(config) -> dict:
-    """JSON-normalised default values of a dataclass config's fields."""
+    """JSON-normalised default values of a dataclass config's fields, flattened to dotted keys
+    (the fields of a nested config's default, each under its own key)."""
     if not dataclasses.is_dataclass(config):
         return {}
     out = {}
     for f in dataclasses.fields(config):
         if f.default is not dataclasses.MISSING:
-            out[f.name] = json.loads(json.dumps(f.default, default=str))
+            value = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = json.loads(json.dumps(f.default_factory(), default=str))
+            value = f.default_factory()
+        else:
+            continue
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        out.update(_flat(f.name, json.loads(json.dumps(value, default=str))))
     return out
+
+
+def _flat(key: str, value) -> Dict[str, Any]:
+    """``{key: value}``, a dict value flattened to dotted keys (``{"a.b": 1}``)."""
+    if isinstance(value, Mapping) and value:
+        out: Dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(f"{key}.{k}", v))
+        return out
+    return {key: value}
+
+
+def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any]
+                 ) -> List[str]:
+    """The dotted keys whose values differ between two saved configs; a key missing from ``old``
+    (added to the config class since) matches when the new value is that key's default."""
+    old = {k: v for key, val in old.items() for k, v in _flat(key, val).items()}
+    new = {k: v for key, val in new.items() for k, v in _flat(key, val).items()}
+    return sorted(k for k in set(old) | set(new)
+                  if (old[k] if k in old else defaults.get(k, _MISSING)) != new.get(k, _MISSING))
 
 
 class RunDir:
@@ -202,11 +259,9 @@ class RunDir:
                     warnings.warn(f"{p} was written before config keys were renamed "
                                   f"({', '.join(renames)} in dfml_jax {__version__}); resuming "
                                   "it under the new names", stacklevel=2)
-                defaults = _defaults(config)
                 # a field added to the config class since the run started matches when the new
                 # value is that field's default (older runs keep resuming across versions)
-                diff = sorted(k for k in set(old) | set(cfg)
-                              if (old[k] if k in old else defaults.get(k, _MISSING)) != cfg.get(k, _MISSING))
+                diff = _config_diff(old, cfg, _defaults(config))
                 if diff:
                     raise ValueError(
                         f"{self.path} holds a run with a different config (keys {diff} differ); "

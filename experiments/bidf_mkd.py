@@ -22,10 +22,11 @@ only)::
 
 Devices: ``--devices N`` runs every inversion (its samples, API queries and zero-order directions)
 and every meta-batch sharded over N devices (default: all local devices, reduced to the largest
-count that divides the inversion batch ``ways * inv_per_class``; an explicit N that does not divide
-it is an error naming the valid counts). ``--set inv_shard=directions`` splits the
-``num_directions`` zero-order directions of each inversion instead of its samples (for small
-batches with many directions; the device count must then divide ``num_directions``). Results equal
+count that divides the inversion batch ``ways * inversion.per_class``; an explicit N that does not
+divide it is an error naming the valid counts). ``--set inv_shard=directions`` splits the
+``inversion.num_directions`` zero-order directions of each inversion instead of its samples (for
+small batches with many directions; the device count must then divide
+``inversion.num_directions``). Results equal
 the 1-device run up to float reduction order, with identical query counts. To try it on a CPU,
 emulate devices::
 
@@ -40,7 +41,7 @@ shards; ``--devices`` then counts devices over all hosts. On a TPU VM slice::
 
     gcloud compute tpus tpu-vm ssh NAME --worker=all --command \
         "cd dfml_jax && python experiments/bidf_mkd.py --config paper_cifar_fs_ss --multihost \
-         --workdir gs-fuse-or-shared-dir/cifar_fs_ss --set inv_per_class=32"
+         --workdir gs-fuse-or-shared-dir/cifar_fs_ss --set inversion.per_class=32"
 """
 from __future__ import annotations
 
@@ -65,13 +66,15 @@ def choose_mesh(devices, cfg):
 
     have = len(jax.devices())
     if cfg.inv_shard == "directions":
-        size = cfg.num_directions
-        what = f"the zero-order directions num_directions = {cfg.num_directions}"
-        fix = "--set num_directions=..."
+        size = cfg.inversion.num_directions
+        what = ("the zero-order directions inversion.num_directions = "
+                f"{cfg.inversion.num_directions}")
+        fix = "--set inversion.num_directions=..."
     else:
-        size = cfg.ways * cfg.inv_per_class
-        what = f"the inversion batch ways x inv_per_class = {cfg.ways} x {cfg.inv_per_class}"
-        fix = "--set inv_per_class=..."
+        size = cfg.ways * cfg.inversion.per_class
+        what = (f"the inversion batch ways x inversion.per_class = {cfg.ways} x "
+                f"{cfg.inversion.per_class}")
+        fix = "--set inversion.per_class=..."
     if devices is None:
         n = largest_valid_count([size], have)
         if n < have:

@@ -121,14 +121,15 @@ def main(argv=None):
     def save(results, grids):
         np.savez(grid_file, **{**old_grids, **grids})
         results.update(probe_config=dataclasses.asdict(cfg), bidf_config=bidf.name,
-                       base_inversion=dataclasses.asdict(loop.inversion()), jax=jax.__version__,
+                       base_inversion=dataclasses.asdict(loop.inversion_config()),
+                       jax=jax.__version__,
                        pool=pool.directory)
         with open(out + ".tmp", "w") as f:
             json.dump(results, f, indent=1, default=float)
         os.replace(out + ".tmp", out)
 
     results, grids = run_probe({n: RECIPES[n] for n in names}, pool=pool, train_split=train,
-                               val_split=val, meta=meta, cfg=pcfg, base=loop.inversion(),
+                               val_split=val, meta=meta, cfg=pcfg, base=loop.inversion_config(),
                                nz=bidf.nz, ngf=bidf.ngf,
                                white_box=[(w.apply, w.params) for w in wb], progress=True,
                                done=done, on_recipe=save)

@@ -24,7 +24,7 @@ from dfml_jax.models import create_model, functional  # noqa: E402
 def test_configs_are_consistent():
     for name, cfg in CONFIGS.items():
         assert cfg.name == name
-        assert cfg.inv_per_class >= cfg.shots + cfg.query, name
+        assert cfg.inversion.per_class >= cfg.shots + cfg.query, name
     with pytest.raises(ValueError, match="available"):
         get_config("nope")
     assert set(CONFIGS["smoke"].methods) == set(METHODS)
@@ -35,30 +35,63 @@ def test_configs_are_consistent():
         run_experiment(apply_overrides(sub, ['methods=["random_scale"]']), "/nonexistent/x")
 
 
-def test_renamed_zero_order_knobs(tmp_path):
-    """``q`` / ``mu`` are now ``num_directions`` / ``smoothing``: ``--set q=...`` names the new key
-    (nothing is written), and a work directory whose config.json predates the rename resumes."""
+def _flat_layout(cfg, q_mu: bool = False) -> dict:
+    """``cfg``'s config.json as written before issue 17's nesting: the inversion's settings as flat
+    ``inv_*`` fields, the zero-order knobs unprefixed (``q`` / ``mu`` before their rename)."""
+    saved = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    zo = {"num_directions": "q" if q_mu else "num_directions",
+          "smoothing": "mu" if q_mu else "smoothing"}
+    unprefixed = ("estimator", "chunk_size", "boundary_weight")
+    for k, v in saved.pop("inversion").items():
+        saved[zo.get(k, k if k in unprefixed else f"inv_{k}")] = v
+    return saved
+
+
+def test_inversion_settings_are_a_nested_config(tmp_path):
+    """The inversion's settings are ``cfg.inversion`` (``--set inversion.lr=0.03``); the former
+    flat keys (``inv_lr``, ``num_directions``, ``q``...) are refused naming the new key (nothing
+    is written), and a work directory whose config.json has the flat layout resumes."""
     from bidf_mkd import main
 
-    wd = tmp_path / "new"
-    with pytest.raises(ValueError, match=r"'q' was renamed.*'num_directions'.*--set num_directions=50"):
-        main(["--config", "smoke", "--workdir", str(wd), "--set", "q=50", "--no-progress"])
-    with pytest.raises(ValueError, match=r"'mu' was renamed.*--set smoothing=0\.1"):
-        main(["--config", "smoke", "--workdir", str(wd), "--set", "mu=0.1", "--no-progress"])
-    assert not wd.exists()
     cfg = get_config("smoke")
-    old = {{"num_directions": "q", "smoothing": "mu"}.get(k, k): v
-           for k, v in json.loads(json.dumps(dataclasses.asdict(cfg), default=str)).items()}
-    assert old["q"] == cfg.num_directions and "num_directions" not in old
-    wd = tmp_path / "old"
+    sub = apply_overrides(cfg, ["inversion.lr=0.03", "inversion.per_class=5",
+                                "inversion.flip=none", "inversion.zo_space=image"])
+    assert (sub.inversion.lr, sub.inversion.per_class, sub.inversion.zo_space) == (0.03, 5, "image")
+    assert sub.inversion.flip is None and sub.loop_config().inversion.flip is False  # glyphs
+    assert sub.loop_config().inversion_config() == sub.loop_config().inversion
+    wd = tmp_path / "new"
+    for old, new in [("inv_lr=0.03", "inversion.lr=0.03"),
+                     ("inv_per_class=5", "inversion.per_class=5"),
+                     ("num_directions=50", "inversion.num_directions=50"),
+                     ("q=50", "inversion.num_directions=50"),
+                     ("mu=0.1", "inversion.smoothing=0.1")]:
+        key = old.split("=")[0]
+        with pytest.raises(ValueError, match=rf"'{key}' was renamed.*"
+                                             rf"'{new.split('=')[0]}'.*--set {new}"):
+            main(["--config", "smoke", "--workdir", str(wd), "--set", old, "--no-progress"])
+    assert not wd.exists()
+    for q_mu, renames in [(False, r"inv_lr -> inversion\.lr.*num_directions -> "
+                                  r"inversion\.num_directions"),
+                          (True, r"q -> inversion\.num_directions, mu -> inversion\.smoothing")]:
+        old = _flat_layout(cfg, q_mu)
+        assert "inversion" not in old and old["inv_lr"] == cfg.inversion.lr
+        wd = tmp_path / f"old{q_mu}"
+        wd.mkdir()
+        (wd / "config.json").write_text(json.dumps(old))
+        (wd / "results.json").write_text(json.dumps({"rows": [], "config": "smoke"}))
+        (wd / "DONE").write_text("finished\n")
+        with pytest.warns(UserWarning, match=renames):
+            assert run_experiment(cfg, str(wd), progress=False)["config"] == "smoke"
+        changed = dataclasses.replace(cfg, inversion=dataclasses.replace(cfg.inversion, lr=0.5))
+        with pytest.warns(UserWarning), pytest.raises(ValueError,
+                                                       match=r"keys \['inversion\.lr'\]"):
+            run_experiment(changed, str(wd), progress=False)
+    both = {**_flat_layout(cfg), "inversion": {"lr": 0.1}}
+    wd = tmp_path / "both"
     wd.mkdir()
-    (wd / "config.json").write_text(json.dumps(old))
-    (wd / "results.json").write_text(json.dumps({"rows": [], "config": "smoke"}))
-    (wd / "DONE").write_text("finished\n")
-    with pytest.warns(UserWarning, match=r"q -> num_directions, mu -> smoothing"):
-        assert run_experiment(cfg, str(wd), progress=False)["config"] == "smoke"
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"keys \['num_directions'\]"):
-        run_experiment(dataclasses.replace(cfg, num_directions=5), str(wd), progress=False)
+    (wd / "config.json").write_text(json.dumps(both))
+    with pytest.raises(ValueError, match=r"both 'inv_lr' and its new name 'inversion\.lr'"):
+        run_experiment(cfg, str(wd), progress=False)
 
 
 def test_finetune_lr_is_the_test_time_lr_without_a_grid():

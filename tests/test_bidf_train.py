@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dfml_jax.api import BlackBoxAPI
-from dfml_jax.bidf_mkd.inversion import inversion_queries
+from dfml_jax.bidf_mkd.inversion import InversionConfig, inversion_queries
 from dfml_jax.bidf_mkd.train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
 from dfml_jax.meta import evaluate_tasks
 from dfml_jax.models import create_model, functional
@@ -44,11 +44,13 @@ def tasks(key, n=10, shots=1, query=3):
     return x[:, :K * shots], y[:, :K * shots], x[:, K * shots:], y[:, K * shots:]
 
 
-CFG = BiDfMKDConfig(shots=1, query=3, meta_iterations=8, meta_batch=2, inv_iterations=3,
-                    inv_per_class=4, num_directions=4, smoothing=0.01, nz=8, ngf=4, memory_slots=3,
+CFG = BiDfMKDConfig(shots=1, query=3, meta_iterations=8, meta_batch=2,
+                    inversion=InversionConfig(iterations=3, per_class=4, num_directions=4,
+                                              smoothing=0.01, pad=1),
+                    nz=8, ngf=4, memory_slots=3,
                     plateau_patience=2,
                     boundary_start=2, eval_every=4, val_tasks=10, replay_inner_steps=2,
-                    kd_inner_steps=2, checkpoint_every=2, inv_pad=1)
+                    kd_inner_steps=2, checkpoint_every=2)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def test_loop_counts_queries_per_visit_and_fills_memory(full_run):
     pool, res = full_run
     visits = [h for h in res.history if h["event"] == "visit"]
     assert res.visits == len(visits) >= 2  # the plateau rule triggered further visits
-    per_visit = 2 * (inversion_queries(CFG.inversion(), K) + K * CFG.inv_per_class)
+    per_visit = 2 * (inversion_queries(CFG.inversion_config(), K) + K * CFG.inversion.per_class)
     assert res.api_queries == per_visit * res.visits == sum(a.queries for a in pool.apis)
     assert any(v["boundary"] for v in visits) and not visits[0]["boundary"]
     evals = [h for h in res.history if h["event"] == "eval"]
@@ -84,7 +86,7 @@ def test_resume_equals_uninterrupted(tmp_path, full_run):
 
 
 def test_budget_stops_cleanly_and_evaluates():
-    per_visit = 2 * (inversion_queries(CFG.inversion(), K) + K * CFG.inv_per_class)
+    per_visit = 2 * (inversion_queries(CFG.inversion_config(), K) + K * CFG.inversion.per_class)
     pool = make_pool(budget=per_visit + 10)  # one visit per API affordable
     res = train_bidf_mkd(CFG, pool=pool, val_tasks=tasks(jax.random.key(0)), progress=False, **parts())
     assert all(a.queries <= per_visit + 10 for a in pool.apis)
@@ -95,7 +97,7 @@ def test_white_box_and_real_data_variants():
     pool = make_pool()
     cfg = CFG.__class__(**{**CFG.__dict__, "white_box": True, "meta_iterations": 4})
     res = train_bidf_mkd(cfg, pool=pool, val_tasks=tasks(jax.random.key(0)), progress=False, **parts())
-    assert res.api_queries == res.visits * 2 * (inversion_queries(cfg.inversion(), K, True) + K * 4)
+    assert res.api_queries == res.visits * 2 * (inversion_queries(cfg.inversion, K, True) + K * 4)
     real = CFG.__class__(**{**CFG.__dict__, "replay_source": "real", "meta_iterations": 4})
     r = train_bidf_mkd(real, pool=None, val_tasks=tasks(jax.random.key(0)), progress=False,
                        real_tasks=lambda k: tasks(k, n=2), **parts())
@@ -103,8 +105,8 @@ def test_white_box_and_real_data_variants():
 
 
 def test_bad_config_is_refused():
-    cfg = CFG.__class__(**{**CFG.__dict__, "inv_per_class": 2})
-    with pytest.raises(ValueError, match="inv_per_class=2.*shots\\+query=4"):
+    cfg = dataclasses.replace(CFG, inversion=dataclasses.replace(CFG.inversion, per_class=2))
+    with pytest.raises(ValueError, match="inversion.per_class=2.*shots\\+query=4"):
         train_bidf_mkd(cfg, pool=make_pool(), val_tasks=tasks(jax.random.key(0)), progress=False, **parts())
 
 
@@ -114,7 +116,8 @@ def test_memory_filter_keeps_only_images_the_api_agrees_with():
     from dfml_jax.memory import init_memory
 
     per = 4
-    cfg = CFG.__class__(**{**CFG.__dict__, "inv_per_class": per, "memory_filter": "api_agree"})
+    cfg = dataclasses.replace(CFG, inversion=dataclasses.replace(CFG.inversion, per_class=per),
+                              memory_filter="api_agree")
     targets = jnp.tile(jnp.arange(K), per)                      # interleaved, as an inversion
     images = (jnp.arange(K * per, dtype=jnp.float32) / 255.0).reshape(K * per, 1, 1, 1)
     answer = jnp.where(jnp.arange(K * per) % 3 == 0, targets, (targets + 1) % K)
@@ -143,7 +146,7 @@ def test_memory_filter_in_the_loop_costs_no_queries():
                          **parts())
     visits = [h for h in res.history if h["event"] == "visit"]
     assert visits and all(0.0 <= v["memory_kept"] <= 1.0 for v in visits)
-    assert res.api_queries == res.visits * 2 * (inversion_queries(cfg.inversion(), K) + K * 4)
+    assert res.api_queries == res.visits * 2 * (inversion_queries(cfg.inversion, K) + K * 4)
     bad = CFG.__class__(**{**CFG.__dict__, "memory_filter": "agree"})
     with pytest.raises(ValueError, match="memory_filter must be None"):
         train_bidf_mkd(bad, pool=make_pool(), val_tasks=tasks(jax.random.key(0)), progress=False,

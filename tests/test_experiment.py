@@ -101,6 +101,39 @@ def test_run_dir_resumes_a_config_saved_under_old_names(tmp_path):
         RunDir(str(tmp_path / "c"), Renamed())
 
 
+@dataclasses.dataclass(frozen=True)
+class Moved:
+    """``Outer`` after its flat ``zo_q`` (once ``q``) moved into the nested ``zo``."""
+    RENAMED_FIELDS: ClassVar[Dict[str, str]] = {"zo_q": "zo.num_directions",
+                                                "q": "zo.num_directions"}
+    steps: int = 3
+    zo: Renamed = Renamed()
+
+
+def test_renamed_keys_may_move_into_a_nested_config(tmp_path):
+    """A dotted new name: ``--set zo_q=`` names ``zo.num_directions``, and a config.json with the
+    flat key resumes under the nested one (the nested fields it lacks at their defaults)."""
+    assert apply_overrides(Moved(), ["zo.num_directions=9"]).zo.num_directions == 9
+    for old in ("zo_q", "q"):
+        with pytest.raises(ValueError, match=rf"'{old}' was renamed.*'zo\.num_directions'.*"
+                                             r"--set zo\.num_directions=50"):
+            apply_overrides(Moved(), [f"{old}=50"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text(json.dumps({"zo_q": 4, "steps": 3}))
+    with pytest.warns(UserWarning, match=r"zo_q -> zo\.num_directions"):
+        RunDir(str(tmp_path / "a"), Moved())
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"keys \['zo\.smoothing'\]"):
+        RunDir(str(tmp_path / "a"), Moved(zo=Renamed(smoothing=0.5)))
+    with pytest.warns(UserWarning), pytest.raises(ValueError,
+                                                   match=r"keys \['zo\.num_directions'\]"):
+        RunDir(str(tmp_path / "a"), Moved(zo=Renamed(num_directions=5)))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"zo_q": 4,
+                                                             "zo": {"num_directions": 4}}))
+    with pytest.raises(ValueError, match=r"both 'zo_q' and its new name 'zo\.num_directions'"):
+        RunDir(str(tmp_path / "b"), Moved())
+
+
 def test_results_and_plot(tmp_path):
     run = RunDir(str(tmp_path))
     rows = [{"method": "a", "acc": (51.234, 1.5), "queries": 100}, {"method": "b", "acc": (40.0, 2.0), "queries": 0}]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from dfml_jax.bidf_mkd.experiment import BiDfExperimentConfig
-from dfml_jax.bidf_mkd.inversion import inversion_queries
+from dfml_jax.bidf_mkd.inversion import InversionConfig, inversion_queries
 from dfml_jax.bidf_mkd.train import BiDfMKDConfig, TeacherPool
 from dfml_jax.api import BlackBoxAPI
 from dfml_jax.distill import DFMEConfig, Evaluator, IDEALConfig, cost_per_iteration
@@ -106,12 +106,14 @@ def tasks(key, n=6, shots=1, query=3):
 
 def meta_case(entry, world, tmp_path) -> Case:
     cfg = entry.configure(BiDfMKDConfig(
-        shots=1, query=3, meta_iterations=5, meta_batch=2, inv_iterations=2, inv_per_class=4,
-        num_directions=2, smoothing=0.01, nz=8, ngf=4, memory_slots=3, plateau_patience=1,
+        shots=1, query=3, meta_iterations=5, meta_batch=2,
+        inversion=InversionConfig(iterations=2, per_class=4, num_directions=2, smoothing=0.01,
+                                  pad=1),
+        nz=8, ngf=4, memory_slots=3, plateau_patience=1,
         boundary_start=2, eval_every=2, val_tasks=6, replay_inner_steps=1, kd_inner_steps=1,
-        checkpoint_every=2, inv_pad=1))
-    per_visit = 2 * (inversion_queries(cfg.inversion(), WAYS, cfg.white_box)
-                     + WAYS * cfg.inv_per_class)
+        checkpoint_every=2))
+    per_visit = 2 * (inversion_queries(cfg.inversion_config(), WAYS, cfg.white_box)
+                     + WAYS * cfg.inversion.per_class)
     budget = None if cfg.replay_source == "real" else per_visit + 10   # one visit per API
 
     def make(workdir):

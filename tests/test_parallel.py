@@ -1,6 +1,7 @@
 """Scale-out on 8 emulated CPU devices: sharded inversion, meta-batch and loop equal 1 device,
 query counts are identical, each device's callback answers only its shard, checkpoints move
 between device counts, bad device counts are clear errors."""
+import dataclasses
 import threading
 from collections import Counter
 
@@ -154,7 +155,9 @@ def test_sharded_meta_batch_equals_one_device():
 
 def test_loop_on_8_devices_visits_two_apis_and_resumes_on_1(tmp_path):
     # B = 5 classes x 8 = 40 samples: 5 per device; two APIs inverted at once per visit
-    cfg = CFG.__class__(**{**CFG.__dict__, "inv_per_class": 8, "meta_iterations": 4,
+    cfg = CFG.__class__(**{**CFG.__dict__, "inversion": dataclasses.replace(CFG.inversion,
+                                                                             per_class=8),
+                           "meta_iterations": 4,
                            "meta_batch": 3, "apis_per_visit": 2, "boundary_start": 0,
                            "eval_every": 4, "checkpoint_every": 2})
     d = str(tmp_path / "run")
@@ -162,7 +165,7 @@ def test_loop_on_8_devices_visits_two_apis_and_resumes_on_1(tmp_path):
     part = train_bidf_mkd(cfg, pool=pool, val_tasks=tasks(jax.random.key(0)),
                           progress=False, checkpoint_dir=d, stop_after=2, mesh=make_mesh(8),
                           **parts())
-    per_api = 2 * (inversion_queries(cfg.inversion(), TK) + TK * cfg.inv_per_class)
+    per_api = 2 * (inversion_queries(cfg.inversion_config(), TK) + TK * cfg.inversion.per_class)
     visits = [h for h in part.history if h["event"] == "visit"]
     assert sorted(visits[0]["api"]) == [0, 1] and visits[0]["boundary"]
     assert [a.queries for a in pool.apis] == [per_api * len(visits)] * 2
@@ -191,7 +194,7 @@ def _loop_state_tail(cfg):
 
     pool = make_pool()
     rows = len(np.unique(np.concatenate([np.asarray(c) for c in pool.classes])))
-    mem = init_memory(rows, cfg.memory_slots, cfg.inv_per_class, (8, 8, 1))
+    mem = init_memory(rows, cfg.memory_slots, cfg.inversion.per_class, (8, 8, 1))
     return mem, jax.random.key(0), jax.tree.map(jnp.zeros_like, parts()["meta_init_params"])
 
 
@@ -222,7 +225,8 @@ def test_bad_device_counts_are_clear_errors():
         check_divisible(6, make_mesh(4))
     cfg = InversionConfig(iterations=1, per_class=3, num_directions=2, pad=1)   # B = 12
     with pytest.raises(ValueError, match=r"inversion batch B = classes x per_class = 4 x 3 of "
-                                         r"12 .* 8 devices .*\[1, 2, 3, 4, 6\].*inv_per_class"):
+                                         r"12 .* 8 devices .*\[1, 2, 3, 4, 6\]"
+                                         r".*inversion\.per_class"):
         make_inverter(HostTeachers().apis[0], GEN.apply_batchstats, nz=8, cfg=cfg, mean=(0.5,),
                       std=(0.5,), image_size=SIZE, mesh=make_mesh(8))
 
@@ -243,8 +247,7 @@ def test_script_device_choice():
         choose_mesh(8, cfg)
     with pytest.raises(ValueError, match="asked for 16 devices but only 8 exist"):
         choose_mesh(16, cfg)
-    import dataclasses
-    by_dirs = dataclasses.replace(cfg, inv_shard="directions")   # num_directions = 4
+    by_dirs = dataclasses.replace(cfg, inv_shard="directions")   # inversion.num_directions = 4
     assert choose_mesh(None, by_dirs).shape["data"] == 4
     with pytest.raises(ValueError, match=r"num_directions = 4 of 4 .* 8 devices|num_directions = 4"):
         choose_mesh(8, by_dirs)

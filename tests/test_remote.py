@@ -764,6 +764,7 @@ def test_bidf_mkd_smoke_run_against_served_teachers(serve):
     """A BiDf-MKD run on a pool of two served teachers (load_remote_pool over OIP, 10% of the
     requests failing with 503): every visit's queries are answered, and each server's bill equals
     its API's ledger."""
+    from dfml_jax.bidf_mkd.inversion import InversionConfig
     from dfml_jax.bidf_mkd.train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
     from dfml_jax.models import create_model, functional
     from dfml_jax.remote import load_remote_pool
@@ -781,11 +782,12 @@ def test_bidf_mkd_smoke_run_against_served_teachers(serve):
     meta = functional(create_model("mlp", num_classes=k, input_shape=(s, s, 1), rngs_or_key=0,
                                    hidden=(16,)))
     gen = functional(create_model("dcgan", nz=8, ngf=4, img_size=s, nc=1, rngs_or_key=0))
-    cfg = BiDfMKDConfig(shots=1, query=2, meta_iterations=2, meta_batch=2, inv_iterations=2,
-                        inv_per_class=3, num_directions=2, smoothing=0.01, nz=8, ngf=4,
+    cfg = BiDfMKDConfig(shots=1, query=2, meta_iterations=2, meta_batch=2,
+                        inversion=InversionConfig(iterations=2, per_class=3, num_directions=2,
+                                                  smoothing=0.01, pad=1), nz=8, ngf=4,
                         memory_slots=2,
                         plateau_patience=2, boundary_start=2, eval_every=2, val_tasks=2,
-                        replay_inner_steps=1, kd_inner_steps=1, inv_pad=1)
+                        replay_inner_steps=1, kd_inner_steps=1)
     x = jax.random.uniform(jax.random.key(0), (2, k * 3, s, s, 1))
     y = jnp.tile(jnp.repeat(jnp.arange(k), 3)[None], (2, 1))
     pool = TeacherPool(remote_pool.apis, remote_pool.classes, remote_pool.mean, remote_pool.std,

@@ -115,11 +115,13 @@ class BiDfExperimentConfig(BiDfMKDConfig):
     random_scale: Optional[float] = None
 
     def loop_config(self, **changes) -> BiDfMKDConfig:
-        """The loop's config; ``inv_flip=None`` resolved per dataset (no flips for line drawings)."""
+        """The loop's config; ``inversion.flip=None`` resolved per dataset (no flips for line
+        drawings)."""
         fields = {f.name for f in dataclasses.fields(BiDfMKDConfig)}
         values = {**{k: getattr(self, k) for k in fields}, **changes}
-        if values["inv_flip"] is None:
-            values["inv_flip"] = self.dataset not in LINE_DRAWING_DATASETS
+        if values["inversion"].flip is None:
+            values["inversion"] = dataclasses.replace(
+                values["inversion"], flip=self.dataset not in LINE_DRAWING_DATASETS)
         return BiDfMKDConfig(**values)
 
 

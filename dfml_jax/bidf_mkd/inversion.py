@@ -67,7 +67,7 @@ class InversionConfig:
     chunk_size: Optional[int] = None
     boundary_weight: float = 1.0   # lambda_adv
     pad: int = 4                   # augmentation: zero padding before the random crop
-    flip: bool = True
+    flip: Optional[bool] = True    # random horizontal flips (None: True)
     select: str = "clean_ce"       # or "surrogate" (the official code)
     # Departure from the paper (None = the paper's full-resolution directions): draw the
     # zero-order directions at r x r per channel and upsample them (AutoZOOM), same queries.
@@ -228,7 +228,8 @@ def _validate(group, cfg: InversionConfig, image_size: int, mesh, axis: str, sha
     elif mesh is not None:
         check_divisible(b, mesh, what=f"the inversion batch B = classes x per_class = {k} x "
                         f"{cfg.per_class}", axis=axis,
-                        fix="choose inv_per_class so that B is a multiple of the device count")
+                        fix="choose inversion.per_class so that B is a multiple of the device "
+                            "count")
     return group, q_local
 
 
@@ -356,8 +357,8 @@ def _make_parts(group, gen_apply, cfg, mean, std, image_size, student_apply, tea
     def synth(w, z, k_aug):
         """Generator output ``x01`` and its augmented, normalised view ``xa``."""
         x01 = gen_apply(w, z)
-        xa = batch_shared_augment(x01, k_aug, pad=cfg.pad, flip=cfg.flip, out_size=image_size,
-                                  mean=mean, std=std)
+        xa = batch_shared_augment(x01, k_aug, pad=cfg.pad, flip=cfg.flip is not False,
+                                  out_size=image_size, mean=mean, std=std)
         return xa, x01
 
     def student_logits(student_params, xs):

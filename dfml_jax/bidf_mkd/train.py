@@ -53,10 +53,13 @@ __all__ = ["BiDfMKDConfig", "TeacherPool", "LoopState", "BiDfState", "bidf_mkd_m
 class BiDfMKDConfig:
     """Everything the loop needs; paper values in comments (spec section 8).
 
-    The zero-order estimate of the inversion takes ``num_directions`` random directions (q) per
-    sample and steps of ``smoothing`` (mu), as in :func:`dfml_jax.estimators.zo_gradient`; they
-    were named ``q`` and ``mu`` until issue 17 (one name per knob): ``--set`` refuses the old
-    names and saved configs are read under the new ones (``RENAMED_FIELDS``).
+    The inversion's settings are the nested :class:`~.inversion.InversionConfig` ``inversion``
+    (``--set inversion.lr=0.1``); its zero-order estimate takes ``inversion.num_directions``
+    random directions (q) per sample and steps of ``inversion.smoothing`` (mu), as in
+    :func:`dfml_jax.estimators.zo_gradient`. Until issue 17 they were flat fields mirroring the
+    inversion's (``inv_lr``, ``inv_per_class``, ..., ``num_directions``, ``smoothing``, before
+    that ``q`` and ``mu``): ``--set`` refuses the old names with the new key in the error and
+    saved configs are read under the new ones (``RENAMED_FIELDS``, dotted targets).
 
     Learning rates of the meta-model: ``inner_lr`` is the SGD step of the inner loops of
     meta-training (the replay and KD tasks' adaptation, :mod:`.metastep`); ``finetune_lr`` is the
@@ -65,7 +68,14 @@ class BiDfMKDConfig:
     (the default, as in the paper) fine-tunes at ``inner_lr`` (:attr:`eval_lr`). The paper
     protocol's test evaluations have their own ``paper_lr``.
     """
-    RENAMED_FIELDS: ClassVar[Dict[str, str]] = {"q": "num_directions", "mu": "smoothing"}
+    RENAMED_FIELDS: ClassVar[Dict[str, str]] = {
+        "q": "inversion.num_directions", "mu": "inversion.smoothing",
+        **{k: f"inversion.{k}" for k in ("estimator", "num_directions", "smoothing", "chunk_size",
+                                          "boundary_weight")},
+        **{f"inv_{k}": f"inversion.{k}" for k in (
+            "iterations", "per_class", "lr", "select", "pad", "flip", "tv_weight", "l1_weight",
+            "repulsion_weight", "class_jitter", "direction_resolution", "direction_upsample",
+            "zo_space")}}
     ways: int = 5
     shots: int = 1                  # num_sup_train (= test shot)
     query: int = 15
@@ -77,27 +87,10 @@ class BiDfMKDConfig:
     kd_inner_steps: int = 10
     first_order: bool = False
     kd_loss: str = "kl"             # "paper": the official softmax quirk
-    # inversion
-    inv_iterations: int = 200
-    inv_per_class: int = 30
-    inv_lr: float = 1e-3
-    estimator: str = "sphere-forward"
-    num_directions: int = 100       # q
-    smoothing: float = 0.005        # mu
-    chunk_size: Optional[int] = None
-    boundary_weight: float = 1.0
+    # inversion (``--set inversion.lr=...``); ``inversion.flip=None``: the paper's True here, the
+    # experiment resolves it per dataset
+    inversion: InversionConfig = InversionConfig(flip=None)
     boundary_start: int = 4000      # meta-iteration after which the boundary term is on
-    inv_select: str = "clean_ce"    # "surrogate": the official code's choice
-    inv_pad: int = 4
-    inv_flip: Optional[bool] = None  # random horizontal flips (None: the paper's True here;
-    #                                  the experiment resolves it per dataset)
-    inv_tv_weight: float = 0.0       # departures (0 = the paper): image priors of the inversion
-    inv_l1_weight: float = 0.0
-    inv_repulsion_weight: float = 0.0
-    inv_class_jitter: Optional[float] = None  # departure: class latents + per-image jitter
-    inv_direction_resolution: Optional[int] = None  # departure: low-res ZO directions (None: paper)
-    inv_direction_upsample: str = "nearest"
-    inv_zo_space: str = "image"      # departure: "latent" estimates over the generator's input
     nz: int = 256
     ngf: int = 64
     white_box: bool = False
@@ -129,21 +122,12 @@ class BiDfMKDConfig:
 
     @property
     def flip(self) -> bool:
-        """Whether inversion and KD augmentation flip images (``inv_flip``; None: True)."""
-        return True if self.inv_flip is None else bool(self.inv_flip)
+        """Whether inversion and KD augmentation flip images (``inversion.flip``; None: True)."""
+        return True if self.inversion.flip is None else bool(self.inversion.flip)
 
-    def inversion(self) -> InversionConfig:
-        return InversionConfig(iterations=self.inv_iterations, per_class=self.inv_per_class,
-                               lr=self.inv_lr, estimator=self.estimator, num_directions=self.num_directions,
-                               smoothing=self.smoothing, chunk_size=self.chunk_size,
-                               boundary_weight=self.boundary_weight, pad=self.inv_pad,
-                               flip=self.flip, select=self.inv_select,
-                               tv_weight=self.inv_tv_weight, l1_weight=self.inv_l1_weight,
-                               repulsion_weight=self.inv_repulsion_weight,
-                               class_jitter=self.inv_class_jitter,
-                               direction_resolution=self.inv_direction_resolution,
-                               direction_upsample=self.inv_direction_upsample,
-                               zo_space=self.inv_zo_space)
+    def inversion_config(self) -> InversionConfig:
+        """:attr:`inversion` with its ``flip`` resolved (:attr:`flip`): what the inverter runs."""
+        return dataclasses.replace(self.inversion, flip=self.flip)
 
 
 class TeacherPool(NamedTuple):
@@ -201,11 +185,11 @@ def _validate(cfg: BiDfMKDConfig, pool: Optional[TeacherPool]):
     if cfg.replay_source == "memory":
         if pool is None or not pool.apis:
             raise ValueError("BiDf-MKD needs a non-empty pool of APIs (replay_source='memory')")
-        if cfg.inv_per_class < cfg.shots + cfg.query:
+        if cfg.inversion.per_class < cfg.shots + cfg.query:
             raise ValueError(
-                f"inv_per_class={cfg.inv_per_class} recovered images per class cannot fill replay "
-                f"tasks of shots+query={cfg.shots + cfg.query} distinct images; raise inv_per_class "
-                "or lower shots/query.")
+                f"inversion.per_class={cfg.inversion.per_class} recovered images per class cannot "
+                f"fill replay tasks of shots+query={cfg.shots + cfg.query} distinct images; raise "
+                "inversion.per_class or lower shots/query.")
         if cfg.white_box and pool.white_box_teachers is None:
             raise ValueError("white_box=True needs pool.white_box_teachers (white-box access)")
         for i, (api, cls) in enumerate(zip(pool.apis, pool.classes)):
@@ -263,7 +247,7 @@ def _initial_state(cfg: BiDfMKDConfig, optimizer, meta_init_params, image_shape,
     """The loop state before training (a one-slot dummy memory with ``real``)."""
     opt_state = optimizer.init(meta_init_params)
     memory = init_memory(rows if not real else 1, cfg.memory_slots if not real else 1,
-                         cfg.inv_per_class if not real else 1, image_shape)
+                         cfg.inversion.per_class if not real else 1, image_shape)
     return LoopState(meta_init_params, opt_state, memory, key, meta_init_params)
 
 
@@ -294,7 +278,7 @@ class _BiDfMKD:
         self.memory_classes = np.unique(np.concatenate([np.asarray(c) for c in pool.classes])) \
             if not real else np.arange(1)
         self.apis = None if pool is None else ApiVisits(
-            cfg, pool, inv_cfg=cfg.inversion(), gen_init=gen_init, gen_apply=gen_apply,
+            cfg, pool, inv_cfg=cfg.inversion_config(), gen_init=gen_init, gen_apply=gen_apply,
             meta_apply=meta_apply, steps=self.steps, mean=self.mean, std=self.std,
             memory_classes=self.memory_classes, mesh=mesh)
         self.val = tuple(jnp.asarray(a) for a in val_tasks)

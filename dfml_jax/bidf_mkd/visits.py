@@ -40,18 +40,18 @@ def store_recovered(mem: MemoryState, rows, res, probs, cfg):
     ``probs`` (to the KD query of this set) has its maximum at the target are kept.
 
     Args:
-      cfg: the loop's :class:`~dfml_jax.bidf_mkd.train.BiDfMKDConfig` (``inv_per_class``,
+      cfg: the loop's :class:`~dfml_jax.bidf_mkd.train.BiDfMKDConfig` (``inversion.per_class``,
         ``memory_filter``).
 
     Returns:
       ``(memory, fraction of the set kept)``.
     """
     k = probs.shape[-1]
-    per_class = res.images.reshape((cfg.inv_per_class, k) + res.images.shape[1:])
+    per_class = res.images.reshape((cfg.inversion.per_class, k) + res.images.shape[1:])
     keep = None
     if cfg.memory_filter == "api_agree":
         agree = jnp.argmax(probs, axis=-1) == res.targets
-        keep = agree.reshape(cfg.inv_per_class, k).T
+        keep = agree.reshape(cfg.inversion.per_class, k).T
     mem = write(mem, rows, jnp.swapaxes(per_class, 0, 1), keep)
     return mem, 1.0 if keep is None else float(jnp.mean(keep))
 
@@ -73,7 +73,7 @@ class ApiVisits:
       cfg: the loop's :class:`~dfml_jax.bidf_mkd.train.BiDfMKDConfig`.
       pool: the :class:`~dfml_jax.bidf_mkd.train.TeacherPool`.
       inv_cfg: the inversion's :class:`~dfml_jax.bidf_mkd.inversion.InversionConfig`
-        (``cfg.inversion()``).
+        (``cfg.inversion_config()``).
       gen_init, gen_apply: the generator's re-initialisation and forward pass.
       meta_apply: the meta-model's forward pass (the boundary term's student).
       steps: the run's :func:`~dfml_jax.bidf_mkd.metastep.cached_meta_steps` (``adapt_support``).
@@ -128,7 +128,7 @@ class ApiVisits:
         return self._inverters[key]
 
     def aug(self, x, k):
-        return _augment(x, k, self.cfg.inv_pad, self.pool.image_size, tuple(self.mean),
+        return _augment(x, k, self.cfg.inversion.pad, self.pool.image_size, tuple(self.mean),
                         tuple(self.std), self.cfg.flip)
 
     def ask(self, i: int, x):
@@ -163,7 +163,7 @@ class ApiVisits:
         k_pick, k_s, k_sa, k_q, k_qa = jax.random.split(key, 5)
         i = int(jax.random.randint(k_pick, (), 0, len(self.pool.apis)))
         api = self.pool.apis[i]
-        b = api.num_classes * cfg.inv_per_class
+        b = api.num_classes * cfg.inversion.per_class
         cost = 2 * (inversion_queries(self.inv_cfg, api.num_classes, cfg.white_box) + b)
         inv = self.inverter(i)
         with api.reserve(cost), surface_api_errors():
@@ -230,7 +230,7 @@ class ApiVisits:
         with contextlib.ExitStack() as stack:
             for i in picked:
                 api = pool.apis[i]
-                b = api.num_classes * cfg.inv_per_class
+                b = api.num_classes * cfg.inversion.per_class
                 stack.enter_context(api.reserve(
                     2 * (inversion_queries(self.inv_cfg, api.num_classes) + b)))
             stack.enter_context(surface_api_errors())

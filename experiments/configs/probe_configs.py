@@ -14,8 +14,8 @@ from dfml_jax.experiment import select_config
 __all__ = ["ProbeRunConfig", "CONFIGS", "RECIPES", "get_config"]
 
 
-PIXEL_REFERENCE = ("generator=dcgan", "nz=64", "inv_lr=0.01", "inv_direction_resolution=7",
-                   "inv_zo_space=image")
+PIXEL_REFERENCE = ("generator=dcgan", "nz=64", "inversion.lr=0.01",
+                   "inversion.direction_resolution=7", "inversion.zo_space=image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,8 @@ class ProbeRunConfig:
 
 _DEFAULT = ProbeRunConfig()
 _SMOKE = ProbeRunConfig(name="smoke", bidf_config="smoke",
-                        bidf_set=("generator=dcgan", "nz=16", "inv_lr=0.01", "inv_zo_space=image"),
+                        bidf_set=("generator=dcgan", "nz=16", "inversion.lr=0.01",
+                                  "inversion.zo_space=image"),
                         recipes=("zo", "zo_priors", "real", "noise"),
                         probe=ProbeConfig(num_apis=2, within_steps=5, pool_steps=5,
                                           replay_iterations=2, val_tasks=6, lr_select_tasks=4,
