@@ -92,12 +92,13 @@ def _smoke() -> DistillExperimentConfig:
 def _default() -> DistillExperimentConfig:
     # Chosen on the validation split (docs/ideal_diagnosis.md): student SGD at 0.03 (the code:
     # 0.01); dark generator images, generator targets and a class floor on the teacher's classes;
-    # NaiveKD draws the field's noise (a standard normal in the teacher's normalised space).
+    # at each budget a copy of the student consolidated on the bought pool (IDEAL and NaiveKD
+    # alike); NaiveKD draws the field's noise (a standard normal in the teacher's normalised space).
     return DistillExperimentConfig(
         budgets=(1_000, 2_500, 5_000, 10_000, 25_000), ideal_budgets=None,
         ideal=dataclasses.replace(CPU_IDEAL, lr_s=0.03, gen_bias=-2.0, targets="pool_balancing",
-                                  class_floor=0.08),
-        naive=dataclasses.replace(CPU_IDEAL, lr_s=0.03, noise="gauss"))
+                                  class_floor=0.08, consolidate_passes=20),
+        naive=dataclasses.replace(CPU_IDEAL, lr_s=0.03, noise="gauss", consolidate_passes=20))
 
 
 def _code_recipe() -> DistillExperimentConfig:
@@ -183,16 +184,16 @@ def get_config(name: str) -> DistillExperimentConfig:
       (``ideal.gen_bias=-2``; this teacher answers "1" to bright ones), generator targets aimed at
       the classes the pool lacks (``ideal.targets="pool_balancing"``) and a class floor of 8% on
       the TEACHER's answers (``ideal.class_floor=0.08``); NaiveKD draws the field's noise
-      (``ideal.noise="gauss"``). ``code_recipe`` is the released code's recipe at the same sizes;
+      (``ideal.noise="gauss"``). At each budget a copy of the student trains 20 more passes on
+      the pool bought so far, no query (``ideal.consolidate_passes=20``, NaiveKD too: the
+      released code's training after ``stop_gen``). ``code_recipe`` is the released code's
+      recipe at the same sizes;
     * every method is reported at 1K, 2.5K, 5K, 10K and 25K queries (IDEAL and NaiveKD: one run,
       selected within each budget; DFME: one run per budget). 100K costs several times more here
       (the pool passes grow with the pool): ``--set budgets=[5000,25000,100000]``;
-    * DFME uses batch 64 (so that 5K queries buy 11 iterations instead of 2) and the same small
-      generator (``tanh_bn`` head, mapped to [0, 1]).
+    * DFME uses batch 64 (5K queries buy 11 iterations instead of 2) and the same small generator.
 
-    Measured results, the validation comparisons that led to this default and the issue 20
-    diagnosis are in ``docs/results.md`` and ``docs/ideal_diagnosis.md``.
-
+    Results and the diagnosis behind this default: ``docs/results.md``, ``docs/ideal_diagnosis.md``.
     The ``paper_*`` configs use the papers' sizes.
     """
     from dfml_jax.experiment import select_config
