@@ -462,7 +462,8 @@ def test_renamed_dfme_knobs(tmp_path):
                                          r"dfme\.grad_epsilon -> dfme\.smoothing"):
         out = run_experiment(cfg, str(wd), progress=False, log=lambda m: None)
     assert out == {"rows": [{"method": "DFME"}], "done": True}
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"keys \['dfme'\] differ"):
+    with pytest.warns(UserWarning), pytest.raises(ValueError,
+                                                  match=r"keys \['dfme\.smoothing'\] differ"):
         run_experiment(dataclasses.replace(cfg, dfme=dataclasses.replace(cfg.dfme, smoothing=0.5)),
                        str(wd), progress=False, log=lambda m: None)
 
@@ -560,5 +561,5 @@ def test_smoke_run_end_to_end(tmp_path):
     assert again["done"] and time.perf_counter() - t1 < 10
     with pytest.raises(ValueError, match="different config"):
         distill.main(argv + ["--seed", "5"])
-    with pytest.raises(ValueError, match=r"keys \['ideal'\] differ"):     # nested: ideal.<field>
+    with pytest.raises(ValueError, match=r"keys \['ideal\.lr_s'\] differ"):     # nested: ideal.<field>
         distill.main(argv + ["--set", "ideal.lr_s=0.5"])
