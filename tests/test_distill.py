@@ -563,3 +563,38 @@ def test_smoke_run_end_to_end(tmp_path):
         distill.main(argv + ["--seed", "5"])
     with pytest.raises(ValueError, match=r"keys \['ideal\.lr_s'\] differ"):     # nested: ideal.<field>
         distill.main(argv + ["--set", "ideal.lr_s=0.5"])
+
+
+def test_ideal_noise_share_buys_noise_images_once_within_the_round(student, teacher_w, tmp_path):
+    """``noise_share`` replaces part of each generated round by noise images: the round size,
+    the budget and one query per sample are unchanged; with candidates the student's most
+    uncertain draws are kept (no query for the candidates)."""
+    cfg = dataclasses.replace(IDEAL_CFG, noise="gauss", noise_share=0.25, noise_candidates=4)
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=60)
+    res = run_pool_distillation(api, student, cfg, seed=0, workdir=str(tmp_path))
+    assert res.queries == api.queries == len(rec.rows) == 60 == sum(res.class_histogram)
+    assert [len(b) for b in rec.batches] == [20, 20, 20]
+    np.testing.assert_array_equal(rec.rows, np.asarray(dequantize(jnp.asarray(
+        _pool_images(tmp_path)))))
+    # 5 of every 20 are gauss noise (a third of the pixels exactly black); generated images
+    # (sigmoid outputs, quantised) are almost never exactly 0
+    black = np.mean(rec.rows.reshape(60, -1) == 0.0, axis=1)
+    assert np.sum(black > 0.15) == 15
+    with pytest.raises(ValueError, match="noise_share must be in"):
+        run_pool_distillation(api, student, dataclasses.replace(cfg, noise_share=1.0), seed=0)
+
+
+def test_uncertain_noise_images_keep_the_highest_entropy_candidates():
+    from dfml_jax.distill.generation import noise_images, uncertain_noise_images
+
+    cfg = IDEALConfig(noise="uniform")
+    # a "student" sure of bright images and unsure of dark ones: the kept ones are the darkest
+    probs = lambda x: jax.nn.softmax(jnp.stack([40.0 * x.mean((1, 2, 3)), jnp.zeros(len(x))], 1))
+    key = jax.random.key(3)
+    kept = np.asarray(uncertain_noise_images(cfg, key, 5, SHAPE, probs, candidates=6))
+    every = np.asarray(noise_images(cfg, key, 30, SHAPE))
+    means = np.sort(every.mean((1, 2, 3)))
+    np.testing.assert_allclose(np.sort(kept.mean((1, 2, 3))), means[:5], rtol=1e-6)
+    same = uncertain_noise_images(cfg, key, 5, SHAPE, probs, candidates=1)
+    np.testing.assert_array_equal(same, noise_images(cfg, key, 5, SHAPE))

@@ -19,7 +19,7 @@ from dfml_jax.losses import cross_entropy
 from dfml_jax.training.augment import augment_images
 
 __all__ = ["INFO_LOSSES", "GEN_HEADS", "TARGETS", "NOISES", "SELECTS", "SELECT_SCORES",
-           "info_loss", "noise_images", "make_generation_phase"]
+           "info_loss", "noise_images", "uncertain_noise_images", "make_generation_phase"]
 
 INFO_LOSSES = ("per_sample", "class_balance", "none")
 # The IDEALConfig fields the generation phase depends on (its compiled form is shared otherwise).
@@ -70,6 +70,39 @@ def noise_images(cfg, key: jax.Array, n: int,
     if cfg.noise == "gauss":
         return jnp.clip(cfg.noise_mean + cfg.noise_std * jax.random.normal(key, shape), 0.0, 1.0)
     return jax.random.uniform(key, shape, jnp.float32)
+
+
+def uncertain_noise_images(cfg, key: jax.Array, n: int, image_shape: Sequence[int],
+                           probs_fn: Callable, candidates: int = 1) -> jax.Array:
+    """``n`` noise images (``cfg.noise``), the ones the student is least sure of.
+
+    Draws ``candidates * n`` noise images (no query) and keeps the ``n`` on which the student's
+    predictive entropy is highest: a label bought there teaches the student most (uncertainty
+    sampling, Lewis & Gale 1994). ``candidates=1`` keeps every draw.
+
+    Args:
+      cfg: an :class:`~dfml_jax.distill.ideal.IDEALConfig` (``noise``, ``noise_mean``,
+        ``noise_std``).
+      key: PRNG key. n: images wanted. image_shape: ``(H, W, C)``.
+      probs_fn: ``x -> (N, K)`` the student's probabilities (eval mode).
+      candidates: candidates drawn per image kept (>= 1).
+
+    Returns:
+      ``(n, H, W, C)`` images in [0, 1].
+
+    >>> from dfml_jax.distill.ideal import IDEALConfig
+    >>> cfg = IDEALConfig(noise="gauss")
+    >>> sure = lambda x: jax.nn.one_hot((x.mean((1, 2, 3)) > 0.2).astype(int), 2) * 0.98 + 0.01
+    >>> x = uncertain_noise_images(cfg, jax.random.key(0), 8, (4, 4, 1), sure, candidates=4)
+    >>> x.shape
+    (8, 4, 4, 1)
+    """
+    x = noise_images(cfg, key, candidates * n, image_shape)
+    if candidates == 1:
+        return x
+    p = probs_fn(x)
+    entropy = -jnp.sum(jax.scipy.special.xlogy(p, p), axis=-1)
+    return x[jax.lax.top_k(entropy, n)[1]]
 
 
 def make_generation_phase(student_fm, gen_fm, cfg, num_classes: int,

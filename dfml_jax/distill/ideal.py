@@ -46,7 +46,8 @@ from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, Pool
                                      uncommitted)
 from dfml_jax.distill.consolidate import make_consolidation
 from dfml_jax.distill.generation import (GEN_HEADS, INFO_LOSSES, NOISES, SELECT_SCORES, SELECTS,
-                                         TARGETS, make_generation_phase, noise_images)
+                                         TARGETS, make_generation_phase, noise_images,
+                                         uncertain_noise_images)
 from dfml_jax.losses import teacher_probs
 from dfml_jax.training.run_loop import EvalAt, Method, RunOutcome, run
 
@@ -133,6 +134,15 @@ class IDEALConfig:
     noise_mean: float = 0.1307
     #: Standard deviation of ``"gauss"`` noise (0.3081).
     noise_std: float = 0.3081
+    #: A departure (0: off, the paper): this share of each IDEAL round's ``B`` images are noise
+    #: images (``noise``, as NaiveKD draws them) instead of generated ones; each is queried once
+    #: like the rest. The generator's images carry the classes the proxy reaches; noise labels
+    #: cover the teacher's function elsewhere (``docs/ideal_diagnosis.md`` section 10).
+    noise_share: float = 0.0
+    #: Noise candidates drawn per noise image bought (1: random draws); above 1 the round keeps
+    #: the candidates the student is least sure of (highest predictive entropy, no query;
+    #: :func:`~dfml_jax.distill.generation.uncertain_noise_images`).
+    noise_candidates: int = 1
     #: Student SGD learning rate (0.01, constant).
     lr_s: float = 0.01
     #: Student SGD momentum (0.9).
@@ -231,6 +241,11 @@ class IDEALConfig:
                 f"classes ({num_classes}); got batch_size={self.batch_size} (the released code "
                 "crashes here too). Use e.g. batch_size="
                 f"{max(num_classes, self.batch_size // num_classes * num_classes)} or targets='random'.")
+        if not 0.0 <= self.noise_share < 1.0:
+            raise ValueError(f"noise_share must be in [0, 1), got {self.noise_share} (for noise "
+                             "only use synth='noise', NaiveKD)")
+        if self.noise_candidates < 1:
+            raise ValueError(f"noise_candidates must be >= 1, got {self.noise_candidates}")
         if self.pool_loss not in POOL_LOSSES:
             raise ValueError(f"pool_loss must be one of {POOL_LOSSES}, got {self.pool_loss!r}")
         if self.pool_loss != "ce" and self.soft_labels:
@@ -456,6 +471,8 @@ class _RunParts:
             self.phase = make_generation_phase(student_fm, gen_fm, cfg, k, image_shape)
         self.predict = jax.jit(
             lambda p, bn, x: jnp.argmax(student_fm.apply(p, bn, x, train=False)[0], -1))
+        self.probs = jax.jit(
+            lambda p, bn, x: jax.nn.softmax(student_fm.apply(p, bn, x, train=False)[0], -1))
         self.consolidate = None
         if cfg.consolidate_passes:
             self.consolidate = make_consolidation(
@@ -474,11 +491,25 @@ class _RunParts:
                       if cfg.targets == "pool_balancing" or cfg.select == "balanced" else None)
             x, best_l, _ = self.phase(state.params, state.bn, key, counts)
             gen_loss = float(best_l)
+            x = self._with_noise(state, x, jax.random.fold_in(key, 11))
         else:
             x = noise_images(cfg, key, cfg.batch_size, self.image_shape)
         if cfg.class_floor:
             x = with_floor_images(x, pool, cfg, self.k, jax.random.fold_in(key, 7))
         return x, gen_loss
+
+    def _with_noise(self, state, x, key):
+        """``x`` with a random ``noise_share * B`` of its images replaced by noise images (the
+        generator's targets are sorted by class, so the replaced ones are drawn at random)."""
+        n = int(round(self.cfg.noise_share * x.shape[0]))
+        if n == 0:
+            return x
+        kn, kp = jax.random.split(key)
+        keep = jax.random.permutation(kp, x.shape[0])[: x.shape[0] - n]
+        noise = uncertain_noise_images(
+            self.cfg, kn, n, self.image_shape,
+            lambda z: self.probs(state.params, state.bn, z), self.cfg.noise_candidates)
+        return jnp.concatenate([x[keep], noise.astype(x.dtype)])
 
 
 
