@@ -34,11 +34,10 @@ orbax checkpoint; a finished run (``DONE``) is not redone.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -46,99 +45,22 @@ import numpy as np
 from dfml_jax.data import ClassDataset, get_class_splits, Taskset
 from dfml_jax.experiment import RunDir, plot_curves, write_results
 from dfml_jax.meta import evaluate_tasks, select_finetune_lr
+from dfml_jax.methods import METHODS as REGISTRY
 from dfml_jax.models import create_model, functional, scale_kernels
 from dfml_jax.remote import load_remote_pool
 from dfml_jax.teachers import load_pool, load_white_box_teachers, obtain_pool
 from dfml_jax.training.augment import normalize
 
-from .baselines import META_INITS, UNTRAINED, kernel_scale, meta_init_params, run_baseline
-from .train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
+from .baselines import META_INITS, UNTRAINED, kernel_scale, meta_init_params
+from .config import LINE_DRAWING_DATASETS, METHODS, BiDfExperimentConfig
+from .train import TeacherPool
 
-__all__ = ["BiDfExperimentConfig", "run_experiment", "METHODS", "scale_kernels", "META_INITS",
-           "kernel_scale", "meta_init_params", "pool_data_split", "pool_build_args"]
+__all__ = ["BiDfExperimentConfig", "run_experiment", "METHODS", "LINE_DRAWING_DATASETS",
+           "scale_kernels", "META_INITS", "kernel_scale", "meta_init_params", "pool_data_split",
+           "pool_build_args"]
 
-METHODS = ("bidf_mkd", "random", "random_scaled", "average", "white_box", "maml_real",
-           "maml_pool_data")
 REAL_DATA = ("maml_real", "maml_pool_data")          # MAML on real images: no API queries
-# Line drawings change identity under a horizontal flip: no flips in their augmentation.
-LINE_DRAWING_DATASETS = ("glyphs", "omniglot", "mnist", "mnist5k", "digits")
-
-
-#: The loop's fields and former names: flat keys of the experiment config until the loop's
-#: settings became the nested ``loop`` section (issue 17).
-_LOOP_KEYS = (*(f.name for f in dataclasses.fields(BiDfMKDConfig)), *BiDfMKDConfig.RENAMED_FIELDS)
-
-
-@dataclasses.dataclass(frozen=True)
-class BiDfExperimentConfig:
-    """A whole experiment: data, pool, meta-model, methods, evaluation, and the meta-training
-    loop's settings as the nested :class:`~.train.BiDfMKDConfig` ``loop`` (``--set
-    loop.meta_iterations=600``, ``--set loop.inversion.lr=0.03``).
-
-    Until issue 17 the loop's fields were inherited flat fields (``--set meta_iterations=...``):
-    ``--set`` refuses the old names with the new key in the error and a saved ``config.json`` of
-    the flat layout is read under the new names (``RENAMED_FIELDS``, dotted targets).
-    ``loop.inversion.flip=None`` is resolved per dataset by :meth:`loop_config`.
-    """
-    RENAMED_FIELDS: ClassVar[Dict[str, str]] = {k: f"loop.{k}" for k in _LOOP_KEYS}
-    name: str = "default"
-    dataset: str = "glyphs"
-    image_size: int = 28
-    channels: int = 1
-    data_dir: Optional[str] = None
-    # pool: built into <workdir>/pool-<build key[:12]> if pool_dir is None (reused only when its
-    # recorded build key matches); an explicit pool_dir is built if missing, else its key must
-    # match the config's (PoolKeyError otherwise) unless pool_key_check is False
-    pool_dir: Optional[str] = None
-    pool_key_check: bool = True
-    scenario: str = "SS"
-    pool_archs: tuple = ("conv4",)
-    num_apis: int = 20
-    pool_epochs: int = 60
-    pool_width: int = 32
-    pool_seed: int = 0
-    # teachers' augmentation: None = the dataset's domain-faithful default ("crop" for glyphs and
-    # digits, "crop_flip" for natural images); "paper" / "none" = the paper's recipe (none)
-    pool_augment: Optional[str] = None
-    api_output: str = "logits"
-    # inversion's image parameterisation: "dcgan" (the paper) or "strokes" (line drawings by
-    # construction, dfml_jax.models.strokes; a departure)
-    generator: str = "dcgan"
-    # the stroke generator's latent: "linear" (z -> strokes by a learnable map) or "direct"
-    # (z are the 8 * num_strokes stroke parameters: set loop.nz=32 for 4 strokes)
-    stroke_latent: str = "linear"
-    # meta-model
-    meta_arch: str = "conv4"
-    meta_width: int = 32
-    # initial meta-model of the meta-trained methods (bidf_mkd, white_box, maml_*): "random" (the
-    # paper) or "scaled" (the random init with every kernel x kernel_scale(cfg), i.e. the
-    # random_scaled baseline's weights: meta-training starts where that baseline stands)
-    meta_init: str = "random"
-    # methods and evaluation
-    methods: tuple = METHODS
-    baseline_iterations: Optional[int] = None  # meta-iterations of white_box / maml_real (None: same)
-    test_tasks: int = 600
-    test_shots: tuple = (1, 5)
-    eval_seed: int = 12345
-    # test-time fine-tuning lr: chosen per method and shot on meta-validation tasks from this grid
-    # (empty: the fixed loop.finetune_lr, no selection; loop.finetune_lr=None: loop.inner_lr)
-    finetune_lrs: tuple = ()
-    lr_select_tasks: int = 200
-    # random_scaled: every conv / linear kernel of the random init times this
-    # (None: 1/sqrt(num_apis), the shrinkage of averaging num_apis independent kernels)
-    random_scale: Optional[float] = None
-    # the meta-training loop (tasks, inversion, memory, schedule, evaluation, seed);
-    # inversion.flip=None: resolved per dataset (loop_config)
-    loop: BiDfMKDConfig = BiDfMKDConfig()
-
-    def loop_config(self, **changes) -> BiDfMKDConfig:
-        """:attr:`loop` with ``changes`` applied and ``inversion.flip=None`` resolved per dataset
-        (no flips for line drawings): the config the loop runs."""
-        loop = dataclasses.replace(self.loop, **changes)
-        if loop.inversion.flip is None:
-            loop = dataclasses.replace(loop, inversion=dataclasses.replace(
-                loop.inversion, flip=self.dataset not in LINE_DRAWING_DATASETS))
-        return loop
+BOUNDS = ("white_box", "maml_real", "maml_pool_data")  # meta-iterations: baseline_iterations
 
 
 def pool_build_args(cfg: BiDfExperimentConfig, num_apis: Optional[int] = None) -> Dict[str, Any]:
@@ -230,8 +152,8 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
         tm = time.time()
         rec: Dict[str, Any] = {"method": method}
         if method in UNTRAINED:
-            params, info = run_baseline(method, meta.params, cfg, teachers=wb,
-                                        records=pool.records if pool is not None else None)
+            params, info = REGISTRY[method].run(meta.params, cfg, teachers=wb,
+                                                records=pool.records if pool is not None else None)
             rec.update(info, **test_eval(params), api_queries=0, history=[])
         else:
             res, info = _train_method(method, cfg, common=common, teacher_pool=teacher_pool,
@@ -428,16 +350,16 @@ def pool_data_split(train_split: ClassDataset, records: Sequence[Dict[str, Any]]
 
 def _train_method(method: str, cfg: BiDfExperimentConfig, *, common, teacher_pool, pool,
                   train_split, run: RunDir, mesh):
-    """Meta-trains ``method`` (``bidf_mkd``, ``white_box``, ``maml_real``, ``maml_pool_data``).
+    """Meta-trains ``method`` (``bidf_mkd``, ``white_box``, ``maml_real``, ``maml_pool_data``):
+    its registry entry (``dfml_jax.methods.METHODS``) configures the experiment's loop and runs it.
 
     Returns:
       ``(TrainResult, info)``: ``info`` is what the method's record states about its data.
     """
-    base_its = cfg.baseline_iterations or cfg.loop.meta_iterations
-    lc = {"bidf_mkd": cfg.loop_config(),
-          "white_box": cfg.loop_config(white_box=True, meta_iterations=base_its),
-          "maml_real": cfg.loop_config(replay_source="real", meta_iterations=base_its),
-          "maml_pool_data": cfg.loop_config(replay_source="real", meta_iterations=base_its)}[method]
+    entry = REGISTRY[method]
+    its = {"meta_iterations": cfg.baseline_iterations or cfg.loop.meta_iterations} \
+        if method in BOUNDS else {}
+    lc = entry.configure(cfg.loop_config(), **its)
     info: Dict[str, Any] = {}
     real = None
     if method == "maml_real":
@@ -450,8 +372,8 @@ def _train_method(method: str, cfg: BiDfExperimentConfig, *, common, teacher_poo
                         f"meta-train classes the pool's teachers saw: {what}"}
     elif method == "white_box":
         info = {"note": "white-box upper bound: true gradients through the teachers"}
-    res = train_bidf_mkd(lc, pool=None if method in REAL_DATA else teacher_pool, real_tasks=real,
-                         checkpoint_dir=run.file(f"ckpt_{method}"), mesh=mesh, **common)
+    res = entry.run(lc, pool=None if method in REAL_DATA else teacher_pool, real_tasks=real,
+                    checkpoint_dir=run.file(f"ckpt_{method}"), mesh=mesh, **common)
     return res, info
 
 
