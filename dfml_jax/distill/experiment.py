@@ -18,7 +18,9 @@ Work directory layout (everything resumable)::
     dfme/budget_<B>/    checkpoints/, queries_log.json, result.json
 
 The config is any object with the fields of ``experiments/configs/distill_configs.py``
-(``DistillExperimentConfig``): IDEAL fields carry the prefix ``ideal_``, DFME fields ``dfme_``.
+(``DistillExperimentConfig``): the methods' settings are its nested sections ``ideal``, ``naive``
+and ``dfme`` (``--set ideal.lr_s=0.03``), each configured and run by the method's entry of the
+registry :data:`dfml_jax.methods.METHODS` (:func:`method_config`, :data:`REGISTRY_NAMES`).
 """
 from __future__ import annotations
 
