@@ -9,6 +9,9 @@ not redone.
 A config class that renamed a field lists ``{old name: new name}`` in its ``RENAMED_FIELDS`` class
 attribute (a ``ClassVar``): ``--set old=...`` is then an error naming the new key, and a
 ``config.json`` saved under the old name is read under the new one (:func:`upgrade_saved_config`).
+A dotted new name moves a field into a nested config (``{"meta_iterations":
+"loop.meta_iterations"}``); renames chain, so a key moved into a nested config that renamed it
+again is reported under its final name (:func:`current_name`).
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from dfml_jax import __version__
 
-__all__ = ["apply_overrides", "select_config", "renamed_fields", "upgrade_saved_config", "RunDir",
-           "write_results", "markdown_table", "plot_curves"]
+__all__ = ["apply_overrides", "select_config", "renamed_fields", "current_name",
+           "upgrade_saved_config", "RunDir", "write_results", "markdown_table", "plot_curves"]
 
 
 def renamed_fields(config) -> Dict[str, str]:
@@ -34,6 +37,37 @@ def _renamed_error(key: str, new: str, raw: str, prefix: str) -> ValueError:
     return ValueError(f"--set {prefix}{key}={raw}: config key {prefix + key!r} was renamed; "
                       f"dfml_jax {__version__} calls it {prefix + new!r}: use "
                       f"--set {prefix}{new}={raw}")
+
+
+def current_name(config, key: str) -> Optional[str]:
+    """The current dotted name of a renamed (possibly dotted) config key, or None if ``key`` was
+    not renamed. Renames are followed through nested configs and chained: a key moved into a
+    nested config whose own ``RENAMED_FIELDS`` renamed it again gets its final name.
+
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Inner:
+    ...     RENAMED_FIELDS = {"q": "num_directions"}
+    ...     num_directions: int = 3
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Outer:
+    ...     RENAMED_FIELDS = {"num_directions": "inner.num_directions", "q": "inner.q"}
+    ...     inner: Inner = Inner()
+    >>> current_name(Outer(), "q"), current_name(Outer(), "inner.q"), current_name(Outer(), "inner")
+    ('inner.num_directions', 'inner.num_directions', None)
+    """
+    head, dot, rest = key.partition(".")
+    fields = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    if head in fields:
+        sub = getattr(config, head)
+        if not (dot and dataclasses.is_dataclass(sub)):
+            return None
+        new = current_name(sub, rest)
+        return None if new is None else f"{head}.{new}"
+    renamed = renamed_fields(config)
+    if head not in renamed:
+        return None
+    target = renamed[head] + (dot + rest)
+    return current_name(config, target) or target
 
 
 def _parse_value(raw: str, current: Any, key: str):
@@ -86,7 +120,6 @@ def _apply_overrides(cfg, overrides: Iterable[str], prefix: str):
     fields = {f.name for f in dataclasses.fields(cfg)}
     optional = {f.name for f in dataclasses.fields(cfg) if "Optional" in str(f.type)
                 or "None" in str(f.type)}
-    renamed = renamed_fields(cfg)
     changes = {}
     for item in overrides or ():
         if "=" not in item:
@@ -97,8 +130,9 @@ def _apply_overrides(cfg, overrides: Iterable[str], prefix: str):
             sub = changes.get(head, getattr(cfg, head))
             changes[head] = _apply_overrides(sub, [f"{rest}={raw}"], f"{prefix}{head}.")
             continue
-        if key not in fields and key in renamed:
-            raise _renamed_error(key, renamed[key], raw, prefix)
+        new = None if head in fields else current_name(cfg, key)
+        if new is not None:
+            raise _renamed_error(key, new, raw, prefix)
         if key not in fields:
             raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(fields)}")
         if key in optional and raw.strip().lower() in ("none", "null"):
@@ -173,7 +207,39 @@ def upgrade_saved_config(config, saved: Mapping[str, Any], prefix: str = ""
         if k in out and isinstance(out[k], Mapping):
             out[k], sub = upgrade_saved_config(nested[k], out[k], f"{prefix}{k}.")
             done += sub
-    return out, done
+    return out, _chained(done)
+
+
+def _chained(renames: List[str]) -> List[str]:
+    """``["a -> b", "b -> c"]`` as ``["a -> c"]``: a key moved into a nested config and renamed
+    there is reported under its final name."""
+    new = dict(r.split(" -> ") for r in renames)
+    out = []
+    for old, to in new.items():
+        if old in new.values():
+            continue                     # a middle name of a chain: reported with its start
+        seen = {old}
+        while to in new and to not in seen:
+            seen.add(to)
+            to = new[to]
+        out.append(f"{old} -> {to}")
+    return out
+
+
+def _describe_renames(renames: List[str]) -> str:
+    """The renames of a saved config in words; keys only moved into a nested config (``k ->
+    section.k``) are listed together."""
+    moved: Dict[str, List[str]] = {}
+    other = []
+    for r in renames:
+        old, new = r.split(" -> ")
+        section, _, last = new.rpartition(".")
+        if last == old and section:
+            moved.setdefault(section, []).append(old)
+        else:
+            other.append(r)
+    return ", ".join(other + [f"{', '.join(keys)} -> {section}.*"
+                              for section, keys in moved.items()])
 
 
 def _saved_has(saved: Mapping[str, Any], dotted: str) -> bool:
@@ -257,7 +323,7 @@ class RunDir:
                 old, renames = upgrade_saved_config(config, old)
                 if renames:  # a run started before a rename: the same run, keys renamed
                     warnings.warn(f"{p} was written before config keys were renamed "
-                                  f"({', '.join(renames)} in dfml_jax {__version__}); resuming "
+                                  f"({_describe_renames(renames)} in dfml_jax {__version__}); resuming "
                                   "it under the new names", stacklevel=2)
                 # a field added to the config class since the run started matches when the new
                 # value is that field's default (older runs keep resuming across versions)

@@ -3,7 +3,9 @@
 Every method is a :class:`~dfml_jax.training.run_loop.Method` run by the shared run loop
 (:func:`dfml_jax.training.run_loop.run`); an entry gives its config class, the changes that make the
 method out of that config (NaiveKD is IDEAL with noise images, ``white_box`` is BiDf-MKD with true
-gradients), the builder ``config -> Method`` and the public function that runs it:
+gradients), the builder ``config -> Method`` and the public function that runs it. The experiment
+runners (:mod:`dfml_jax.distill.experiment`, :mod:`dfml_jax.bidf_mkd.experiment`) configure and
+run their methods through it:
 
 ==============  =========  ========================  ==========================================
 name            family     builder                   run
@@ -14,6 +16,7 @@ dfme            distill    ``dfme_method``           ``run_dfme``
 bidf_mkd        meta       ``bidf_mkd_method``       ``train_bidf_mkd``
 white_box       meta       ``bidf_mkd_method``       ``train_bidf_mkd``
 maml_real       meta       ``bidf_mkd_method``       ``train_bidf_mkd``
+maml_pool_data  meta       ``bidf_mkd_method``       ``train_bidf_mkd``
 random          baseline   ``baseline_method``       ``run_baseline``
 random_scaled   baseline   ``baseline_method``       ``run_baseline``
 average         baseline   ``baseline_method``       ``run_baseline``
@@ -21,7 +24,7 @@ average         baseline   ``baseline_method``       ``run_baseline``
 
 A family fixes the builder's arguments: ``distill``: ``(api, student_fm, cfg, *, seed,
 evaluator, workdir)``, one teacher API; ``meta``: ``(cfg, *, meta_apply, meta_init_params,
-gen_init, gen_apply, pool, val_tasks, ...)``, a pool of APIs (none for ``maml_real``);
+gen_init, gen_apply, pool, val_tasks, ...)``, a pool of APIs (none for the ``maml_*`` bounds);
 ``baseline``: ``(init_params, cfg, *, teachers, records)``, no step and no query.
 
 Example:
@@ -36,7 +39,7 @@ import functools
 from typing import Any, Callable, Dict, NamedTuple
 
 from dfml_jax.bidf_mkd.baselines import baseline_method, run_baseline
-from dfml_jax.bidf_mkd.experiment import BiDfExperimentConfig
+from dfml_jax.bidf_mkd.config import BiDfExperimentConfig
 from dfml_jax.bidf_mkd.train import BiDfMKDConfig, bidf_mkd_method, train_bidf_mkd
 from dfml_jax.distill.dfme import DFMEConfig, dfme_method, run_dfme
 from dfml_jax.distill.ideal import IDEALConfig, ideal_method, run_pool_distillation
@@ -100,6 +103,9 @@ METHODS: Dict[str, MethodEntry] = {e.name: e for e in (
            "BiDf-MKD with true gradients through the teachers (upper bound)", white_box=True),
     _entry("maml_real", "meta", BiDfMKDConfig, bidf_mkd_method, train_bidf_mkd,
            "MAML on real meta-train tasks (upper bound), no API", replay_source="real"),
+    _entry("maml_pool_data", "meta", BiDfMKDConfig, bidf_mkd_method, train_bidf_mkd,
+           "MAML on real tasks of the classes the pool's teachers saw (upper bound), no API",
+           replay_source="real"),
     *(_entry(n, "baseline", BiDfExperimentConfig, functools.partial(baseline_method, n),
              functools.partial(run_baseline, n), d) for n, d in (
         ("random", "the randomly initialised meta-model"),

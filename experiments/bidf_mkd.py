@@ -4,7 +4,7 @@ Command lines (configs in ``experiments/configs/bidf_mkd_configs.py``)::
 
     python experiments/bidf_mkd.py --config smoke   --workdir runs/bidf_smoke
     python experiments/bidf_mkd.py --config default --workdir runs/bidf_default
-    python experiments/bidf_mkd.py --config default --workdir runs/x --set meta_iterations=600 --set methods='["bidf_mkd","random"]'
+    python experiments/bidf_mkd.py --config default --workdir runs/x --set loop.meta_iterations=600 --set methods='["bidf_mkd","random"]'
 
 Writes ``results.json``, ``results.md`` and PNG curves into the workdir. Rerunning the same command
 after a kill resumes from the last checkpoint; a finished run prints its results.
@@ -22,12 +22,11 @@ only)::
 
 Devices: ``--devices N`` runs every inversion (its samples, API queries and zero-order directions)
 and every meta-batch sharded over N devices (default: all local devices, reduced to the largest
-count that divides the inversion batch ``ways * inversion.per_class``; an explicit N that does not
-divide it is an error naming the valid counts). ``--set inv_shard=directions`` splits the
-``inversion.num_directions`` zero-order directions of each inversion instead of its samples (for
-small batches with many directions; the device count must then divide
-``inversion.num_directions``). Results equal
-the 1-device run up to float reduction order, with identical query counts. To try it on a CPU,
+count that divides the inversion batch ``loop.ways * loop.inversion.per_class``; an explicit N
+that does not divide it is an error naming the valid counts). ``--set loop.inv_shard=directions``
+splits the ``loop.inversion.num_directions`` zero-order directions of each inversion instead of its
+samples (for small batches with many directions; the device count must then divide
+``loop.inversion.num_directions``). Results equal the 1-device run up to float reduction order, with identical query counts. To try it on a CPU,
 emulate devices::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
@@ -41,7 +40,7 @@ shards; ``--devices`` then counts devices over all hosts. On a TPU VM slice::
 
     gcloud compute tpus tpu-vm ssh NAME --worker=all --command \
         "cd dfml_jax && python experiments/bidf_mkd.py --config paper_cifar_fs_ss --multihost \
-         --workdir gs-fuse-or-shared-dir/cifar_fs_ss --set inversion.per_class=32"
+         --workdir gs-fuse-or-shared-dir/cifar_fs_ss --set loop.inversion.per_class=32"
 """
 from __future__ import annotations
 
@@ -65,16 +64,17 @@ def choose_mesh(devices, cfg):
     from dfml_jax.parallel import check_divisible, largest_valid_count, make_mesh
 
     have = len(jax.devices())
-    if cfg.inv_shard == "directions":
-        size = cfg.inversion.num_directions
-        what = ("the zero-order directions inversion.num_directions = "
-                f"{cfg.inversion.num_directions}")
-        fix = "--set inversion.num_directions=..."
+    loop = cfg.loop
+    if loop.inv_shard == "directions":
+        size = loop.inversion.num_directions
+        what = ("the zero-order directions loop.inversion.num_directions = "
+                f"{loop.inversion.num_directions}")
+        fix = "--set loop.inversion.num_directions=..."
     else:
-        size = cfg.ways * cfg.inversion.per_class
-        what = (f"the inversion batch ways x inversion.per_class = {cfg.ways} x "
-                f"{cfg.inversion.per_class}")
-        fix = "--set inversion.per_class=..."
+        size = loop.ways * loop.inversion.per_class
+        what = (f"the inversion batch loop.ways x loop.inversion.per_class = {loop.ways} x "
+                f"{loop.inversion.per_class}")
+        fix = "--set loop.inversion.per_class=..."
     if devices is None:
         n = largest_valid_count([size], have)
         if n < have:
@@ -107,7 +107,8 @@ def main(argv=None):
         from dfml_jax.parallel import initialize_multihost
 
         print(f"[multihost] {initialize_multihost()}")
-    cfg = apply_overrides(get_config(args.config), args.set + ([f"seed={args.seed}"] if args.seed is not None else []))
+    seed = [f"loop.seed={args.seed}"] if args.seed is not None else []
+    cfg = apply_overrides(get_config(args.config), args.set + seed)
     mesh = choose_mesh(args.devices, cfg)
     run_experiment(cfg, args.workdir, progress=not args.no_progress, pool_urls=args.pool_urls,
                    mesh=mesh)

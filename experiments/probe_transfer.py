@@ -100,13 +100,13 @@ def main(argv=None):
     train, val, _ = get_class_splits(bidf.dataset, image_size=bidf.image_size,
                                      channels=bidf.channels, progress=progress)
     pool, wb = _pool(bidf, cfg, args.workdir)
-    meta = functional(create_model(bidf.meta_arch, num_classes=bidf.ways,
+    meta = functional(create_model(bidf.meta_arch, num_classes=loop.ways,
                                    input_shape=train.image_shape, rngs_or_key=cfg.probe.seed,
                                    width=bidf.meta_width))
     pcfg = dataclasses.replace(cfg.probe, student_width=bidf.meta_width, inner_lr=loop.inner_lr,
-                               ways=bidf.ways, shots=bidf.shots, query=bidf.query,
+                               ways=loop.ways, shots=loop.shots, query=loop.query,
                                replay_inner_steps=loop.replay_inner_steps,
-                               outer_lr=loop.outer_lr, finetune_steps=bidf.finetune_steps)
+                               outer_lr=loop.outer_lr, finetune_steps=loop.finetune_steps)
     out = os.path.join(args.workdir, "probe.json")
     done = None
     if os.path.exists(out):
@@ -130,7 +130,7 @@ def main(argv=None):
 
     results, grids = run_probe({n: RECIPES[n] for n in names}, pool=pool, train_split=train,
                                val_split=val, meta=meta, cfg=pcfg, base=loop.inversion_config(),
-                               nz=bidf.nz, ngf=bidf.ngf,
+                               nz=loop.nz, ngf=loop.ngf,
                                white_box=[(w.apply, w.params) for w in wb], progress=True,
                                done=done, on_recipe=save)
     save(results, grids)
@@ -139,7 +139,7 @@ def main(argv=None):
     with open(os.path.join(args.workdir, "probe.md"), "w") as f:
         f.write(f"# Transfer probe '{cfg.name}' ({results['num_apis']} APIs of the "
                 f"'{bidf.name}' pool)\n\nPool-level: one student distilled on all recovered sets, "
-                f"its body fine-tuned on {pcfg.val_tasks} new-class 5-way {bidf.shots}-shot "
+                f"its body fine-tuned on {pcfg.val_tasks} new-class 5-way {loop.shots}-shot "
                 "meta-validation tasks (lr chosen on separate validation tasks); references use "
                 "the same protocol. Within-task: a student per API scored on that API's held-out "
                 "real images. Replay-MAML: best meta-validation accuracy of MAML on the recovered "

@@ -24,7 +24,7 @@ from dfml_jax.models import create_model, functional  # noqa: E402
 def test_configs_are_consistent():
     for name, cfg in CONFIGS.items():
         assert cfg.name == name
-        assert cfg.inversion.per_class >= cfg.shots + cfg.query, name
+        assert cfg.loop.inversion.per_class >= cfg.loop.shots + cfg.loop.query, name
     with pytest.raises(ValueError, match="available"):
         get_config("nope")
     assert set(CONFIGS["smoke"].methods) == set(METHODS)
@@ -35,10 +35,18 @@ def test_configs_are_consistent():
         run_experiment(apply_overrides(sub, ['methods=["random_scale"]']), "/nonexistent/x")
 
 
-def _flat_layout(cfg, q_mu: bool = False) -> dict:
-    """``cfg``'s config.json as written before issue 17's nesting: the inversion's settings as flat
-    ``inv_*`` fields, the zero-order knobs unprefixed (``q`` / ``mu`` before their rename)."""
+def _loop_flat_layout(cfg) -> dict:
+    """``cfg``'s config.json as written before the loop's settings were nested (``loop``): the
+    loop's fields flat beside the experiment's, the inversion's nested (``inversion``)."""
     saved = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    return {**saved.pop("loop"), **saved}
+
+
+def _flat_layout(cfg, q_mu: bool = False) -> dict:
+    """``cfg``'s config.json as written before issue 17's nesting: the loop's and the inversion's
+    settings as flat fields (``inv_*``), the zero-order knobs unprefixed (``q`` / ``mu`` before
+    their rename)."""
+    saved = _loop_flat_layout(cfg)
     zo = {"num_directions": "q" if q_mu else "num_directions",
           "smoothing": "mu" if q_mu else "smoothing"}
     unprefixed = ("estimator", "chunk_size", "boundary_weight")
@@ -47,51 +55,69 @@ def _flat_layout(cfg, q_mu: bool = False) -> dict:
     return saved
 
 
-def test_inversion_settings_are_a_nested_config(tmp_path):
-    """The inversion's settings are ``cfg.inversion`` (``--set inversion.lr=0.03``); the former
-    flat keys (``inv_lr``, ``num_directions``, ``q``...) are refused naming the new key (nothing
-    is written), and a work directory whose config.json has the flat layout resumes."""
+def _old_workdir(path, saved: dict):
+    """A finished run directory whose config.json is ``saved``."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(saved))
+    (path / "results.json").write_text(json.dumps({"rows": [], "config": "smoke"}))
+    (path / "DONE").write_text("finished\n")
+    return str(path)
+
+
+def test_loop_and_inversion_settings_are_nested_configs(tmp_path):
+    """The loop's settings are ``cfg.loop`` (``--set loop.meta_iterations=7``), the inversion's
+    ``cfg.loop.inversion`` (``--set loop.inversion.lr=0.03``); the former keys (flat loop fields,
+    ``inversion.*``, ``inv_lr``, ``num_directions``, ``q``...) are refused naming the new key
+    (nothing is written), and work directories of the former layouts resume."""
     from bidf_mkd import main
 
     cfg = get_config("smoke")
-    sub = apply_overrides(cfg, ["inversion.lr=0.03", "inversion.per_class=5",
-                                "inversion.flip=none", "inversion.zo_space=image"])
-    assert (sub.inversion.lr, sub.inversion.per_class, sub.inversion.zo_space) == (0.03, 5, "image")
-    assert sub.inversion.flip is None and sub.loop_config().inversion.flip is False  # glyphs
+    sub = apply_overrides(cfg, ["loop.inversion.lr=0.03", "loop.inversion.per_class=5",
+                                "loop.inversion.flip=none", "loop.inversion.zo_space=image",
+                                "loop.meta_iterations=7", "loop.finetune_lr=none", "num_apis=4"])
+    inv = sub.loop.inversion
+    assert (inv.lr, inv.per_class, inv.zo_space) == (0.03, 5, "image")
+    assert (sub.loop.meta_iterations, sub.loop.finetune_lr, sub.num_apis) == (7, None, 4)
+    assert inv.flip is None and sub.loop_config().inversion.flip is False  # glyphs
     assert sub.loop_config().inversion_config() == sub.loop_config().inversion
+    assert sub.loop_config(white_box=True).white_box and not sub.loop.white_box
     wd = tmp_path / "new"
-    for old, new in [("inv_lr=0.03", "inversion.lr=0.03"),
-                     ("inv_per_class=5", "inversion.per_class=5"),
-                     ("num_directions=50", "inversion.num_directions=50"),
-                     ("q=50", "inversion.num_directions=50"),
-                     ("mu=0.1", "inversion.smoothing=0.1")]:
+    for old, new in [("meta_iterations=7", "loop.meta_iterations=7"),
+                     ("seed=1", "loop.seed=1"),
+                     ("inversion.lr=0.03", "loop.inversion.lr=0.03"),
+                     ("inv_lr=0.03", "loop.inversion.lr=0.03"),
+                     ("inv_per_class=5", "loop.inversion.per_class=5"),
+                     ("num_directions=50", "loop.inversion.num_directions=50"),
+                     ("q=50", "loop.inversion.num_directions=50"),
+                     ("loop.mu=0.1", "loop.inversion.smoothing=0.1")]:
         key = old.split("=")[0]
         with pytest.raises(ValueError, match=rf"'{key}' was renamed.*"
                                              rf"'{new.split('=')[0]}'.*--set {new}"):
             main(["--config", "smoke", "--workdir", str(wd), "--set", old, "--no-progress"])
+    with pytest.raises(ValueError, match="unknown config key 'nope'"):
+        apply_overrides(cfg, ["loop.nope=1"])
     assert not wd.exists()
-    for q_mu, renames in [(False, r"inv_lr -> inversion\.lr.*num_directions -> "
-                                  r"inversion\.num_directions"),
-                          (True, r"q -> inversion\.num_directions, mu -> inversion\.smoothing")]:
-        old = _flat_layout(cfg, q_mu)
-        assert "inversion" not in old and old["inv_lr"] == cfg.inversion.lr
-        wd = tmp_path / f"old{q_mu}"
-        wd.mkdir()
-        (wd / "config.json").write_text(json.dumps(old))
-        (wd / "results.json").write_text(json.dumps({"rows": [], "config": "smoke"}))
-        (wd / "DONE").write_text("finished\n")
+    layouts = [(_loop_flat_layout(cfg), r"ways, .*meta_iterations, .*inversion, .* -> loop\.\*"),
+               (_flat_layout(cfg), r"inv_lr -> loop\.inversion\.lr.*num_directions, .* -> "
+                                   r"loop\.inversion\.\*"),
+               (_flat_layout(cfg, True), r"q -> loop\.inversion\.num_directions, "
+                                         r"mu -> loop\.inversion\.smoothing")]
+    for i, (old, renames) in enumerate(layouts):
+        assert "loop" not in old and old["meta_iterations"] == cfg.loop.meta_iterations
+        wd = _old_workdir(tmp_path / f"old{i}", old)
         with pytest.warns(UserWarning, match=renames):
-            assert run_experiment(cfg, str(wd), progress=False)["config"] == "smoke"
-        changed = dataclasses.replace(cfg, inversion=dataclasses.replace(cfg.inversion, lr=0.5))
-        with pytest.warns(UserWarning), pytest.raises(ValueError,
-                                                       match=r"keys \['inversion\.lr'\]"):
-            run_experiment(changed, str(wd), progress=False)
-    both = {**_flat_layout(cfg), "inversion": {"lr": 0.1}}
-    wd = tmp_path / "both"
-    wd.mkdir()
-    (wd / "config.json").write_text(json.dumps(both))
-    with pytest.raises(ValueError, match=r"both 'inv_lr' and its new name 'inversion\.lr'"):
-        run_experiment(cfg, str(wd), progress=False)
+            assert run_experiment(cfg, wd, progress=False)["config"] == "smoke"
+        changed = apply_overrides(cfg, ["loop.inversion.lr=0.5", "loop.meta_iterations=9"])
+        with pytest.warns(UserWarning), pytest.raises(
+                ValueError, match=r"keys \['loop\.inversion\.lr', 'loop\.meta_iterations'\]"):
+            run_experiment(changed, wd, progress=False)
+    wd = _old_workdir(tmp_path / "both", {**_flat_layout(cfg), "inversion": {"lr": 0.1}})
+    with pytest.raises(ValueError, match=r"both 'loop\.inv_lr' and its new name "
+                                         r"'loop\.inversion\.lr'"):
+        run_experiment(cfg, wd, progress=False)
+    wd = _old_workdir(tmp_path / "both_loop", {**_loop_flat_layout(cfg), "loop": {"seed": 0}})
+    with pytest.raises(ValueError, match=r"both 'seed' and its new name 'loop\.seed'"):
+        run_experiment(cfg, wd, progress=False)
 
 
 def test_finetune_lr_is_the_test_time_lr_without_a_grid():
@@ -105,12 +131,13 @@ def test_finetune_lr_is_the_test_time_lr_without_a_grid():
     k1, k2 = jax.random.split(jax.random.key(0))
     y = np.tile(np.arange(5), (6, 1))
     tasks = (jax.random.uniform(k1, (6, 5, 4, 4, 1)), y, jax.random.uniform(k2, (6, 5, 4, 4, 1)), y)
-    base = dataclasses.replace(get_config("smoke"), finetune_lrs=(), test_shots=(1,), test_tasks=6,
-                               inner_lr=0.01, paper_lr=0.01)
-    for cfg, lr in ((base, 0.01), (dataclasses.replace(base, finetune_lr=0.7), 0.7)):
+    base = apply_overrides(get_config("smoke"), ["finetune_lrs=[]", "test_shots=[1]",
+                                                 "test_tasks=6", "loop.inner_lr=0.01",
+                                                 "loop.paper_lr=0.01"])
+    for cfg, lr in ((base, 0.01), (apply_overrides(base, ["loop.finetune_lr=0.7"]), 0.7)):
         out = _test_eval(cfg, meta.apply_batchstats, meta.params, {1: tasks}, {}, (0.0,), (1.0,))
         want = evaluate_tasks(meta.apply_batchstats, meta.params, *tasks,
-                              steps=cfg.finetune_steps, lr=lr, batch_size=25)
+                              steps=cfg.loop.finetune_steps, lr=lr, batch_size=25)
         assert out["1-shot_lr"] == lr and out["1-shot"][0] == pytest.approx(want.mean)
         assert f"fine-tuning lr {lr} (fixed)" in _protocol_notes(cfg)["primary"]
         row = _rows({"random": {"1-shot": out["1-shot"], "wall_s": 0}},
@@ -200,7 +227,8 @@ def test_smoke_run_end_to_end(tmp_path):
         for s in ("1-shot", "5-shot"):
             assert len(r[s]) == 2 and 0 <= r[s][0] <= 100, m
             assert len(r["paper_protocol"][s]) == 2 and 0 <= r["paper_protocol"][s][0] <= 100, m
-        assert r["paper_protocol"]["lr"] == cfg.paper_lr and r["paper_protocol"]["steps"] == cfg.paper_steps
+        assert (r["paper_protocol"]["lr"], r["paper_protocol"]["steps"]) == (cfg.loop.paper_lr,
+                                                                            cfg.loop.paper_steps)
     for m in ("bidf_mkd", "white_box", "maml_real", "maml_pool_data"):
         pp = out["methods"][m]["paper_protocol"]
         assert pp["1-shot_source"].startswith("max over") and pp["5-shot_source"].startswith("one"), m
@@ -232,4 +260,4 @@ def test_smoke_run_end_to_end(tmp_path):
     assert time.time() - t0 < 5
     # the same workdir with a different config is refused
     with pytest.raises(ValueError, match="different config"):
-        run_experiment(apply_overrides(cfg, ["meta_iterations=7"]), work, progress=False)
+        run_experiment(apply_overrides(cfg, ["loop.meta_iterations=7"]), work, progress=False)

@@ -6,7 +6,8 @@ from typing import ClassVar, Dict, Optional
 
 import pytest
 
-from dfml_jax.experiment import RunDir, apply_overrides, plot_curves, select_config, write_results
+from dfml_jax.experiment import (RunDir, apply_overrides, current_name, plot_curves, select_config,
+                                 write_results)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +133,36 @@ def test_renamed_keys_may_move_into_a_nested_config(tmp_path):
                                                              "zo": {"num_directions": 4}}))
     with pytest.raises(ValueError, match=r"both 'zo_q' and its new name 'zo\.num_directions'"):
         RunDir(str(tmp_path / "b"), Moved())
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """``Outer`` after its flat fields (``steps``, ``zo``) moved into a nested ``section``: the
+    moved keys, the old names of the inner config and dotted keys under the old head all name
+    the new key, renames chained to the final name."""
+    RENAMED_FIELDS: ClassVar[Dict[str, str]] = {k: f"section.{k}" for k in ("steps", "zo")}
+    name: str = "x"
+    section: Outer = Outer()
+
+
+def test_a_section_of_moved_keys_chains_the_renames(tmp_path):
+    assert current_name(Section(), "steps") == "section.steps"
+    assert current_name(Section(), "zo.q") == "section.zo.num_directions"
+    assert current_name(Section(), "section.zo.mu") == "section.zo.smoothing"
+    assert current_name(Section(), "name") is None and current_name(Section(), "nope") is None
+    assert apply_overrides(Section(), ["section.zo.smoothing=0.5"]).section.zo.smoothing == 0.5
+    for old, new in [("steps", "section.steps"), ("zo.q", "section.zo.num_directions"),
+                     ("zo.smoothing", "section.zo.smoothing")]:
+        with pytest.raises(ValueError, match=rf"'{old}' was renamed.*'{new}'.*--set {new}=7"):
+            apply_overrides(Section(), [f"{old}=7"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text(json.dumps({"steps": 3, "zo": {"q": 4},
+                                                             "name": "x"}))
+    with pytest.warns(UserWarning, match=r"zo\.q -> section\.zo\.num_directions, "
+                                         r"steps, zo -> section\.\*"):
+        RunDir(str(tmp_path / "a"), Section())
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"keys \['section\.steps'\]"):
+        RunDir(str(tmp_path / "a"), Section(section=Outer(steps=4)))
 
 
 def test_results_and_plot(tmp_path):

@@ -196,6 +196,28 @@ def test_registry_lists_every_method_once():
         assert isinstance(entry.configure(), entry.config)
 
 
+def test_experiment_runners_find_their_methods_in_the_registry():
+    """Every method the two experiment runners run is a registry entry; the distillation
+    experiment's sections are configured by theirs (NaiveKD: the ideal section, noise images)."""
+    import dataclasses
+
+    from dfml_jax.bidf_mkd import experiment as bidf_experiment
+    from dfml_jax.distill import experiment as distill_experiment
+
+    assert set(bidf_experiment.METHODS) <= set(METHODS)
+    names = distill_experiment.REGISTRY_NAMES
+    assert set(names) == set(distill_experiment.METHODS) and set(names.values()) <= set(METHODS)
+    ideal = IDEALConfig(batch_size=7, synth="noise")
+    cfg = SimpleNamespace(ideal=ideal, naive=None, dfme=DFMEConfig(batch_size=9))
+    config = distill_experiment.method_config
+    assert config(cfg, "ideal") == dataclasses.replace(ideal, synth="generator")
+    assert config(cfg, "naive") == dataclasses.replace(ideal, synth="noise")
+    assert config(cfg, "dfme") == cfg.dfme
+    cfg.naive = IDEALConfig(batch_size=5)
+    assert config(cfg, "naive") == IDEALConfig(batch_size=5, synth="noise")
+    assert distill_experiment.ideal_config(cfg, "noise") == config(cfg, "naive")
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_runs_within_budget_resumes_and_writes_its_curve(name, tmp_path, distill_world,
                                                                   meta_world):

@@ -247,7 +247,7 @@ def test_script_device_choice():
         choose_mesh(8, cfg)
     with pytest.raises(ValueError, match="asked for 16 devices but only 8 exist"):
         choose_mesh(16, cfg)
-    by_dirs = dataclasses.replace(cfg, inv_shard="directions")   # inversion.num_directions = 4
+    by_dirs = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, inv_shard="directions"))
     assert choose_mesh(None, by_dirs).shape["data"] == 4
     with pytest.raises(ValueError, match=r"num_directions = 4 of 4 .* 8 devices|num_directions = 4"):
         choose_mesh(8, by_dirs)

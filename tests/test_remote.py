@@ -29,7 +29,7 @@ from dfml_jax.api import BlackBoxAPI, surface_api_errors
 from dfml_jax.remote import (from_http, RemoteAuthError, RemoteProtocolError, RemoteRequestTooLarge,
                              RemoteUnavailable, decode_infer_response, encode_infer_request,
                              parse_endpoint)
-from dfml_jax.serve import TeacherServer, make_linear_teacher
+from dfml_jax.serve import TeacherServer, make_linear_teacher, stop_server_process
 
 SHAPE = (4, 4, 1)
 K = 5
@@ -399,12 +399,20 @@ def plain_kserve(tmp_path):
             time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server_process(proc)
+
+
+def test_stop_server_process_kills_a_server_that_ignores_sigterm():
+    """The shared teardown: SIGTERM, then SIGKILL after the timeout; an exited process is fine."""
+    ignore = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+             "print('ready', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", ignore], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.time()
+    assert stop_server_process(proc, timeout=0.5) == -signal.SIGKILL
+    assert time.time() - t0 < 10
+    assert stop_server_process(proc) == -signal.SIGKILL          # already stopped: no error
+    proc.stdout.close()
 
 
 def test_client_on_a_plain_kserve_server_failing_10pct(plain_kserve):

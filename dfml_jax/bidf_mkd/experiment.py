@@ -19,22 +19,21 @@ Two evaluation protocols, both in every results table:
 * primary: meta-trained models are selected on meta-validation tasks (the initial model,
   iteration 0, included); the test-time fine-tuning learning rate is chosen per method and per
   shot on ``lr_select_tasks`` meta-VALIDATION tasks from the grid ``finetune_lrs`` (empty grid:
-  the fixed ``finetune_lr``, by default ``inner_lr``), then ``test_tasks`` meta-test tasks (5-way
-  1-shot and 5-shot, 15 queries, ``finetune_steps`` SGD steps) are evaluated once: mean and 95%
-  CI. The chosen rates and the whole validation grid are recorded in ``results.json``
-  (``methods[name]["1-shot"|"5-shot"] = [mean, ci95]``).
+  the fixed ``loop.finetune_lr``, by default ``loop.inner_lr``), then ``test_tasks`` meta-test
+  tasks (5-way 1-shot and 5-shot, 15 queries, ``loop.finetune_steps`` SGD steps) are evaluated
+  once: mean and 95% CI. The chosen rates and the whole validation grid are recorded in
+  ``results.json`` (``methods[name]["1-shot"|"5-shot"] = [mean, ci95]``).
 * paper protocol (labelled; it selects on the TEST split, so it is optimistic): fine-tuning lr
-  ``paper_lr`` (0.01) for ``paper_steps`` (10) steps; for meta-trained methods, on the training
-  shot and if ``paper_eval_tasks > 0``, the maximum over the test evaluations made during
-  training; otherwise (other shot, untrained methods, ``paper_eval_tasks == 0``) one test
-  evaluation (``methods[name]["paper_protocol"]``, with the source of each number).
+  ``loop.paper_lr`` (0.01) for ``loop.paper_steps`` (10) steps; for meta-trained methods, on the
+  training shot and if ``loop.paper_eval_tasks > 0``, the maximum over the test evaluations made
+  during training; otherwise (other shot, untrained methods, ``loop.paper_eval_tasks == 0``) one
+  test evaluation (``methods[name]["paper_protocol"]``, with the source of each number).
 
 Each finished method is stored in ``methods/<name>.json``; an interrupted method resumes from its
 orbax checkpoint; a finished run (``DONE``) is not redone.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -46,83 +45,22 @@ import numpy as np
 from dfml_jax.data import ClassDataset, get_class_splits, Taskset
 from dfml_jax.experiment import RunDir, plot_curves, write_results
 from dfml_jax.meta import evaluate_tasks, select_finetune_lr
+from dfml_jax.methods import METHODS as REGISTRY
 from dfml_jax.models import create_model, functional, scale_kernels
 from dfml_jax.remote import load_remote_pool
 from dfml_jax.teachers import load_pool, load_white_box_teachers, obtain_pool
 from dfml_jax.training.augment import normalize
 
-from .baselines import META_INITS, UNTRAINED, kernel_scale, meta_init_params, run_baseline
-from .train import BiDfMKDConfig, TeacherPool, train_bidf_mkd
+from .baselines import META_INITS, UNTRAINED, kernel_scale, meta_init_params
+from .config import LINE_DRAWING_DATASETS, METHODS, BiDfExperimentConfig
+from .train import TeacherPool
 
-__all__ = ["BiDfExperimentConfig", "run_experiment", "METHODS", "scale_kernels", "META_INITS",
-           "kernel_scale", "meta_init_params", "pool_data_split", "pool_build_args"]
+__all__ = ["BiDfExperimentConfig", "run_experiment", "METHODS", "LINE_DRAWING_DATASETS",
+           "scale_kernels", "META_INITS", "kernel_scale", "meta_init_params", "pool_data_split",
+           "pool_build_args"]
 
-METHODS = ("bidf_mkd", "random", "random_scaled", "average", "white_box", "maml_real",
-           "maml_pool_data")
 REAL_DATA = ("maml_real", "maml_pool_data")          # MAML on real images: no API queries
-# Line drawings change identity under a horizontal flip: no flips in their augmentation.
-LINE_DRAWING_DATASETS = ("glyphs", "omniglot", "mnist", "mnist5k", "digits")
-
-
-@dataclasses.dataclass(frozen=True)
-class BiDfExperimentConfig(BiDfMKDConfig):
-    """A whole experiment: data, pool, meta-model, methods, evaluation (plus the loop's fields)."""
-    name: str = "default"
-    dataset: str = "glyphs"
-    image_size: int = 28
-    channels: int = 1
-    data_dir: Optional[str] = None
-    # pool: built into <workdir>/pool-<build key[:12]> if pool_dir is None (reused only when its
-    # recorded build key matches); an explicit pool_dir is built if missing, else its key must
-    # match the config's (PoolKeyError otherwise) unless pool_key_check is False
-    pool_dir: Optional[str] = None
-    pool_key_check: bool = True
-    scenario: str = "SS"
-    pool_archs: tuple = ("conv4",)
-    num_apis: int = 20
-    pool_epochs: int = 60
-    pool_width: int = 32
-    pool_seed: int = 0
-    # teachers' augmentation: None = the dataset's domain-faithful default ("crop" for glyphs and
-    # digits, "crop_flip" for natural images); "paper" / "none" = the paper's recipe (none)
-    pool_augment: Optional[str] = None
-    api_output: str = "logits"
-    # inversion's image parameterisation: "dcgan" (the paper) or "strokes" (line drawings by
-    # construction, dfml_jax.models.strokes; a departure)
-    generator: str = "dcgan"
-    # the stroke generator's latent: "linear" (z -> strokes by a learnable map) or "direct"
-    # (z are the 8 * num_strokes stroke parameters: set nz=32 for 4 strokes)
-    stroke_latent: str = "linear"
-    # meta-model
-    meta_arch: str = "conv4"
-    meta_width: int = 32
-    # initial meta-model of the meta-trained methods (bidf_mkd, white_box, maml_*): "random" (the
-    # paper) or "scaled" (the random init with every kernel x kernel_scale(cfg), i.e. the
-    # random_scaled baseline's weights: meta-training starts where that baseline stands)
-    meta_init: str = "random"
-    # methods and evaluation
-    methods: tuple = METHODS
-    baseline_iterations: Optional[int] = None  # meta-iterations of white_box / maml_real (None: same)
-    test_tasks: int = 600
-    test_shots: tuple = (1, 5)
-    eval_seed: int = 12345
-    # test-time fine-tuning lr: chosen per method and shot on meta-validation tasks from this grid
-    # (empty: the fixed finetune_lr, no selection; finetune_lr=None: the paper's inner_lr)
-    finetune_lrs: tuple = ()
-    lr_select_tasks: int = 200
-    # random_scaled: every conv / linear kernel of the random init times this
-    # (None: 1/sqrt(num_apis), the shrinkage of averaging num_apis independent kernels)
-    random_scale: Optional[float] = None
-
-    def loop_config(self, **changes) -> BiDfMKDConfig:
-        """The loop's config; ``inversion.flip=None`` resolved per dataset (no flips for line
-        drawings)."""
-        fields = {f.name for f in dataclasses.fields(BiDfMKDConfig)}
-        values = {**{k: getattr(self, k) for k in fields}, **changes}
-        if values["inversion"].flip is None:
-            values["inversion"] = dataclasses.replace(
-                values["inversion"], flip=self.dataset not in LINE_DRAWING_DATASETS)
-        return BiDfMKDConfig(**values)
+BOUNDS = ("white_box", "maml_real", "maml_pool_data")  # meta-iterations: baseline_iterations
 
 
 def pool_build_args(cfg: BiDfExperimentConfig, num_apis: Optional[int] = None) -> Dict[str, Any]:
@@ -131,7 +69,7 @@ def pool_build_args(cfg: BiDfExperimentConfig, num_apis: Optional[int] = None) -
     kw = {a: {"width": cfg.pool_width} for a in cfg.pool_archs
           if a in ("conv4", "resnet10", "resnet18")}
     return dict(scenario=cfg.scenario, datasets=(cfg.dataset,), archs=cfg.pool_archs,
-                num_apis=num_apis or cfg.num_apis, way=cfg.ways, epochs=cfg.pool_epochs,
+                num_apis=num_apis or cfg.num_apis, way=cfg.loop.ways, epochs=cfg.pool_epochs,
                 seed=cfg.pool_seed, model_kwargs=kw, recipe_overrides={"augment": cfg.pool_augment},
                 dataset_kwargs={"image_size": cfg.image_size, "channels": cfg.channels})
 
@@ -190,12 +128,7 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
     needs_pool = any(m in cfg.methods for m in ("bidf_mkd", "average", "white_box", "maml_pool_data"))
     pool, wb = _pool(cfg, run, any(m in cfg.methods for m in ("average", "white_box")),
                      pool_urls) if needs_pool else (None, None)
-    shape = train_split.image_shape
-    meta = functional(create_model(cfg.meta_arch, num_classes=cfg.ways, input_shape=shape,
-                                   rngs_or_key=cfg.seed, width=cfg.meta_width))
-    gen_kw = {"latent": cfg.stroke_latent} if cfg.generator == "strokes" else {}
-    gen = functional(create_model(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=cfg.image_size,
-                                  nc=shape[-1], rngs_or_key=cfg.seed, **gen_kw))
+    meta, gen = _models(cfg, train_split.image_shape)
     mean, std = (pool.mean, pool.std) if pool is not None else _stats(train_split)
     val_tasks, test_sets, lr_sets = _eval_tasks(cfg, val_split, test_split)
 
@@ -208,7 +141,7 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
                                    tuple((w.apply, w.params) for w in wb) if wb else None)
     common = dict(meta_apply=meta.apply_batchstats, meta_init_params=meta_init_params(meta, cfg),
                   gen_init=lambda k: gen.init(k)[0], gen_apply=gen.apply_batchstats,
-                  val_tasks=val_tasks, test_tasks=test_sets.get(cfg.shots), progress=progress)
+                  val_tasks=val_tasks, test_tasks=test_sets.get(cfg.loop.shots), progress=progress)
     results: Dict[str, Any] = {}
     for method in cfg.methods:
         path = run.file(os.path.join("methods", f"{method}.json"))
@@ -219,8 +152,8 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
         tm = time.time()
         rec: Dict[str, Any] = {"method": method}
         if method in UNTRAINED:
-            params, info = run_baseline(method, meta.params, cfg, teachers=wb,
-                                        records=pool.records if pool is not None else None)
+            params, info = REGISTRY[method].run(meta.params, cfg, teachers=wb,
+                                                records=pool.records if pool is not None else None)
             rec.update(info, **test_eval(params), api_queries=0, history=[])
         else:
             res, info = _train_method(method, cfg, common=common, teacher_pool=teacher_pool,
@@ -240,6 +173,18 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
     return _finish(run, cfg, results, pool, wall_s=round(time.time() - t0, 1))
 
 
+def _models(cfg: BiDfExperimentConfig, shape):
+    """The meta-model and the inversion's generator (functional views), both initialised from
+    ``cfg.loop.seed``, for images of ``shape``."""
+    lp = cfg.loop
+    meta = functional(create_model(cfg.meta_arch, num_classes=lp.ways, input_shape=shape,
+                                   rngs_or_key=lp.seed, width=cfg.meta_width))
+    gen_kw = {"latent": cfg.stroke_latent} if cfg.generator == "strokes" else {}
+    gen = functional(create_model(cfg.generator, nz=lp.nz, ngf=lp.ngf, img_size=cfg.image_size,
+                                  nc=shape[-1], rngs_or_key=lp.seed, **gen_kw))
+    return meta, gen
+
+
 def _finish(run: RunDir, cfg: BiDfExperimentConfig, results: Dict[str, Any], pool, wall_s: float):
     """Writes the plots, ``results.json`` and ``results.md``, marks the run done.
 
@@ -249,7 +194,7 @@ def _finish(run: RunDir, cfg: BiDfExperimentConfig, results: Dict[str, Any], poo
       ``"1-shot"`` / ``"5-shot"`` = primary ``[mean, ci95]``, ``"paper_protocol"``, lrs, notes).
     """
     _plots(run, results, cfg)
-    extra = {"config": cfg.name, "seed": cfg.seed, "wall_s": wall_s,
+    extra = {"config": cfg.name, "seed": cfg.loop.seed, "wall_s": wall_s,
              "protocols": _protocol_notes(cfg),
              "methods": {m: {k: v for k, v in r.items() if k != "history"} for m, r in results.items()},
              "pool_heldout_acc": [r.get("heldout_acc") for r in pool.records] if pool is not None else None}
@@ -264,19 +209,20 @@ def _eval_tasks(cfg: BiDfExperimentConfig, val_split, test_split):
     """The fixed evaluation tasks (in [0, 1]) of a run, all drawn from ``cfg.eval_seed``.
 
     Returns:
-      ``(val_tasks, test_sets, lr_sets)``: ``cfg.val_tasks`` meta-validation tasks at the training
-      shot (model selection), ``{shot: cfg.test_tasks meta-test tasks}`` and ``{shot:
+      ``(val_tasks, test_sets, lr_sets)``: ``cfg.loop.val_tasks`` meta-validation tasks at the
+      training shot (model selection), ``{shot: cfg.test_tasks meta-test tasks}`` and ``{shot:
       cfg.lr_select_tasks meta-validation tasks}`` (fine-tuning lr selection; empty without a
       ``finetune_lrs`` grid).
     """
+    lp = cfg.loop
     kv, kt = jax.random.split(jax.random.key(cfg.eval_seed))
-    val_tasks = _fixed_tasks(Taskset(val_split, cfg.ways, cfg.shots, cfg.query), kv, cfg.val_tasks)
-    test_sets = {s: _fixed_tasks(Taskset(test_split, cfg.ways, s, cfg.query), jax.random.fold_in(kt, s),
+    val_tasks = _fixed_tasks(Taskset(val_split, lp.ways, lp.shots, lp.query), kv, lp.val_tasks)
+    test_sets = {s: _fixed_tasks(Taskset(test_split, lp.ways, s, lp.query), jax.random.fold_in(kt, s),
                                  cfg.test_tasks) for s in cfg.test_shots}
     lr_sets = {}
     if cfg.finetune_lrs:
         kl = jax.random.fold_in(kv, 1)
-        lr_sets = {s: _fixed_tasks(Taskset(val_split, cfg.ways, s, cfg.query), jax.random.fold_in(kl, s),
+        lr_sets = {s: _fixed_tasks(Taskset(val_split, lp.ways, s, lp.query), jax.random.fold_in(kl, s),
                                    cfg.lr_select_tasks) for s in cfg.test_shots}
     return val_tasks, test_sets, lr_sets
 
@@ -296,7 +242,7 @@ def _test_eval(cfg: BiDfExperimentConfig, apply_fn, params, test_sets, lr_sets, 
       ``{"<s>-shot": (mean, ci95), "<s>-shot_lr": lr, "<s>-shot_val_by_lr": {lr: val acc}
       (with a grid), "paper_protocol": {"<s>-shot": (mean, ci95), "<s>-shot_source": str,
       "lr": paper_lr, "steps": paper_steps}}``: primary protocol (lr chosen on validation if
-      ``cfg.finetune_lrs``, else ``cfg.eval_lr``: ``finetune_lr``, or ``inner_lr`` if None;
+      ``cfg.finetune_lrs``, else ``cfg.loop.eval_lr``: ``finetune_lr``, or ``inner_lr`` if None;
       ``finetune_steps`` steps) and one test evaluation at ``paper_lr`` / ``paper_steps``.
     """
     def norm(tasks):
@@ -304,20 +250,20 @@ def _test_eval(cfg: BiDfExperimentConfig, apply_fn, params, test_sets, lr_sets, 
         return normalize(sx, mean, std), sy, normalize(qx, mean, std), qy
 
     out: Dict[str, Any] = {}
-    paper: Dict[str, Any] = {"lr": cfg.paper_lr, "steps": cfg.paper_steps}
+    paper: Dict[str, Any] = {"lr": cfg.loop.paper_lr, "steps": cfg.loop.paper_steps}
     for s, tasks in test_sets.items():
-        lr = cfg.eval_lr
+        lr = cfg.loop.eval_lr
         if cfg.finetune_lrs:
             lr, table = select_finetune_lr(apply_fn, params, *norm(lr_sets[s]), lrs=cfg.finetune_lrs,
-                                           steps=cfg.finetune_steps, batch_size=25)
+                                           steps=cfg.loop.finetune_steps, batch_size=25)
             out[f"{s}-shot_val_by_lr"] = {str(k): round(v.mean, 3) for k, v in table.items()}
-        r = evaluate_tasks(apply_fn, params, *norm(tasks), steps=cfg.finetune_steps, lr=lr,
+        r = evaluate_tasks(apply_fn, params, *norm(tasks), steps=cfg.loop.finetune_steps, lr=lr,
                            batch_size=25)
         out[f"{s}-shot"] = (r.mean, r.ci95)
         out[f"{s}-shot_lr"] = lr
-        if (float(lr), cfg.finetune_steps) != (float(cfg.paper_lr), cfg.paper_steps):
-            r = evaluate_tasks(apply_fn, params, *norm(tasks), steps=cfg.paper_steps,
-                               lr=cfg.paper_lr, batch_size=25)
+        if (float(lr), cfg.loop.finetune_steps) != (float(cfg.loop.paper_lr), cfg.loop.paper_steps):
+            r = evaluate_tasks(apply_fn, params, *norm(tasks), steps=cfg.loop.paper_steps,
+                               lr=cfg.loop.paper_lr, batch_size=25)
         paper[f"{s}-shot"] = (r.mean, r.ci95)
         paper[f"{s}-shot_source"] = f"one test evaluation ({cfg.test_tasks} tasks)"
     out["paper_protocol"] = paper
@@ -330,13 +276,14 @@ def _paper_from_history(rec: Dict[str, Any], cfg: BiDfExperimentConfig) -> None:
     evaluation with the highest ``test_acc_paper_protocol`` in ``rec["history"]``), if any were
     made (``paper_eval_tasks > 0``); otherwise the one test evaluation of the
     validation-selected model stays, its source saying so (as for the other shots)."""
-    key = f"{cfg.shots}-shot"
+    key = f"{cfg.loop.shots}-shot"
     paper = rec.get("paper_protocol", {})
     for s in cfg.test_shots:
-        if s != cfg.shots:
+        if s != cfg.loop.shots:
             paper[f"{s}-shot_source"] = (f"one test evaluation of the validation-selected model "
                                          f"({cfg.test_tasks} tasks; test evaluations during "
-                                         f"training exist only for the training shot {cfg.shots})")
+                                         f"training exist only for the training shot "
+                                         f"{cfg.loop.shots})")
     if key not in paper:
         return
     evals = [h for h in rec.get("history", []) if "test_acc_paper_protocol" in h]
@@ -348,8 +295,8 @@ def _paper_from_history(rec: Dict[str, Any], cfg: BiDfExperimentConfig) -> None:
     best = max(evals, key=lambda h: h["test_acc_paper_protocol"])
     paper[key] = (best["test_acc_paper_protocol"], best.get("test_ci_paper_protocol", float("nan")))
     paper[key + "_source"] = (f"max over {len(evals)} test evaluations during training "
-                              f"({min(cfg.paper_eval_tasks, cfg.test_tasks)} tasks each; best at "
-                              f"meta-iteration {best['iteration']})")
+                              f"({min(cfg.loop.paper_eval_tasks, cfg.test_tasks)} tasks each; "
+                              f"best at meta-iteration {best['iteration']})")
 
 
 def pool_data_split(train_split: ClassDataset, records: Sequence[Dict[str, Any]],
@@ -403,16 +350,16 @@ def pool_data_split(train_split: ClassDataset, records: Sequence[Dict[str, Any]]
 
 def _train_method(method: str, cfg: BiDfExperimentConfig, *, common, teacher_pool, pool,
                   train_split, run: RunDir, mesh):
-    """Meta-trains ``method`` (``bidf_mkd``, ``white_box``, ``maml_real``, ``maml_pool_data``).
+    """Meta-trains ``method`` (``bidf_mkd``, ``white_box``, ``maml_real``, ``maml_pool_data``):
+    its registry entry (``dfml_jax.methods.METHODS``) configures the experiment's loop and runs it.
 
     Returns:
       ``(TrainResult, info)``: ``info`` is what the method's record states about its data.
     """
-    base_its = cfg.baseline_iterations or cfg.meta_iterations
-    lc = {"bidf_mkd": cfg.loop_config(),
-          "white_box": cfg.loop_config(white_box=True, meta_iterations=base_its),
-          "maml_real": cfg.loop_config(replay_source="real", meta_iterations=base_its),
-          "maml_pool_data": cfg.loop_config(replay_source="real", meta_iterations=base_its)}[method]
+    entry = REGISTRY[method]
+    its = {"meta_iterations": cfg.baseline_iterations or cfg.loop.meta_iterations} \
+        if method in BOUNDS else {}
+    lc = entry.configure(cfg.loop_config(), **its)
     info: Dict[str, Any] = {}
     real = None
     if method == "maml_real":
@@ -425,15 +372,15 @@ def _train_method(method: str, cfg: BiDfExperimentConfig, *, common, teacher_poo
                         f"meta-train classes the pool's teachers saw: {what}"}
     elif method == "white_box":
         info = {"note": "white-box upper bound: true gradients through the teachers"}
-    res = train_bidf_mkd(lc, pool=None if method in REAL_DATA else teacher_pool, real_tasks=real,
-                         checkpoint_dir=run.file(f"ckpt_{method}"), mesh=mesh, **common)
+    res = entry.run(lc, pool=None if method in REAL_DATA else teacher_pool, real_tasks=real,
+                    checkpoint_dir=run.file(f"ckpt_{method}"), mesh=mesh, **common)
     return res, info
 
 
 def _real_tasks(split: ClassDataset, cfg: BiDfExperimentConfig):
-    """``key -> cfg.meta_batch`` real training tasks of ``split`` (MAML's ``real_tasks``)."""
-    ts = Taskset(split, cfg.ways, cfg.shots, cfg.query)
-    return lambda k: _fixed_tasks(ts, k, cfg.meta_batch)
+    """``key -> cfg.loop.meta_batch`` real training tasks of ``split`` (MAML's ``real_tasks``)."""
+    ts = Taskset(split, cfg.loop.ways, cfg.loop.shots, cfg.loop.query)
+    return lambda k: _fixed_tasks(ts, k, cfg.loop.meta_batch)
 
 
 PAPER_MARK = "paper protocol†"
@@ -449,7 +396,7 @@ def _rows(results: Dict[str, Any], cfg: BiDfExperimentConfig):
         for s in cfg.test_shots:
             row[f"{s}-shot acc (%)"] = tuple(r[f"{s}-shot"])
         row["fine-tune lr (" + "/".join(f"{s}" for s in cfg.test_shots) + "-shot)"] = "/".join(
-            f"{r.get(f'{s}-shot_lr', cfg.eval_lr):g}" for s in cfg.test_shots)
+            f"{r.get(f'{s}-shot_lr', cfg.loop.eval_lr):g}" for s in cfg.test_shots)
         for s in cfg.test_shots:
             v = paper.get(f"{s}-shot")
             row[f"{PAPER_MARK} {s}-shot (%)"] = tuple(v) if v is not None else "n/a"
@@ -461,14 +408,15 @@ def _rows(results: Dict[str, Any], cfg: BiDfExperimentConfig):
 
 def _protocol_notes(cfg: BiDfExperimentConfig) -> Dict[str, str]:
     """The two evaluation protocols in words (``results.json["protocols"]`` and the notes)."""
+    lp = cfg.loop
     lr = (f"fine-tuning lr chosen per method and shot on {cfg.lr_select_tasks} meta-validation "
           f"tasks from {list(cfg.finetune_lrs)}" if cfg.finetune_lrs
-          else f"fine-tuning lr {cfg.eval_lr} (fixed)")
-    other = [s for s in cfg.test_shots if s != cfg.shots]
-    if cfg.paper_eval_tasks > 0:
-        trained = (f"for meta-trained methods the {cfg.shots}-shot number is the MAXIMUM over the "
+          else f"fine-tuning lr {lp.eval_lr} (fixed)")
+    other = [s for s in cfg.test_shots if s != lp.shots]
+    if lp.paper_eval_tasks > 0:
+        trained = (f"for meta-trained methods the {lp.shots}-shot number is the MAXIMUM over the "
                    f"test evaluations made during training (iteration 0 and every "
-                   f"{cfg.eval_every} meta-iterations, {min(cfg.paper_eval_tasks, cfg.test_tasks)} "
+                   f"{lp.eval_every} meta-iterations, {min(lp.paper_eval_tasks, cfg.test_tasks)} "
                    f"test tasks each)")
         if other:
             trained += (f"; max over test evaluations exists only for the training shot, so their "
@@ -479,12 +427,12 @@ def _protocol_notes(cfg: BiDfExperimentConfig) -> Dict[str, str]:
                    "methods get one test evaluation of the validation-selected model (not the "
                    "paper's max over test evaluations)")
     return {
-        "primary": (f"meta-trained models selected on {cfg.val_tasks} meta-validation tasks "
-                    f"({cfg.shots}-shot; the initial model, iteration 0, included); {lr}; "
-                    f"{cfg.finetune_steps} fine-tuning steps; {cfg.test_tasks} meta-test tasks "
+        "primary": (f"meta-trained models selected on {lp.val_tasks} meta-validation tasks "
+                    f"({lp.shots}-shot; the initial model, iteration 0, included); {lr}; "
+                    f"{lp.finetune_steps} fine-tuning steps; {cfg.test_tasks} meta-test tasks "
                     "evaluated once"),
-        "paper_protocol": (f"OPTIMISTIC, selects on the TEST split: fine-tuning lr {cfg.paper_lr}, "
-                           f"{cfg.paper_steps} steps; {trained}; untrained methods "
+        "paper_protocol": (f"OPTIMISTIC, selects on the TEST split: fine-tuning lr {lp.paper_lr}, "
+                           f"{lp.paper_steps} steps; {trained}; untrained methods "
                            f"({', '.join(UNTRAINED)}): one test evaluation"),
     }
 
@@ -492,7 +440,8 @@ def _protocol_notes(cfg: BiDfExperimentConfig) -> Dict[str, str]:
 def _notes(cfg: BiDfExperimentConfig):
     """The notes under the results table."""
     p = _protocol_notes(cfg)
-    return [f"{cfg.test_tasks} meta-test tasks per column, 5-way, {cfg.query} queries; mean ± 95% CI.",
+    return [f"{cfg.test_tasks} meta-test tasks per column, 5-way, {cfg.loop.query} queries; "
+            "mean ± 95% CI.",
             f"Primary protocol (the 'acc' columns; results.json methods[m]['<k>-shot']): {p['primary']}.",
             f"{PAPER_MARK} (results.json methods[m]['paper_protocol']): {p['paper_protocol']}.",
             "average and white_box use white-box access to the teachers (baselines / bounds); "
@@ -500,7 +449,7 @@ def _notes(cfg: BiDfExperimentConfig):
             "of the classes the pool's teachers saw (data-access upper bounds); random_scaled is "
             "the random init with every kernel scaled (random_scale, default 1/sqrt(num_apis)).",
             f"dataset {cfg.dataset} {cfg.image_size}px, pool {cfg.scenario} {cfg.pool_archs} x "
-            f"{cfg.num_apis}, seed {cfg.seed}."]
+            f"{cfg.num_apis}, seed {cfg.loop.seed}."]
 
 
 def _stats(split) -> Tuple[tuple, tuple]:
@@ -519,8 +468,9 @@ def _plots(run: RunDir, results, cfg):
                 by_q[m] = ([max(h["queries"], 1) for h in ev], [h["val_acc"] for h in ev])
     if by_it:
         plot_curves(run.file("val_acc_vs_iteration.png"), by_it, xlabel="meta-iteration",
-                    ylabel=f"meta-val accuracy (%), 5-way {cfg.shots}-shot", title="Validation accuracy")
+                    ylabel=f"meta-val accuracy (%), 5-way {cfg.loop.shots}-shot",
+                    title="Validation accuracy")
     if by_q:
         plot_curves(run.file("val_acc_vs_queries.png"), by_q, xlabel="API queries (samples)",
-                    ylabel=f"meta-val accuracy (%), 5-way {cfg.shots}-shot",
+                    ylabel=f"meta-val accuracy (%), 5-way {cfg.loop.shots}-shot",
                     title="Validation accuracy vs API queries", logx=True)

@@ -18,7 +18,9 @@ Work directory layout (everything resumable)::
     dfme/budget_<B>/    checkpoints/, queries_log.json, result.json
 
 The config is any object with the fields of ``experiments/configs/distill_configs.py``
-(``DistillExperimentConfig``): IDEAL fields carry the prefix ``ideal_``, DFME fields ``dfme_``.
+(``DistillExperimentConfig``): the methods' settings are its nested sections ``ideal``, ``naive``
+and ``dfme`` (``--set ideal.lr_s=0.03``), each configured and run by the method's entry of the
+registry :data:`dfml_jax.methods.METHODS` (:func:`method_config`, :data:`REGISTRY_NAMES`).
 """
 from __future__ import annotations
 
@@ -36,16 +38,20 @@ from dfml_jax.checkpoint import RunCheckpointer
 from dfml_jax.data import load_single_task
 from dfml_jax.distill.common import (Evaluator, atomic_write_json, select_within_budget,
                                      split_validation, torch_sgd, train_supervised)
-from dfml_jax.distill.dfme import DFMEConfig, cost_per_iteration, run_dfme
-from dfml_jax.distill.ideal import IDEALConfig, run_pool_distillation
+from dfml_jax.distill.dfme import DFMEConfig, cost_per_iteration
+from dfml_jax.distill.ideal import IDEALConfig
 from dfml_jax.experiment import RunDir, plot_curves, write_results
+from dfml_jax.methods import METHODS as REGISTRY
 from dfml_jax.models import create_model, functional, set_default_conv_impl
 
-__all__ = ["METHODS", "run_experiment", "load_data", "get_teacher", "get_reference", "make_api",
-           "ideal_config", "dfme_config", "build_rows"]
+__all__ = ["METHODS", "REGISTRY_NAMES", "run_experiment", "load_data", "get_teacher",
+           "get_reference", "make_api", "method_config", "ideal_config", "dfme_config",
+           "build_rows"]
 
 METHODS = ("ideal", "naive", "dfme")
 LABELS = {"ideal": "IDEAL", "naive": "NaiveKD", "dfme": "DFME"}
+#: The experiment's method names -> their names in the registry (``dfml_jax.methods.METHODS``).
+REGISTRY_NAMES = {"ideal": "ideal", "naive": "naive_kd", "dfme": "dfme"}
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -127,16 +133,32 @@ def make_api(teacher, data, output, budget, name):
                                 output=output, budget=budget, name=name)
 
 
+def method_config(cfg, method: str):
+    """The config of one of the experiment's methods: its section of the experiment config
+    (``ideal``; ``naive``, or ``ideal`` when the experiment has none; ``dfme``) configured by the
+    method's registry entry (NaiveKD: ``synth="noise"``).
+
+    Args:
+      cfg: the experiment config.
+      method: one of :data:`METHODS`.
+
+    Returns:
+      An :class:`IDEALConfig` or a :class:`DFMEConfig`.
+    """
+    section = {"ideal": cfg.ideal, "dfme": cfg.dfme,
+               "naive": cfg.naive if cfg.naive is not None else cfg.ideal}[method]
+    return REGISTRY[REGISTRY_NAMES[method]].configure(section)
+
+
 def ideal_config(cfg, synth: str) -> IDEALConfig:
     """IDEAL's config (``synth="generator"``: the ``ideal`` section) or NaiveKD's (``"noise"``:
     the ``naive`` section, or the ``ideal`` one when the experiment has none)."""
-    section = cfg.naive if synth == "noise" and cfg.naive is not None else cfg.ideal
-    return dataclasses.replace(section, synth=synth)
+    return method_config(cfg, "naive" if synth == "noise" else "ideal")
 
 
 def dfme_config(cfg) -> DFMEConfig:
     """The experiment's DFME section."""
-    return cfg.dfme
+    return method_config(cfg, "dfme")
 
 
 def _refuse_flat_config(workdir: str) -> None:
@@ -177,37 +199,34 @@ def run_method(method, cfg, run, data, teacher, student, ev, log, progress=True,
                            input_shape=data["input_shape"], num_classes=data["num_classes"])
 
     out = {}
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {METHODS} or 'all'")
+    entry, mcfg = REGISTRY[REGISTRY_NAMES[method]], method_config(cfg, method)
     if method in ("ideal", "naive"):
         budgets = tuple(cfg.ideal_budgets or cfg.budgets)
         wd = run.file(method)
         res = _load_result(os.path.join(wd, "result.json"))
         if res is None:
             api = new_api("label", max(budgets), f"teacher-{method}")
-            r = run_pool_distillation(api, student, ideal_config(cfg, "generator" if method ==
-                                                                 "ideal" else "noise"),
-                                      seed=cfg.seed, evaluator=ev, workdir=wd,
-                                      eval_budgets=budgets, progress=progress,
-                                      name=LABELS[method])
+            r = entry.run(api, student, mcfg, seed=cfg.seed, evaluator=ev, workdir=wd,
+                          eval_budgets=budgets, progress=progress, name=LABELS[method])
             res = {**r.summary(), "seed": cfg.seed}
             log(f"{LABELS[method]}: {r.queries} queries, {r.rounds} rounds, stopped: {r.stopped}, "
                 f"{r.seconds:.0f}s")
         out[method] = {**res, "budgets": list(budgets)}
-    elif method == "dfme":
+    else:
         budgets = tuple(cfg.dfme_budgets or cfg.budgets)
-        dcfg = dfme_config(cfg)
         for b in budgets:
             wd = run.file(os.path.join("dfme", f"budget_{b}"))
             res = _load_result(os.path.join(wd, "result.json"))
             if res is None:
                 api = new_api(cfg.dfme_output, b, f"teacher-dfme-{b}")
-                r = run_dfme(api, student, dcfg, seed=cfg.seed, evaluator=ev, workdir=wd,
-                             progress=progress, name=f"DFME@{b}")
+                r = entry.run(api, student, mcfg, seed=cfg.seed, evaluator=ev, workdir=wd,
+                              progress=progress, name=f"DFME@{b}")
                 res = {**r.summary(), "seed": cfg.seed}
                 log(f"DFME@{b}: {r.queries} queries in {r.iterations} iterations of "
                     f"{r.cost_per_iteration}, {r.seconds:.0f}s")
             out[f"dfme@{b}"] = {**res, "budgets": [b]}
-    else:
-        raise ValueError(f"unknown method {method!r}; valid: {METHODS} or 'all'")
     return out
 
 

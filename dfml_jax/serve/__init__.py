@@ -77,14 +77,17 @@ from dfml_jax.remote import SERVER_OUTPUTS
 # The package (the docstring above is also the command line's --help): teachers.py (what can be
 # served: a pool teacher, a distillation run's teacher, a linear teacher), oip.py (KServe's OIP v2
 # pieces: the kserve.Model, the binary data plane, the HTTP and gRPC guards), server.py
-# (TeacherServer), and here the command line (main, run by ``python -m dfml_jax.serve``).
+# (TeacherServer), process.py (stop_server_process: the teardown of a server started as a
+# subprocess), and here the command line (main, run by ``python -m dfml_jax.serve``).
 from dfml_jax.serve.oip import INPUT_NAME, OUTPUT_NAME, TeacherModel
+from dfml_jax.serve.process import stop_server_process
 from dfml_jax.serve.server import CORRUPTIONS, TeacherServer
 from dfml_jax.serve.teachers import (distill_teacher, make_linear_teacher, model_name_of,
                                      pool_teacher)
 
 __all__ = ["TeacherServer", "TeacherModel", "make_linear_teacher", "pool_teacher",
-           "distill_teacher", "CORRUPTIONS", "INPUT_NAME", "OUTPUT_NAME", "main"]
+           "distill_teacher", "CORRUPTIONS", "INPUT_NAME", "OUTPUT_NAME", "main",
+           "stop_server_process"]
 
 
 def _parse_linear(spec: str):

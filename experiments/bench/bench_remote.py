@@ -40,7 +40,7 @@ import numpy as np
 
 from dfml_jax.api import BlackBoxAPI
 from dfml_jax.remote import from_http
-from dfml_jax.serve import make_linear_teacher
+from dfml_jax.serve import make_linear_teacher, stop_server_process
 
 
 def start_server(args, latency_ms: float, fail_rate: float, workdir: str):
@@ -76,16 +76,6 @@ def start_server(args, latency_ms: float, fail_rate: float, workdir: str):
         time.sleep(0.05)
     with open(port_file) as f:
         return proc, f"http://127.0.0.1:{int(f.read())}/v2/models/bench"
-
-
-def stop_server(proc) -> None:
-    """Stop a server process (SIGTERM, then SIGKILL after 20 s)."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def measure(api, shape, n: int, seconds: float, rng) -> dict:
@@ -176,7 +166,7 @@ def main(argv=None):
                                 "retries": counters["retries"],
                                 "ambiguous_samples": counters["ambiguous_samples"]}), flush=True)
             finally:
-                stop_server(proc)
+                stop_server_process(proc)
 
 
 if __name__ == "__main__":

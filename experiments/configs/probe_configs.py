@@ -14,8 +14,8 @@ from dfml_jax.experiment import select_config
 __all__ = ["ProbeRunConfig", "CONFIGS", "RECIPES", "get_config"]
 
 
-PIXEL_REFERENCE = ("generator=dcgan", "nz=64", "inversion.lr=0.01",
-                   "inversion.direction_resolution=7", "inversion.zo_space=image")
+PIXEL_REFERENCE = ("generator=dcgan", "loop.nz=64", "loop.inversion.lr=0.01",
+                   "loop.inversion.direction_resolution=7", "loop.inversion.zo_space=image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +37,8 @@ class ProbeRunConfig:
 
 _DEFAULT = ProbeRunConfig()
 _SMOKE = ProbeRunConfig(name="smoke", bidf_config="smoke",
-                        bidf_set=("generator=dcgan", "nz=16", "inversion.lr=0.01",
-                                  "inversion.zo_space=image"),
+                        bidf_set=("generator=dcgan", "loop.nz=16", "loop.inversion.lr=0.01",
+                                  "loop.inversion.zo_space=image"),
                         recipes=("zo", "zo_priors", "real", "noise"),
                         probe=ProbeConfig(num_apis=2, within_steps=5, pool_steps=5,
                                           replay_iterations=2, val_tasks=6, lr_select_tasks=4,
