@@ -598,3 +598,49 @@ def test_uncertain_noise_images_keep_the_highest_entropy_candidates():
     np.testing.assert_allclose(np.sort(kept.mean((1, 2, 3))), means[:5], rtol=1e-6)
     same = uncertain_noise_images(cfg, key, 5, SHAPE, probs, candidates=1)
     np.testing.assert_array_equal(same, noise_images(cfg, key, 5, SHAPE))
+
+
+def test_pair_targets_put_the_chosen_share_between_two_classes():
+    from dfml_jax.distill.generation import pair_targets
+
+    y = jnp.arange(40) % 10
+    assert pair_targets(jax.random.key(0), y, 10, 0.0, (0.5, 0.7)) is None
+    t = np.asarray(pair_targets(jax.random.key(0), y, 10, 0.25, (0.55, 0.7)))
+    np.testing.assert_allclose(t.sum(1), 1.0, rtol=1e-6)
+    own = t[np.arange(40), np.asarray(y)]
+    soft = own < 1.0
+    assert soft.sum() == 10                                  # a quarter of the 40 targets
+    assert np.all((own[soft] >= 0.55) & (own[soft] <= 0.7))   # the image's class keeps the most
+    assert np.all((t[soft] > 0).sum(1) == 2)                  # exactly one other class
+
+
+def test_ideal_pair_share_keeps_round_size_and_one_query_per_sample(student, teacher_w, tmp_path):
+    cfg = dataclasses.replace(IDEAL_CFG, pair_share=0.5)
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=60)
+    res = run_pool_distillation(api, student, cfg, seed=0, workdir=str(tmp_path))
+    assert res.queries == api.queries == len(rec.rows) == 60 == sum(res.class_histogram)
+    assert [len(b) for b in rec.batches] == [20, 20, 20]
+    plain = Recorder(teacher_w)
+    run_pool_distillation(BlackBoxAPI.from_host(plain, SHAPE, K, output="label", budget=60),
+                          student, IDEAL_CFG, seed=0)
+    assert not np.array_equal(rec.rows, plain.rows)      # other targets, other images
+    with pytest.raises(ValueError, match="pair_weight must be"):
+        run_pool_distillation(api, student, dataclasses.replace(cfg, pair_weight=(0.3, 0.6)),
+                              seed=0)
+
+
+def test_ideal_select_after_buys_the_best_batch_until_the_pool_is_that_large(student, teacher_w):
+    """Rounds bought before ``select_after`` samples are those of ``select="best"``; later rounds
+    use ``select`` (here the student's most uncertain candidates)."""
+    runs = {}
+    for name, cfg in {"best": IDEAL_CFG,
+                      "after": dataclasses.replace(IDEAL_CFG, select="balanced",
+                                                   select_score="entropy", select_after=40)}.items():
+        runs[name] = Recorder(teacher_w)
+        api = BlackBoxAPI.from_host(runs[name], SHAPE, K, output="label", budget=60)
+        assert run_pool_distillation(api, student, cfg, seed=0).queries == 60
+    np.testing.assert_array_equal(runs["best"].rows[:40], runs["after"].rows[:40])
+    assert not np.array_equal(runs["best"].rows[40:], runs["after"].rows[40:])
+    with pytest.raises(ValueError, match="select_after must be"):
+        IDEALConfig(select_after=-1).validate(10)

@@ -19,13 +19,14 @@ from dfml_jax.losses import cross_entropy
 from dfml_jax.training.augment import augment_images
 
 __all__ = ["INFO_LOSSES", "GEN_HEADS", "TARGETS", "NOISES", "SELECTS", "SELECT_SCORES",
-           "info_loss", "noise_images", "uncertain_noise_images", "make_generation_phase"]
+           "info_loss", "noise_images", "pair_targets", "uncertain_noise_images",
+           "make_generation_phase"]
 
 INFO_LOSSES = ("per_sample", "class_balance", "none")
 # The IDEALConfig fields the generation phase depends on (its compiled form is shared otherwise).
 _GENERATION_FIELDS = ("batch_size", "g_steps", "lr_g", "betas_g", "nz", "ngf", "gen_head",
                       "gen_bias", "select", "select_score", "info_loss", "info_weight", "targets",
-                      "gen_augment", "aug_pad")
+                      "gen_augment", "aug_pad", "pair_share", "pair_weight")
 GEN_HEADS = ("sigmoid", "bn_sigmoid")
 TARGETS = ("balanced", "random", "pool_balancing")
 NOISES = ("uniform", "gauss")
@@ -105,6 +106,31 @@ def uncertain_noise_images(cfg, key: jax.Array, n: int, image_shape: Sequence[in
     return x[jax.lax.top_k(entropy, n)[1]]
 
 
+def pair_targets(key: jax.Array, y: jax.Array, num_classes: int, share: float,
+                 weight: Sequence[float]):
+    """Soft generation targets that put a random ``share`` of the images between two classes.
+
+    Image ``i`` of the chosen ones aims at ``w_i`` on its class ``y_i`` and ``1 - w_i`` on a
+    random other class, ``w_i ~ U(weight)``: the generator makes images the proxy finds
+    ambiguous between two classes (its decision boundary), where the teacher's answer teaches
+    the student most. The rest keep their one-hot target. ``share == 0``: None (hard targets).
+
+    >>> t = pair_targets(jax.random.key(0), jnp.arange(4) % 2, 2, 1.0, (0.6, 0.6))
+    >>> [round(float(v), 2) for v in t[0]]
+    [0.6, 0.4]
+    """
+    if not share:
+        return None
+    b = y.shape[0]
+    kp, ko, kw = jax.random.split(key, 3)
+    chosen = jnp.zeros((b,), bool).at[
+        jax.random.permutation(kp, b)[: int(round(share * b))]].set(True)
+    other = (y + jax.random.randint(ko, (b,), 1, num_classes)) % num_classes
+    w = jax.random.uniform(kw, (b,), jnp.float32, weight[0], weight[1])
+    w = jnp.where(chosen, w, 1.0)[:, None]
+    return (w * jax.nn.one_hot(y, num_classes) + (1.0 - w) * jax.nn.one_hot(other, num_classes))
+
+
 def make_generation_phase(student_fm, gen_fm, cfg, num_classes: int,
                           image_shape: Sequence[int]) -> Callable:
     """Jitted ``phase(student_params, student_bn, key) -> (best_x, best_loss, losses)``.
@@ -141,12 +167,15 @@ def _build_generation_phase(student_fm, gen_fm, cfg, num_classes, image_shape):
             y = pool_balancing_targets(pool_counts, b)
         else:
             y = jax.random.randint(ky, (b,), 0, k, jnp.int32)
+        soft = pair_targets(jax.random.fold_in(ky, 1), y, k, cfg.pair_share, cfg.pair_weight)
 
         def loss_fn(gp, key):
             x = _gen_images(gen_fm, cfg, gp, z)
             xa = augment_images(x, key, cfg.gen_augment, cfg.aug_pad)
             logits, _ = student_fm.apply(student_params, student_bn, xa, train=False)
-            loss = cross_entropy(logits, y) + cfg.info_weight * info_loss(
+            fit = (cross_entropy(logits, y) if soft is None else
+                   jnp.mean(optax.softmax_cross_entropy(logits, soft)))
+            loss = fit + cfg.info_weight * info_loss(
                 jax.nn.softmax(logits, axis=-1), cfg.info_loss)
             return loss, x
 

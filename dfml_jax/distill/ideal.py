@@ -120,6 +120,10 @@ class IDEALConfig:
     #: probability: most likely to be answered that class) or ``"entropy"`` (the student's
     #: uncertainty: where a label teaches most).
     select_score: str = "confidence"
+    #: A departure (0: from the first round): ``select`` applies once the pool holds this many
+    #: bought samples; before, the round buys the lowest-loss batch (``"best"``). The student's
+    #: scores mean little while it agrees with the teacher on few images.
+    select_after: int = 0
     #: Augmentation of the generated batch before the student (kornia crop(pad 4) + flip in the
     #: code: ``"crop_flip"``).
     gen_augment: str = "crop_flip"
@@ -143,6 +147,13 @@ class IDEALConfig:
     #: the candidates the student is least sure of (highest predictive entropy, no query;
     #: :func:`~dfml_jax.distill.generation.uncertain_noise_images`).
     noise_candidates: int = 1
+    #: A departure (0: off, the paper): this share of each round's generator targets are two-class
+    #: soft targets, ``w`` on the image's class and ``1 - w`` on a random other class with
+    #: ``w ~ U(pair_weight)`` (:func:`~dfml_jax.distill.generation.pair_targets`): images on the
+    #: proxy's decision boundary, where a teacher label teaches most. Each is queried once.
+    pair_share: float = 0.0
+    #: ``(low, high)`` range of the image's own class weight in a pair target.
+    pair_weight: tuple = (0.5, 0.7)
     #: Student SGD learning rate (0.01, constant).
     lr_s: float = 0.01
     #: Student SGD momentum (0.9).
@@ -244,6 +255,14 @@ class IDEALConfig:
         if not 0.0 <= self.noise_share < 1.0:
             raise ValueError(f"noise_share must be in [0, 1), got {self.noise_share} (for noise "
                              "only use synth='noise', NaiveKD)")
+        if not 0.0 <= self.pair_share <= 1.0:
+            raise ValueError(f"pair_share must be in [0, 1], got {self.pair_share}")
+        lo, hi = self.pair_weight
+        if not 0.5 <= lo <= hi <= 1.0:
+            raise ValueError(f"pair_weight must be (low, high) with 0.5 <= low <= high <= 1 (the "
+                             f"image's own class keeps the larger weight), got {self.pair_weight}")
+        if self.select_after < 0:
+            raise ValueError(f"select_after must be >= 0 samples, got {self.select_after}")
         if self.noise_candidates < 1:
             raise ValueError(f"noise_candidates must be >= 1, got {self.noise_candidates}")
         if self.pool_loss not in POOL_LOSSES:
@@ -465,10 +484,14 @@ class _RunParts:
             targets_kind="soft" if cfg.soft_labels else "hard",
             max_batches=cfg.max_student_batches, pool_loss=cfg.pool_loss, num_classes=k,
             min_batches=cfg.min_student_batches)
-        self.phase = None
+        self.phase = self.early_phase = None
         if cfg.synth == "generator":
             gen_fm = (generator or make_generator(cfg, image_shape))[1]
             self.phase = make_generation_phase(student_fm, gen_fm, cfg, k, image_shape)
+            self.early_phase = self.phase
+            if cfg.select_after and cfg.select != "best":
+                self.early_phase = make_generation_phase(
+                    student_fm, gen_fm, dataclasses.replace(cfg, select="best"), k, image_shape)
         self.predict = jax.jit(
             lambda p, bn, x: jnp.argmax(student_fm.apply(p, bn, x, train=False)[0], -1))
         self.probs = jax.jit(
@@ -489,7 +512,8 @@ class _RunParts:
         if self.phase is not None:
             counts = (jnp.asarray(pool.class_histogram(self.k), jnp.float32)
                       if cfg.targets == "pool_balancing" or cfg.select == "balanced" else None)
-            x, best_l, _ = self.phase(state.params, state.bn, key, counts)
+            phase = self.phase if pool.size >= cfg.select_after else self.early_phase
+            x, best_l, _ = phase(state.params, state.bn, key, counts)
             gen_loss = float(best_l)
             x = self._with_noise(state, x, jax.random.fold_in(key, 11))
         else:
