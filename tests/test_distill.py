@@ -308,6 +308,30 @@ def test_balanced_selection_fills_quotas_then_best_scores():
         balanced_selection(jnp.zeros(3, jnp.int32), jnp.zeros(3), jnp.array([4]), 4)
 
 
+def test_near_duplicates_keep_one_image_of_each_cluster_in_the_selection():
+    from dfml_jax.distill.balance import balanced_selection, near_duplicates
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 1.0, (30,) + SHAPE).astype(np.float32)
+    x[:12] = 0.0                                     # 12 blank images, all the most uncertain
+    x[12:15] = x[20] + 0.001                         # 3 near-copies of image 20
+    score = np.r_[np.full(12, 0.99), rng.uniform(0.0, 0.9, 18)].astype(np.float32)
+    score[20] = 0.95
+    dup = np.asarray(near_duplicates(jnp.asarray(x), jnp.asarray(score), 0.05))
+    assert dup[:12].sum() == 11 and not dup[0]        # one blank image survives (ties: index)
+    keep = {12, 13, 14, 20}
+    assert sum(not dup[i] for i in keep) == 1        # one of each cluster
+    assert not dup[15:20].any() and not dup[21:].any()
+    assert not np.asarray(near_duplicates(jnp.asarray(x), jnp.asarray(score), 0.0)).any()
+    marked = jnp.where(jnp.asarray(dup), -1.0, jnp.asarray(score))
+    idx = np.asarray(balanced_selection(jnp.zeros(30, jnp.int32), marked, jnp.array([10]), 10))
+    assert not dup[idx].any()                         # enough distinct images: no copy is bought
+    idx = np.asarray(balanced_selection(jnp.zeros(30, jnp.int32), marked, jnp.array([20]), 20))
+    assert dup[idx].sum() == 20 - (~dup).sum()        # copies only once the rest are taken
+    with pytest.raises(ValueError, match="select_min_dist must be"):
+        IDEALConfig(select_min_dist=-0.1).validate(10)
+
+
 @pytest.mark.parametrize("score", ["confidence", "entropy"])
 def test_ideal_balanced_selection_run_buys_each_sample_once(student, teacher_w, tmp_path, score):
     rec = Recorder(teacher_w)

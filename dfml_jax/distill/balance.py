@@ -23,7 +23,7 @@ import numpy as np
 from dfml_jax.distill.common import PoolStore, dequantize
 from dfml_jax.training.augment import augment_images
 
-__all__ = ["pool_balancing_targets", "balanced_selection", "class_floor_deficit",
+__all__ = ["pool_balancing_targets", "balanced_selection", "near_duplicates", "class_floor_deficit",
            "class_floor_images", "with_floor_images"]
 
 
@@ -59,6 +59,8 @@ def balanced_selection(pred: jax.Array, score: jax.Array, quotas: jax.Array,
     Candidate i is predicted class ``pred[i]`` with ``score[i]`` in [0, 1]. Within each class the
     ``quotas[k]`` highest-scoring candidates are chosen; if a class has too few candidates, the
     remaining places go to the highest-scoring candidates not yet chosen, whatever their class.
+    A negative score marks a candidate taken only when all others are (e.g.
+    :func:`near_duplicates`).
 
     Args:
       pred: (N,) int predicted classes. score: (N,) scores in [0, 1].
@@ -72,6 +74,8 @@ def balanced_selection(pred: jax.Array, score: jax.Array, quotas: jax.Array,
     [0, 3, 4]
     >>> sorted(balanced_selection(pred, score, jnp.array([0, 2, 1]), 3).tolist())   # 1 lacks one
     [0, 3, 4]
+    >>> sorted(balanced_selection(pred, score.at[3].set(-1.), jnp.array([1, 1, 1]), 3).tolist())
+    [0, 2, 4]
     """
     n = pred.shape[0]
     if batch_size > n:
@@ -82,9 +86,39 @@ def balanced_selection(pred: jax.Array, score: jax.Array, quotas: jax.Array,
     starts = jnp.cumsum(counts) - counts
     rank_sorted = jnp.arange(n) - starts[pred[order]]
     rank = jnp.zeros(n, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
-    chosen = rank < quotas[pred]
-    priority = 2.0 * chosen + jnp.clip(score, 0.0, 1.0)
+    chosen = (rank < quotas[pred]) & (score >= 0)
+    priority = jnp.where(score < 0, score, 2.0 * chosen + jnp.clip(score, 0.0, 1.0))
     return jax.lax.top_k(priority, batch_size)[1].astype(jnp.int32)
+
+
+def near_duplicates(x: jax.Array, score: jax.Array, min_dist: float) -> jax.Array:
+    """Which candidates are near-copies of a better-scoring candidate (static shapes).
+
+    Candidate i is a duplicate when some candidate j with a higher score (ties: the lower index
+    wins) lies within root-mean-square pixel distance ``min_dist`` of it, so each cluster of
+    near-identical images keeps only its best-scoring member. Buying the rest would pay the
+    teacher again for the same answer (an uncertainty score ranks a whole cluster alike, e.g.
+    the blank images a generator can collapse to).
+
+    Args:
+      x: (N, ...) candidate images. score: (N,) scores (higher is better).
+      min_dist: RMS distance below which two images count as the same (0: none are).
+
+    Returns:
+      (N,) bool, True for the candidates to demote.
+
+    >>> x = jnp.array([[0., 0.], [0., 0.01], [1., 1.]]); s = jnp.array([.5, .9, .1])
+    >>> near_duplicates(x, s, 0.05).tolist()
+    [True, False, False]
+    """
+    n = x.shape[0]
+    flat = x.reshape(n, -1).astype(jnp.float32)
+    sq = jnp.sum(flat * flat, axis=1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * flat @ flat.T) / flat.shape[1]
+    idx = jnp.arange(n)
+    better = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None])
+                                                   & (idx[None, :] < idx[:, None]))
+    return jnp.any(better & (d2 < min_dist ** 2), axis=1)
 
 
 def class_floor_deficit(counts, pool_size: int, batch_size: int, floor: float, max_images: int):

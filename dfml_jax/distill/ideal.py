@@ -124,6 +124,11 @@ class IDEALConfig:
     #: bought samples; before, the round buys the lowest-loss batch (``"best"``). The student's
     #: scores mean little while it agrees with the teacher on few images.
     select_after: int = 0
+    #: A departure (0: off): with ``select="balanced"``, a candidate within this root-mean-square
+    #: pixel distance of a better-scoring candidate is bought only when nothing else is left
+    #: (:func:`~dfml_jax.distill.balance.near_duplicates`): an uncertainty score ranks a cluster
+    #: of near-identical images alike, and the teacher would be paid for the same answer again.
+    select_min_dist: float = 0.0
     #: Augmentation of the generated batch before the student (kornia crop(pad 4) + flip in the
     #: code: ``"crop_flip"``).
     gen_augment: str = "crop_flip"
@@ -261,6 +266,9 @@ class IDEALConfig:
         if not 0.5 <= lo <= hi <= 1.0:
             raise ValueError(f"pair_weight must be (low, high) with 0.5 <= low <= high <= 1 (the "
                              f"image's own class keeps the larger weight), got {self.pair_weight}")
+        if self.select_min_dist < 0:
+            raise ValueError(f"select_min_dist must be >= 0 (an RMS pixel distance), got "
+                             f"{self.select_min_dist}")
         if self.select_after < 0:
             raise ValueError(f"select_after must be >= 0 samples, got {self.select_after}")
         if self.noise_candidates < 1:
