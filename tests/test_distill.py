@@ -332,6 +332,33 @@ def test_near_duplicates_keep_one_image_of_each_cluster_in_the_selection():
         IDEALConfig(select_min_dist=-0.1).validate(10)
 
 
+def test_low_contrast_images_are_bought_last():
+    from dfml_jax.distill.balance import balanced_selection, low_contrast
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.0, 1.0, (20,) + SHAPE).astype(np.float32)
+    x[:8] = 0.002 * rng.uniform(size=(8,) + SHAPE)          # 8 nearly blank images
+    flat = np.asarray(low_contrast(jnp.asarray(x), 0.1))
+    assert flat[:8].all() and not flat[8:].any()
+    score = jnp.where(jnp.asarray(flat), -1.0, 0.99)          # the blank ones the most uncertain
+    idx = np.asarray(balanced_selection(jnp.zeros(20, jnp.int32), score, jnp.array([12]), 12))
+    assert sorted(idx.tolist()) == list(range(8, 20))
+    cfg = dataclasses.replace(IDEAL_CFG, select="balanced", select_score="entropy",
+                              select_min_contrast=0.1)
+    with pytest.raises(ValueError, match="select_min_contrast must be"):
+        dataclasses.replace(cfg, select_min_contrast=1.5).validate(K)
+
+
+def test_ideal_run_with_contrast_and_duplicate_filters_buys_each_sample_once(student, teacher_w):
+    cfg = dataclasses.replace(IDEAL_CFG, select="balanced", select_score="entropy",
+                              select_min_contrast=0.1, select_min_dist=0.05)
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=60)
+    res = run_pool_distillation(api, student, cfg, seed=0, evaluator=None)
+    assert res.queries == api.queries == len(rec.rows) == 60 == sum(res.class_histogram)
+    assert len({r.tobytes() for r in rec.rows}) == 60
+
+
 @pytest.mark.parametrize("score", ["confidence", "entropy"])
 def test_ideal_balanced_selection_run_buys_each_sample_once(student, teacher_w, tmp_path, score):
     rec = Recorder(teacher_w)

@@ -23,7 +23,8 @@ import numpy as np
 from dfml_jax.distill.common import PoolStore, dequantize
 from dfml_jax.training.augment import augment_images
 
-__all__ = ["pool_balancing_targets", "balanced_selection", "near_duplicates", "class_floor_deficit",
+__all__ = ["pool_balancing_targets", "balanced_selection", "near_duplicates", "low_contrast",
+           "class_floor_deficit",
            "class_floor_images", "with_floor_images"]
 
 
@@ -119,6 +120,16 @@ def near_duplicates(x: jax.Array, score: jax.Array, min_dist: float) -> jax.Arra
     better = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None])
                                                    & (idx[None, :] < idx[:, None]))
     return jnp.any(better & (d2 < min_dist ** 2), axis=1)
+
+
+def low_contrast(x: jax.Array, min_range: float) -> jax.Array:
+    """Which images have a pixel range (max - min) below ``min_range`` (e.g. blank images).
+
+    >>> low_contrast(jnp.array([[0., 0.001], [0., 0.8]]), 0.1).tolist()
+    [True, False]
+    """
+    flat = x.reshape(x.shape[0], -1)
+    return jnp.max(flat, axis=1) - jnp.min(flat, axis=1) < min_range
 
 
 def class_floor_deficit(counts, pool_size: int, batch_size: int, floor: float, max_images: int):

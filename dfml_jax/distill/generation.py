@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfml_jax.distill.balance import (balanced_selection, near_duplicates,
+from dfml_jax.distill.balance import (balanced_selection, low_contrast, near_duplicates,
                                       pool_balancing_targets)
 from dfml_jax.distill.common import memoize_builder
 from dfml_jax.losses import cross_entropy
@@ -26,9 +26,9 @@ __all__ = ["INFO_LOSSES", "GEN_HEADS", "TARGETS", "NOISES", "SELECTS", "SELECT_S
 INFO_LOSSES = ("per_sample", "class_balance", "none")
 # The IDEALConfig fields the generation phase depends on (its compiled form is shared otherwise).
 _GENERATION_FIELDS = ("batch_size", "g_steps", "lr_g", "betas_g", "nz", "ngf", "gen_head",
-                      "gen_bias", "select", "select_score", "select_min_dist", "info_loss",
-                      "info_weight", "targets", "gen_augment", "aug_pad", "pair_share",
-                      "pair_weight")
+                      "gen_bias", "select", "select_score", "select_min_dist",
+                      "select_min_contrast", "info_loss", "info_weight", "targets",
+                      "gen_augment", "aug_pad", "pair_share", "pair_weight")
 GEN_HEADS = ("sigmoid", "bn_sigmoid")
 TARGETS = ("balanced", "random", "pool_balancing")
 NOISES = ("uniform", "gauss")
@@ -208,6 +208,8 @@ def _build_generation_phase(student_fm, gen_fm, cfg, num_classes, image_shape):
                 score = jnp.max(p, axis=-1)
             if cfg.select_min_dist:
                 score = jnp.where(near_duplicates(cand, score, cfg.select_min_dist), -1.0, score)
+            if cfg.select_min_contrast:
+                score = jnp.where(low_contrast(cand, cfg.select_min_contrast), -1.0, score)
             quotas = jnp.bincount(pool_balancing_targets(pool_counts, b), length=k)
             best_x = cand[balanced_selection(jnp.argmax(p, -1), score, quotas, b)]
         return best_x, best_l, losses

@@ -129,6 +129,11 @@ class IDEALConfig:
     #: (:func:`~dfml_jax.distill.balance.near_duplicates`): an uncertainty score ranks a cluster
     #: of near-identical images alike, and the teacher would be paid for the same answer again.
     select_min_dist: float = 0.0
+    #: A departure (0: off): with ``select="balanced"``, a candidate whose pixel range (max - min)
+    #: is below this is bought only when nothing else is left: the generator can collapse latents
+    #: to blank images, which the student is unsure of and the teacher answers alike
+    #: (``docs/ideal_diagnosis.md`` section 11).
+    select_min_contrast: float = 0.0
     #: Augmentation of the generated batch before the student (kornia crop(pad 4) + flip in the
     #: code: ``"crop_flip"``).
     gen_augment: str = "crop_flip"
@@ -269,6 +274,9 @@ class IDEALConfig:
         if self.select_min_dist < 0:
             raise ValueError(f"select_min_dist must be >= 0 (an RMS pixel distance), got "
                              f"{self.select_min_dist}")
+        if not 0.0 <= self.select_min_contrast < 1.0:
+            raise ValueError(f"select_min_contrast must be in [0, 1) (a pixel range), got "
+                             f"{self.select_min_contrast}")
         if self.select_after < 0:
             raise ValueError(f"select_after must be >= 0 samples, got {self.select_after}")
         if self.noise_candidates < 1:
