@@ -212,6 +212,26 @@ def test_im2col_matches_lax_second_order_maml():
     assert diff > 1e-4
 
 
+def test_max_pool2_gradient_shares_ties_like_jnp_max():
+    """Bit-identical to the reshape + jnp.max form, ties included (3- and 4-way ties)."""
+    def reshape_max(x):
+        n, h, w, c = x.shape
+        x = x[:, : h // 2 * 2, : w // 2 * 2]
+        return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.round(rng.uniform(0, 2, (3, 7, 6, 2))), jnp.float32)   # many ties
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 2)), jnp.float32)
+    for f in (lambda v: v, jax.jit):
+        np.testing.assert_array_equal(f(layers.max_pool2)(x), reshape_max(x))
+        g_new = f(jax.grad(lambda v: jnp.sum(w * layers.max_pool2(v) ** 2)))(x)
+        g_old = f(jax.grad(lambda v: jnp.sum(w * reshape_max(v) ** 2)))(x)
+        np.testing.assert_array_equal(g_new, g_old)
+    win = np.asarray(x)[:, :6, :6].reshape(3, 3, 2, 3, 2, 2)
+    ties = (win == win.max(axis=(2, 4), keepdims=True)).sum(axis=(2, 4))
+    assert (ties == 3).any() and (ties == 4).any()                  # 3- and 4-way ties were hit
+
+
 def test_max_pool2_second_order_under_jit_matches_eager():
     """Hessian-vector product of a width-32 Conv4 on 16x16 inputs: jit == eager.
 
