@@ -24,8 +24,7 @@ from dfml_jax.distill.common import PoolStore, dequantize
 from dfml_jax.training.augment import augment_images
 
 __all__ = ["pool_balancing_targets", "balanced_selection", "near_duplicates", "low_contrast",
-           "class_floor_deficit",
-           "class_floor_images", "with_floor_images"]
+           "class_floor_deficit", "class_floor_images", "with_floor_images"]
 
 
 def pool_balancing_targets(counts: jax.Array, batch_size: int) -> jax.Array:

@@ -198,7 +198,7 @@ def max_pool2(x: jax.Array) -> jax.Array:
     32 on 16x16 inputs: Hessian-vector products 18% off the eager and finite-difference values in
     float64 on one device, 32% in float32 on 8 emulated devices; measured by
     ``experiments/bench/bench_max_pool2.py``, guarded by ``tests/test_models.py``); values and
-    gradients are bit-identical to it elsewhere.
+    gradients are bit-identical to it elsewhere, second derivatives at tied windows to rounding.
     """
     a, b, c, d = _pool_windows(x)
     return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
@@ -207,7 +207,7 @@ def max_pool2(x: jax.Array) -> jax.Array:
 @max_pool2.defjvp
 def _max_pool2_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    out = max_pool2(x)
+    out = max_pool2(x)     # not jnp.maximum again: its own derivative would split ties unevenly
     hits = [(v == out).astype(x.dtype) for v in _pool_windows(x)]
     count = (hits[0] + hits[1]) + (hits[2] + hits[3])
     ts = _pool_windows(t)
