@@ -52,14 +52,14 @@ def reshape_max_pool2(x):
 FORMS = {"old_reshape_max": reshape_max_pool2, "new_strided_maximum": layers.max_pool2}
 
 
-def conv4(pool, shape, classes=5, width=32):
-    """A Conv4 whose blocks use ``pool`` (the module looks the function up when it runs)."""
-    classifiers.max_pool2 = pool
+def conv4(shape, classes=5, width=32):
+    """A Conv4; its blocks look ``classifiers.max_pool2`` up when traced (see :func:`with_pool`)."""
     return functional(create_model("conv4", num_classes=classes, input_shape=shape, rngs_or_key=3,
                                    width=width))
 
 
 def with_pool(pool, fn):
+    """``fn`` run (and so traced) with ``pool`` as the Conv4's max pool, restored afterwards."""
     def run(*args):
         classifiers.max_pool2 = pool
         try:
@@ -70,7 +70,7 @@ def with_pool(pool, fn):
 
 
 def hvp_check(pool) -> float:
-    fm = conv4(pool, (16, 16, 3))
+    fm = conv4((16, 16, 3))
     rng = np.random.default_rng(0)
     dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     params = jax.tree.map(lambda a: jnp.asarray(a, dt), fm.params)
@@ -121,7 +121,7 @@ def timed_rows(pool):
                 jnp.asarray(rng.standard_normal((150, s, s, c)), jnp.float32), p,
                 jnp.argmax(p, -1))
     xf = jnp.asarray(rng.standard_normal((3000, s, s, c)), jnp.float32)
-    fm = conv4(pool, (s, s, c))
+    fm = conv4((s, s, c))
     ap = fm.apply_batchstats
     rows = {
         "replay_meta_iteration": jax.jit(with_pool(pool, jax.value_and_grad(
