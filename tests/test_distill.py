@@ -329,7 +329,7 @@ def test_near_duplicates_keep_one_image_of_each_cluster_in_the_selection():
     idx = np.asarray(balanced_selection(jnp.zeros(30, jnp.int32), marked, jnp.array([20]), 20))
     assert dup[idx].sum() == 20 - (~dup).sum()        # copies only once the rest are taken
     with pytest.raises(ValueError, match="select_min_dist must be"):
-        IDEALConfig(select_min_dist=-0.1).validate(10)
+        IDEALConfig(select="balanced", select_min_dist=-0.1).validate(10)
 
 
 def test_low_contrast_images_are_bought_last():
@@ -694,4 +694,6 @@ def test_ideal_select_after_buys_the_best_batch_until_the_pool_is_that_large(stu
     np.testing.assert_array_equal(runs["best"].rows[:40], runs["after"].rows[:40])
     assert not np.array_equal(runs["best"].rows[40:], runs["after"].rows[40:])
     with pytest.raises(ValueError, match="select_after must be"):
-        IDEALConfig(select_after=-1).validate(10)
+        IDEALConfig(select="balanced", select_after=-1).validate(10)
+    with pytest.raises(ValueError, match="only act with select='balanced'"):
+        IDEALConfig(select_after=100, select_min_contrast=0.1).validate(10)

@@ -279,6 +279,11 @@ class IDEALConfig:
                              f"{self.select_min_contrast}")
         if self.select_after < 0:
             raise ValueError(f"select_after must be >= 0 samples, got {self.select_after}")
+        unused = [f for f in ("select_after", "select_min_dist", "select_min_contrast")
+                  if getattr(self, f)]
+        if self.select == "best" and unused:
+            raise ValueError(f"{', '.join(unused)} only act with select='balanced' (this config has "
+                             "select='best'): set ideal.select=balanced or drop them")
         if self.noise_candidates < 1:
             raise ValueError(f"noise_candidates must be >= 1, got {self.noise_candidates}")
         if self.pool_loss not in POOL_LOSSES:
