@@ -43,6 +43,10 @@ once (random images and targets, the weights of this script), PyTorch float32 di
 PyTorch float64 by 2.1% and JAX float32 from PyTorch float64 by 2.9%, so a ``grad_rel_err`` of
 ~2% there is float32 rounding on both sides, not a mismatch (at the ``--smoke`` sizes: ~1e-6).
 
+The inversion rows' API is a Conv4 built with ``conv_impl="lax"``, as ``dfml_jax.teachers.load_pool``
+builds the black-box APIs of every BiDf-MKD run (``--api-conv-impl im2col`` measures the other
+back-end); the generator and the meta-model use the library default (im2col).
+
 Command lines::
 
     python experiments/bench/bench_torch_reference.py --rounds 3 --out docs/bench_torch_reference.json
@@ -55,6 +59,7 @@ its tests never import it.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -73,6 +78,8 @@ from dfml_jax.api import APIGroup, BlackBoxAPI
 from dfml_jax.bidf_mkd import InversionConfig, KDTask, ReplayTasks, make_inverter
 from dfml_jax.bidf_mkd.metastep import kd_task_loss, replay_loss
 from dfml_jax.models import create_model, functional
+from dfml_jax.models.layers import CONV_IMPLS
+from dfml_jax.teachers import load_pool
 from dfml_jax.training.augment import batch_shared_augment
 
 ROWS = ("inversion_b150_q100", "inversion_b50_q20", "replay_meta_iteration", "kd_task")
@@ -88,6 +95,8 @@ LOADED_NOTE = ("1-minute load above the core count during the run: NOT a quiet-m
                "measurement. PyTorch's OpenMP intra-op threads degrade far more than XLA's when "
                "the cores are oversubscribed (they synchronise at every parallel region), so under "
                "load the speedups overstate JAX; compare with --torch-threads 1 or rerun quiet")
+# the back-end load_pool gives the black-box APIs of every BiDf-MKD run
+API_CONV_IMPL = inspect.signature(load_pool).parameters["conv_impl"].default
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # CIFAR-FS statistics
 
 
@@ -354,8 +363,11 @@ def feat_hw(s: int) -> tuple:
 
 def build_api(cfg):
     s, c, k = cfg["image_size"], cfg["channels"], cfg["ways"]
+    # built as dfml_jax.teachers.load_pool builds every black-box API (conv_impl="lax" unless
+    # --api-conv-impl says otherwise)
     teacher = functional(create_model("conv4", num_classes=k, input_shape=(s, s, c),
-                                      rngs_or_key=0, width=cfg["width"]))
+                                      rngs_or_key=0, width=cfg["width"],
+                                      conv_impl=cfg["api_conv_impl"]))
     # give the API non-trivial running statistics so that eval-mode BN is really exercised
     rng = np.random.default_rng(0)
     state = jax.tree_util.tree_map_with_path(lambda path, a: jnp.asarray(
@@ -563,11 +575,14 @@ def main(argv=None):
                    help="inversion iterations per timed call (default 2; 1 with --smoke)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads (default: the core count)")
+    p.add_argument("--api-conv-impl", choices=CONV_IMPLS, default=API_CONV_IMPL,
+                   help="convolution back-end of the inversion rows' black-box API (default: "
+                        f"{API_CONV_IMPL!r}, what dfml_jax.teachers.load_pool builds)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
-    cfg = SMOKE if args.smoke else REAL
+    cfg = dict(SMOKE if args.smoke else REAL, api_conv_impl=args.api_conv_impl)
     inv_iters = args.inv_iters or (1 if args.smoke else 2)
     n = cores()
     torch.set_num_threads(args.torch_threads or n)
