@@ -43,6 +43,13 @@ once (random images and targets, the weights of this script), PyTorch float32 di
 PyTorch float64 by 2.1% and JAX float32 from PyTorch float64 by 2.9%, so a ``grad_rel_err`` of
 ~2% there is float32 rounding on both sides, not a mismatch (at the ``--smoke`` sizes: ~1e-6).
 
+Every row also carries ``bound``: the matmul + convolution FLOPs of the JAX step, counted on its
+jaxpr (a ``lax.scan`` counts ``length`` times; XLA's own cost analysis counts a loop body once),
+the GFLOP/s each side achieves on them, and the time those FLOPs take at this run's XLA f32 GEMM
+rate (``environment.gemm_peak``: a 2048^3 matmul in XLA and in PyTorch, interleaved): a row whose
+``max_speedup_at_jax_gemm_peak`` is below 2 cannot reach 2x PyTorch without fewer FLOPs or faster
+kernels than XLA's GEMM.
+
 The inversion rows' API is a Conv4 built with ``conv_impl="lax"``, as ``dfml_jax.teachers.load_pool``
 builds the black-box APIs of every BiDf-MKD run (``--api-conv-impl im2col`` measures the other
 back-end); the generator and the meta-model use the library default (im2col).
@@ -81,6 +88,9 @@ from dfml_jax.models import create_model, functional
 from dfml_jax.models.layers import CONV_IMPLS
 from dfml_jax.teachers import load_pool
 from dfml_jax.training.augment import batch_shared_augment
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flops import step_flops  # noqa: E402  (experiments/bench/flops.py)
 
 ROWS = ("inversion_b150_q100", "inversion_b50_q20", "replay_meta_iteration", "kd_task")
 
@@ -452,7 +462,8 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
     }
     info = {"batch": b, "q": q, "chunk_size": chunk, "numsplit": cfg["numsplit"],
             "iterations_per_call": inv_iters, "queries_per_iteration": b * (q + 1),
-            "per_call_divisor": inv_iters}
+            "per_call_divisor": inv_iters,
+            "_flops": lambda: step_flops(inv, jax.random.key(0), 0, gp, group.operand)}
     return run_jax, run_torch, check, info
 
 
@@ -508,7 +519,8 @@ def setup_replay(cfg):
     loss_t, grads_t = tm.replay(ttasks, want_grads=True)
     check = compare_meta(res_j, loss_t, grads_t, s)
     info = {"tasks": t, "ways": k, "shots": r["shots"], "query": r["query"],
-            "inner_steps": r["steps"], "second_order": True, "per_call_divisor": 1}
+            "inner_steps": r["steps"], "second_order": True, "per_call_divisor": 1,
+            "_flops": lambda: step_flops(step, meta.params, opt, tasks)}
     return run_jax, lambda: tm.replay(ttasks), check, info
 
 
@@ -534,11 +546,45 @@ def setup_kd(cfg):
     loss_t, grads_t = tm.kd(ttask, want_grads=True)
     check = compare_meta(res_j, loss_t, grads_t, s)
     info = {"images": n, "inner_steps": kd["steps"], "kd_loss": "kl", "second_order": True,
-            "per_call_divisor": 1}
+            "per_call_divisor": 1, "_flops": lambda: step_flops(step, meta.params, opt, task)}
     return run_jax, lambda: tm.kd(ttask), check, info
 
 
-def time_row(name, cfg, rounds, inv_iters):
+def gemm_peak(rounds: int = 5, n: int = 2048) -> dict:
+    """f32 GEMM throughput (GFLOP/s, median) of XLA and of PyTorch on this machine, interleaved."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+    ja, ta = jnp.asarray(a), torch.from_numpy(a)
+    jax.block_until_ready(mm(ja, ja))
+    _ = ta @ ta
+    js, ts = [], []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        jax.block_until_ready(mm(ja, ja))
+        js.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        _ = ta @ ta
+        ts.append(time.perf_counter() - t)
+    f = 2.0 * n ** 3 / 1e9
+    return {"gemm_n": n, "jax_gflops": round(f / statistics.median(js), 1),
+            "torch_gflops": round(f / statistics.median(ts), 1)}
+
+
+def flop_bound(flops, div, jax_ms, torch_ms, peak):
+    """What the row's FLOPs allow: time at XLA's own GEMM peak and the speed-up it would give."""
+    flops, exact = flops
+    f = flops / div
+    at_peak_ms = 1e3 * f / (peak["jax_gflops"] * 1e9)
+    return {"gflop": round(f / 1e9, 3), "jax_gflops_achieved": round(f / jax_ms / 1e6, 1),
+            "jax_ms_at_jax_gemm_peak": round(at_peak_ms, 2),
+            "max_speedup_at_jax_gemm_peak": round(torch_ms / at_peak_ms, 3),
+            "flops_exact": exact, "torch_gflops_if_same_flops": round(f / torch_ms / 1e6, 1),
+            "note": "matmul + convolution FLOPs of the JAX step's jaxpr (scans times their "
+                    "length; per iteration for inversion rows); at_peak = those FLOPs at this "
+                    "run's XLA f32 GEMM rate (environment.gemm_peak)"}
+
+
+def time_row(name, cfg, rounds, inv_iters, peak):
     t0 = time.perf_counter()
     if name.startswith("inversion"):
         run_jax, run_torch, check, info = setup_inversion(name, cfg, inv_iters)
@@ -550,6 +596,7 @@ def time_row(name, cfg, rounds, inv_iters):
     run_jax()  # warm-up after compilation
     run_torch()
     div = info.pop("per_call_divisor")
+    flops = info.pop("_flops")()
     js, ts = [], []
     for r in range(rounds):
         for fn, acc in ((run_jax, js), (run_torch, ts)):
@@ -562,7 +609,8 @@ def time_row(name, cfg, rounds, inv_iters):
     return {"row": name, **info, "jax_ms": round(jm, 2), "torch_ms": round(tm, 2),
             "speedup": round(tm / jm, 3), "jax_ms_rounds": [round(v, 2) for v in js],
             "torch_ms_rounds": [round(v, 2) for v in ts],
-            "setup_and_compile_s": round(setup_s, 2), "check": check}
+            "setup_and_compile_s": round(setup_s, 2), "check": check,
+            "bound": flop_bound(flops, div, jm, tm, peak)}
 
 
 def main(argv=None):
@@ -589,10 +637,13 @@ def main(argv=None):
     load_before = loadavg()
     env = environment()
     log(f"env: {json.dumps(env)}; load before {load_before}")
+    peak = gemm_peak(rounds=3 if args.smoke else 5, n=256 if args.smoke else 2048)
+    env["gemm_peak"] = peak
+    log(f"f32 GEMM peak: {peak}")
     rows = []
     for name in args.rows:
         log(f"row {name} ...")
-        rows.append(time_row(name, cfg, args.rounds, inv_iters))
+        rows.append(time_row(name, cfg, args.rounds, inv_iters, peak))
     load_after = loadavg()
     loaded = max(load_before[0], load_after[0]) > n
     res = {"bench": "torch_reference", "smoke": bool(args.smoke), "rounds": args.rounds,
