@@ -67,6 +67,25 @@ def test_inversion_rows_compute_the_same(result):
         assert r["chunk_size"] * r["numsplit"] == r["q"]
 
 
+def test_inversion_rows_time_the_generator_alternatives(result):
+    """Each generator variant is the same function (to float rounding), timed in the same
+    rounds; the subpixel form computes fewer FLOPs than the literal upsample-then-conv."""
+    for r in result["rows"][:2]:
+        alts = r["alternatives"]
+        assert set(alts) == {"generator_upsample=subpixel", "generator_conv_impl=lax",
+                             "generator_upsample=subpixel,conv_impl=lax"}
+        for a in alts.values():
+            assert a["generator_output_max_abs_diff_vs_default"] < 1e-5
+            assert len(a["jax_ms_rounds"]) == result["rounds"] and a["jax_ms"] > 0
+            assert a["speedup"] == pytest.approx(r["torch_ms"] / a["jax_ms"], rel=1e-2)
+            assert a["vs_default_jax"] == pytest.approx(r["jax_ms"] / a["jax_ms"], rel=1e-2)
+        assert (alts["generator_upsample=subpixel"]["bound"]["gflop"] < r["bound"]["gflop"])
+        assert (alts["generator_conv_impl=lax"]["bound"]["gflop"]
+                == pytest.approx(r["bound"]["gflop"], rel=1e-6))
+    for r in result["rows"][2:]:
+        assert "alternatives" not in r
+
+
 def test_meta_rows_agree_numerically(result):
     """Same weights (JAX init ported to PyTorch) and data: outer loss and full second-order
     gradient agree to float32 accuracy."""

@@ -373,6 +373,39 @@ def test_generator_shapes_range_and_reinit(head, lo, hi):
         create_model("dcgan", rngs_or_key=0, img_size=30)
 
 
+@pytest.mark.parametrize("impl", layers.CONV_IMPLS)
+def test_upsample2_conv3x3_subpixel_equals_upsample_then_conv(impl):
+    x = jax.random.normal(jax.random.key(0), (3, 5, 4, 6))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 6, 7))
+    b = jax.random.normal(jax.random.key(2), (7,))
+    literal = layers.conv2d(layers.upsample_nearest2(x), k, b, padding=1, impl=impl)
+    for method in layers.UPSAMPLE_CONV_IMPLS:
+        y = layers.upsample2_conv3x3(x, k, b, method=method, impl=impl)
+        assert y.shape == (3, 10, 8, 7)
+        np.testing.assert_allclose(y, literal, rtol=1e-5, atol=1e-5)
+    # the gradients (kernel and input) agree too: the phase taps are sums of kernel taps
+    cot = jax.random.normal(jax.random.key(3), literal.shape)
+    grads = [jax.grad(lambda xx, kk: jnp.sum(cot * layers.upsample2_conv3x3(
+        xx, kk, method=m, impl=impl)), argnums=(0, 1))(x, k) for m in layers.UPSAMPLE_CONV_IMPLS]
+    for a, c in zip(*grads):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown method 'pixelshuffle'"):
+        layers.upsample2_conv3x3(x, k, method="pixelshuffle")
+    with pytest.raises(ValueError, match="3x3 kernel"):
+        layers.upsample2_conv3x3(x, k[:2, :2])
+
+
+def test_generator_subpixel_matches_default():
+    kw = dict(rngs_or_key=0, nz=16, ngf=8, img_size=12, nc=3)
+    default = functional(create_model("dcgan", **kw))
+    sub = functional(create_model("dcgan", upsample="subpixel", **kw))
+    z = jax.random.normal(jax.random.key(1), (10, 16))
+    np.testing.assert_allclose(sub.apply_batchstats(default.params, z),
+                               default.apply_batchstats(default.params, z), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown upsample 'bilinear'"):
+        create_model("dcgan", upsample="bilinear", **kw)
+
+
 # ----------------------------------------------------------------------------- population
 
 @pytest.mark.parametrize("name,kw,modes", [

@@ -10,7 +10,8 @@ Architectures (registry :data:`MODELS`, built with :func:`create_model`):
 ``lenet5``    IDEAL's LeNet-5 (two 5x5 conv+BN+pool stages, Linear), option ``channels``.
 ``mlp``       Flatten, hidden ReLU layers (``hidden=(512, 128)``), Linear.
 ``dcgan``     Generator of BiDf-MKD/IDEAL (sigmoid) or DFME (``head="tanh_bn"``); options ``nz``,
-              ``ngf``, ``img_size``, ``nc``. Built without ``num_classes``/``input_shape``.
+              ``ngf``, ``img_size``, ``nc``, ``upsample`` (``"subpixel"``: its upsample-conv pairs at
+              the lower resolution). Built without ``num_classes``/``input_shape``.
 ``strokes``   Stroke generator for line drawings (:mod:`dfml_jax.models.strokes`): every image is
               ``num_strokes`` differentiably rendered Bezier strokes; options ``nz``,
               ``img_size``, ``nc``, ``num_strokes``, ``latent`` (``"linear"``/``"direct"``), ...

@@ -37,7 +37,7 @@ from flax import nnx
 __all__ = [
     "CONV_IMPLS", "get_default_conv_impl", "set_default_conv_impl", "conv2d", "conv2d_im2col",
     "conv2d_lax", "batch_norm", "max_pool2", "global_max_pool", "global_avg_pool",
-    "upsample_nearest2", "Init", "torch_uniform_init", "conv_normal_init", "normal_init",
+    "upsample_nearest2", "upsample2_conv3x3", "UPSAMPLE_CONV_IMPLS", "Init", "torch_uniform_init", "conv_normal_init", "normal_init",
     "zeros_init", "ones_init", "materialize", "leaky_relu", "count_params", "Conv2d", "BatchNorm",
     "Linear",
 ]
@@ -229,6 +229,67 @@ def upsample_nearest2(x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c))
     return x.reshape(n, 2 * h, 2 * w, c)
+
+
+#: How :func:`upsample2_conv3x3` computes "nearest x2 upsampling, then a 3x3 convolution".
+UPSAMPLE_CONV_IMPLS: tuple[str, ...] = ("upsample_then_conv", "subpixel")
+
+
+def _phase_taps(k: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """The 2-tap kernels that output phases 0 and 1 of a 3-tap kernel see after upsampling x2.
+
+    Output row ``2i`` reads upsampled rows ``2i-1, 2i, 2i+1`` = input rows ``i-1, i, i``; output
+    row ``2i+1`` reads ``2i, 2i+1, 2i+2`` = input rows ``i, i, i+1``.
+    """
+    t0, t1, t2 = (jnp.take(k, i, axis=axis) for i in range(3))
+    return jnp.stack([t0, t1 + t2], axis=axis), jnp.stack([t0 + t1, t2], axis=axis)
+
+
+def upsample2_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
+                      method: str = "upsample_then_conv", impl: str | None = None) -> jax.Array:
+    """Nearest-neighbour upsampling by 2, then a 3x3 convolution with zero padding 1.
+
+    ``method="upsample_then_conv"`` computes it literally. ``method="subpixel"`` computes the
+    same function at the INPUT resolution: each of the four output phases ``(a, b)`` (output
+    pixel ``(2i+a, 2j+b)``) is a 2x2 convolution of the input whose taps are sums of the 3x3
+    kernel's taps (:func:`_phase_taps`), and the phases are interleaved. That is 4 x 4 = 16 taps
+    at ``H x W`` instead of 9 taps at ``2H x 2W`` (2.25x fewer multiply-adds); the result equals
+    the literal form up to float rounding (the kernel's taps are summed before, not after, the
+    products). Both run through :func:`conv2d`.
+
+    Args:
+      x: ``(N, H, W, C_in)`` input (before upsampling).
+      kernel: ``(3, 3, C_in, C_out)`` HWIO kernel.
+      bias: optional ``(C_out,)``.
+      method: one of :data:`UPSAMPLE_CONV_IMPLS`.
+      impl: convolution back-end of :func:`conv2d`.
+
+    Returns:
+      ``(N, 2H, 2W, C_out)``.
+
+    >>> x = jax.random.normal(jax.random.key(0), (2, 4, 5, 3))
+    >>> k = jax.random.normal(jax.random.key(1), (3, 3, 3, 8))
+    >>> a = upsample2_conv3x3(x, k)
+    >>> b = upsample2_conv3x3(x, k, method="subpixel")
+    >>> a.shape, bool(jnp.allclose(a, b, atol=1e-5))
+    ((2, 8, 10, 8), True)
+    """
+    if method not in UPSAMPLE_CONV_IMPLS:
+        raise ValueError(f"upsample2_conv3x3: unknown method {method!r}; valid: "
+                         f"{', '.join(UPSAMPLE_CONV_IMPLS)}.")
+    if kernel.shape[:2] != (3, 3):
+        raise ValueError(f"upsample2_conv3x3: needs a 3x3 kernel, got {kernel.shape[:2]}.")
+    if method == "upsample_then_conv":
+        return conv2d(upsample_nearest2(x), kernel, bias, padding=1, impl=impl)
+    n, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    phases = []
+    for a, kr in enumerate(_phase_taps(kernel, 0)):
+        for b, kc in enumerate(_phase_taps(kr, 1)):
+            phases.append(conv2d(xp[:, a : a + h + 1, b : b + w + 1], kc, impl=impl))
+    y = jnp.stack(phases).reshape(2, 2, n, h, w, -1)
+    y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * h, 2 * w, -1)
+    return y if bias is None else y + bias
 
 
 # ----------------------------------------------------------------------------- initialisers

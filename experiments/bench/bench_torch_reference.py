@@ -54,6 +54,13 @@ The inversion rows' API is a Conv4 built with ``conv_impl="lax"``, as ``dfml_jax
 builds the black-box APIs of every BiDf-MKD run (``--api-conv-impl im2col`` measures the other
 back-end); the generator and the meta-model use the library default (im2col).
 
+Each inversion row also times, in the same interleaved rounds, the JAX side with the generator
+variants of ``GEN_ALTERNATIVES`` (``alternatives`` in the row: the generator's upsample-conv pairs
+computed at the lower resolution, ``upsample="subpixel"``, and/or its convolutions on the
+``"lax"`` back-end): the same function with its arithmetic arranged differently, so results equal
+the default's up to float rounding (``generator_output_max_abs_diff_vs_default``), but they are
+not what the library runs by default. ``--no-alternatives`` skips them.
+
 Command lines::
 
     python experiments/bench/bench_torch_reference.py --rounds 3 --out docs/bench_torch_reference.json
@@ -108,6 +115,13 @@ LOADED_NOTE = ("1-minute load above the core count during the run: NOT a quiet-m
 # the back-end load_pool gives the black-box APIs of every BiDf-MKD run
 API_CONV_IMPL = inspect.signature(load_pool).parameters["conv_impl"].default
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # CIFAR-FS statistics
+# generator variants the inversion rows also time (--alternatives): the same function, other
+# arrangements of its arithmetic (results equal up to float rounding; not the library default)
+GEN_ALTERNATIVES = {
+    "generator_upsample=subpixel": dict(upsample="subpixel"),
+    "generator_conv_impl=lax": dict(conv_impl="lax"),
+    "generator_upsample=subpixel,conv_impl=lax": dict(upsample="subpixel", conv_impl="lax"),
+}
 
 
 def log(*a):
@@ -404,22 +418,32 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
     s, c, k, nz = cfg["image_size"], cfg["channels"], cfg["ways"], cfg["nz"]
     api, apply_eval, api_params, api_torch, api_stats = build_api(cfg)
     group = APIGroup([api])
-    gen = functional(create_model("dcgan", nz=nz, ngf=cfg["ngf"], img_size=s, nc=c,
-                                  rngs_or_key=0))
     chunk = q // cfg["numsplit"]
     icfg = InversionConfig(iterations=inv_iters, per_class=b // k, num_directions=q,
                            chunk_size=chunk, smoothing=cfg["mu"], lr=cfg["glr"], pad=cfg["pad"])
-    inv = make_inverter(group, gen.apply_batchstats, nz=nz, cfg=icfg, mean=MEAN[:c], std=STD[:c],
-                        image_size=s)
+
+    def jax_side(**gen_kw):
+        """The JAX inversion with a generator built with ``gen_kw`` (its call counter apart)."""
+        g = functional(create_model("dcgan", nz=nz, ngf=cfg["ngf"], img_size=s, nc=c,
+                                    rngs_or_key=0, **gen_kw))
+        return g, make_inverter(group, g.apply_batchstats, nz=nz, cfg=icfg, mean=MEAN[:c],
+                                std=STD[:c], image_size=s)
+
+    gen, inv = jax_side()
     gp = gen.init(jax.random.key(1))[0]
     gen_torch = generator_to_torch(flat_params(gp), s // 4)
     tinv = TorchInversion(gen_torch, api_torch, api_stats, b=b, q=q, cfg=cfg)
 
     counter = [0]
 
-    def run_jax():
-        counter[0] += 1
-        return jax.block_until_ready(inv(jax.random.key(counter[0]), 0, gp, group.operand))
+    def runner(inverter):
+        def run():
+            counter[0] += 1
+            return jax.block_until_ready(inverter(jax.random.key(counter[0]), 0, gp,
+                                                  group.operand))
+        return run
+
+    run_jax = runner(inv)
 
     def run_torch():
         for _ in range(inv_iters):
@@ -464,6 +488,18 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
             "iterations_per_call": inv_iters, "queries_per_iteration": b * (q + 1),
             "per_call_divisor": inv_iters,
             "_flops": lambda: step_flops(inv, jax.random.key(0), 0, gp, group.operand)}
+    alternatives = {}
+    for alt, gen_kw in (GEN_ALTERNATIVES.items() if cfg.get("alternatives") else ()):
+        g_alt, inv_alt = jax_side(**gen_kw)
+        x01_alt = g_alt.apply_batchstats(gp, jnp.asarray(z))
+        alternatives[alt] = {
+            "run": runner(inv_alt),
+            "_flops": lambda inv_alt=inv_alt: step_flops(inv_alt, jax.random.key(0), 0, gp,
+                                                         group.operand),
+            "generator": gen_kw,
+            "generator_output_max_abs_diff_vs_default": float(jnp.abs(x01_alt - x01_j).max())}
+        alternatives[alt]["run"]()  # compile
+    info["_alternatives"] = alternatives
     return run_jax, run_torch, check, info
 
 
@@ -597,20 +633,43 @@ def time_row(name, cfg, rounds, inv_iters, peak):
     run_torch()
     div = info.pop("per_call_divisor")
     flops = info.pop("_flops")()
+    alts = info.pop("_alternatives", {})
+    for a in alts.values():
+        a["run"]()  # warm-up
     js, ts = [], []
+    alt_ms = {alt: [] for alt in alts}
     for r in range(rounds):
-        for fn, acc in ((run_jax, js), (run_torch, ts)):
+        sides = [(run_jax, js), (run_torch, ts)] + [(a["run"], alt_ms[alt])
+                                                    for alt, a in alts.items()]
+        for fn, acc in sides:
             t = time.perf_counter()
             fn()
             acc.append(1e3 * (time.perf_counter() - t) / div)
         log(f"  {name} round {r + 1}/{rounds}: jax {js[-1]:.1f} ms, torch {ts[-1]:.1f} ms, "
-            f"load {loadavg()[0]}")
+            + "".join(f"{alt} {v[-1]:.1f} ms, " for alt, v in alt_ms.items())
+            + f"load {loadavg()[0]}")
     jm, tm = statistics.median(js), statistics.median(ts)
-    return {"row": name, **info, "jax_ms": round(jm, 2), "torch_ms": round(tm, 2),
-            "speedup": round(tm / jm, 3), "jax_ms_rounds": [round(v, 2) for v in js],
-            "torch_ms_rounds": [round(v, 2) for v in ts],
-            "setup_and_compile_s": round(setup_s, 2), "check": check,
-            "bound": flop_bound(flops, div, jm, tm, peak)}
+    row = {"row": name, **info, "jax_ms": round(jm, 2), "torch_ms": round(tm, 2),
+           "speedup": round(tm / jm, 3), "jax_ms_rounds": [round(v, 2) for v in js],
+           "torch_ms_rounds": [round(v, 2) for v in ts],
+           "setup_and_compile_s": round(setup_s, 2), "check": check,
+           "bound": flop_bound(flops, div, jm, tm, peak)}
+    if alts:
+        row["alternatives"] = {alt: alternative_result(a, alt_ms[alt], div, jm, tm, peak)
+                               for alt, a in alts.items()}
+    return row
+
+
+def alternative_result(alt: dict, ms: list, div: int, jax_ms: float, torch_ms: float,
+                       peak: dict) -> dict:
+    """One generator variant of an inversion row, timed in the same interleaved rounds."""
+    m = statistics.median(ms)
+    return {"generator": alt["generator"], "jax_ms": round(m, 2),
+            "jax_ms_rounds": [round(v, 2) for v in ms], "speedup": round(torch_ms / m, 3),
+            "vs_default_jax": round(jax_ms / m, 3),
+            "generator_output_max_abs_diff_vs_default":
+                alt["generator_output_max_abs_diff_vs_default"],
+            "bound": flop_bound(alt["_flops"](), div, m, torch_ms, peak)}
 
 
 def main(argv=None):
@@ -626,11 +685,14 @@ def main(argv=None):
     p.add_argument("--api-conv-impl", choices=CONV_IMPLS, default=API_CONV_IMPL,
                    help="convolution back-end of the inversion rows' black-box API (default: "
                         f"{API_CONV_IMPL!r}, what dfml_jax.teachers.load_pool builds)")
+    p.add_argument("--no-alternatives", dest="alternatives", action="store_false",
+                   help="do not time the inversion rows' generator variants (GEN_ALTERNATIVES)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
-    cfg = dict(SMOKE if args.smoke else REAL, api_conv_impl=args.api_conv_impl)
+    cfg = dict(SMOKE if args.smoke else REAL, api_conv_impl=args.api_conv_impl,
+               alternatives=args.alternatives)
     inv_iters = args.inv_iters or (1 if args.smoke else 2)
     n = cores()
     torch.set_num_threads(args.torch_threads or n)
