@@ -28,7 +28,7 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def adapt(apply_fn: ApplyFn, params, x: jax.Array, targets: jax.Array, *, steps: int, lr: float,
-          loss_fn: LossFn = cross_entropy, first_order: bool = False):
+          loss_fn: LossFn = cross_entropy, first_order: bool = False, unroll: int | bool = 1):
     """Inner-loop adaptation: ``steps`` plain SGD steps of ``loss_fn(apply_fn(p, x), targets)``.
 
     Args:
@@ -40,6 +40,8 @@ def adapt(apply_fn: ApplyFn, params, x: jax.Array, targets: jax.Array, *, steps:
       lr: inner learning rate.
       loss_fn: ``(logits, targets) -> scalar``.
       first_order: if True, inner gradients are constants for the outer gradient (FOMAML).
+      unroll: ``lax.scan``'s ``unroll`` for the inner loop (``True``: fully unrolled; the same
+        steps, compiled as straight-line code: equal up to float rounding).
 
     Returns:
       The adapted parameters (same structure as ``params``).
@@ -52,17 +54,17 @@ def adapt(apply_fn: ApplyFn, params, x: jax.Array, targets: jax.Array, *, steps:
             g = jax.lax.stop_gradient(g)
         return jax.tree.map(lambda a, b: a - lr * b, p, g), None
 
-    params, _ = jax.lax.scan(step, params, None, length=steps)
+    params, _ = jax.lax.scan(step, params, None, length=steps, unroll=unroll)
     return params
 
 
 def maml_task_loss(apply_fn: ApplyFn, params, support_x, support_t, query_x, query_t, *, steps: int,
                    lr: float, loss_fn: LossFn = cross_entropy, first_order: bool = False,
-                   query_labels=None):
+                   query_labels=None, unroll: int | bool = 1):
     """Outer loss of one task: adapt on the support set, evaluate ``loss_fn`` on the query set.
 
     Args:
-      apply_fn, params, steps, lr, loss_fn, first_order: as in :func:`adapt`.
+      apply_fn, params, steps, lr, loss_fn, first_order, unroll: as in :func:`adapt`.
       support_x, support_t: support inputs and targets.
       query_x, query_t: query inputs and targets.
       query_labels: optional int labels of the query set for the reported accuracy (defaults to
@@ -72,7 +74,7 @@ def maml_task_loss(apply_fn: ApplyFn, params, support_x, support_t, query_x, que
       ``(loss, (accuracy, adapted_params))``.
     """
     fast = adapt(apply_fn, params, support_x, support_t, steps=steps, lr=lr, loss_fn=loss_fn,
-                 first_order=first_order)
+                 first_order=first_order, unroll=unroll)
     logits = apply_fn(fast, query_x)
     loss = loss_fn(logits, query_t)
     if query_labels is None:

@@ -53,6 +53,23 @@ def test_second_order_maml_gradient_matches_finite_differences(first_order):
         jax.config.update("jax_enable_x64", False)
 
 
+@pytest.mark.parametrize("unroll", [2, True])
+def test_unrolled_inner_loop_is_the_same_maml(unroll):
+    """``unroll`` changes how the inner scan compiles, not what it computes (second order)."""
+    p = mlp_params(jax.random.key(0))
+    sx, sy = task(jax.random.key(1))
+    qx, qy = task(jax.random.key(2))
+
+    def outer(params, u):
+        return meta.maml_task_loss(mlp_apply, params, sx, sy, qx, qy, steps=5, lr=0.5,
+                                   unroll=u)[0]
+
+    (l1, g1), (l2, g2) = (jax.value_and_grad(outer)(p, u) for u in (1, unroll))
+    np.testing.assert_allclose(l2, l1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_adaptation_reduces_support_loss():
     p = mlp_params(jax.random.key(0))
     x, y = task(jax.random.key(1))

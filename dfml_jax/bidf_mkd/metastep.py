@@ -50,8 +50,9 @@ class ReplayTasks(NamedTuple):
 
 
 def kd_task_loss(apply_fn: Callable, params, task: KDTask, *, steps: int, lr: float,
-                 kd_loss: str = "kl", first_order: bool = False):
-    """Outer KD loss of one API visit through ``steps`` inner KD steps.
+                 kd_loss: str = "kl", first_order: bool = False, unroll: int | bool = 1):
+    """Outer KD loss of one API visit through ``steps`` inner KD steps (``unroll``: the inner
+    ``lax.scan``'s, as in :func:`dfml_jax.meta.adapt`).
 
     Returns:
       ``(loss, accuracy on the synthetic query labels)``.
@@ -59,7 +60,8 @@ def kd_task_loss(apply_fn: Callable, params, task: KDTask, *, steps: int, lr: fl
     kd = KD_LOSSES[kd_loss]
     loss, (acc, _) = maml_task_loss(apply_fn, params, task.support_x, task.support_p, task.query_x,
                                     task.query_p, steps=steps, lr=lr, loss_fn=kd,
-                                    first_order=first_order, query_labels=task.query_y)
+                                    first_order=first_order, query_labels=task.query_y,
+                                    unroll=unroll)
     return loss, acc
 
 
@@ -71,11 +73,13 @@ def adapt_on_support(apply_fn: Callable, params, support_x, support_p, *, steps:
 
 
 def replay_loss(apply_fn: Callable, params, tasks: ReplayTasks, *, steps: int, lr: float,
-                first_order: bool = False):
-    """Summed MAML cross-entropy outer loss of a stack of replay tasks, and their accuracies."""
+                first_order: bool = False, unroll: int | bool = 1):
+    """Summed MAML cross-entropy outer loss of a stack of replay tasks, and their accuracies
+    (``unroll``: the inner ``lax.scan``'s, as in :func:`dfml_jax.meta.adapt`)."""
     def one(sx, sy, qx, qy):
         loss, (acc, _) = maml_task_loss(apply_fn, params, sx, sy, qx, qy, steps=steps, lr=lr,
-                                        loss_fn=cross_entropy, first_order=first_order)
+                                        loss_fn=cross_entropy, first_order=first_order,
+                                        unroll=unroll)
         return loss, acc
 
     losses, accs = jax.vmap(one)(*tasks)

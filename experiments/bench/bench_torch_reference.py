@@ -59,7 +59,10 @@ variants of ``GEN_ALTERNATIVES`` (``alternatives`` in the row: the generator's u
 computed at the lower resolution, ``upsample="subpixel"``, and/or its convolutions on the
 ``"lax"`` back-end): the same function with its arithmetic arranged differently, so results equal
 the default's up to float rounding (``generator_output_max_abs_diff_vs_default``), but they are
-not what the library runs by default. ``--no-alternatives`` skips them.
+not what the library runs by default. The replay and KD rows likewise time
+``META_ALTERNATIVES`` (the inner ``lax.scan`` fully unrolled, ``unroll=True`` of
+:func:`dfml_jax.meta.adapt`; the meta-model on the ``"lax"`` back-end; both), with their loss
+and gradient checked against the default step's. ``--no-alternatives`` skips them all.
 
 Command lines::
 
@@ -121,6 +124,13 @@ GEN_ALTERNATIVES = {
     "generator_upsample=subpixel": dict(upsample="subpixel"),
     "generator_conv_impl=lax": dict(conv_impl="lax"),
     "generator_upsample=subpixel,conv_impl=lax": dict(upsample="subpixel", conv_impl="lax"),
+}
+# meta-model variants the replay and KD rows also time (--alternatives): the inner loop's
+# lax.scan fully unrolled, the Conv4 meta-model on the "lax" convolution back-end, both
+META_ALTERNATIVES = {
+    "inner_unroll=full": dict(unroll=True),
+    "meta_conv_impl=lax": dict(conv_impl="lax"),
+    "inner_unroll=full,meta_conv_impl=lax": dict(unroll=True, conv_impl="lax"),
 }
 
 
@@ -496,19 +506,45 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
             "run": runner(inv_alt),
             "_flops": lambda inv_alt=inv_alt: step_flops(inv_alt, jax.random.key(0), 0, gp,
                                                          group.operand),
-            "generator": gen_kw,
-            "generator_output_max_abs_diff_vs_default": float(jnp.abs(x01_alt - x01_j).max())}
+            "settings": gen_kw,
+            "check": {"generator_output_max_abs_diff_vs_default":
+                      float(jnp.abs(x01_alt - x01_j).max())}}
         alternatives[alt]["run"]()  # compile
     info["_alternatives"] = alternatives
     return run_jax, run_torch, check, info
 
 
 def meta_setup(cfg):
-    s, c, k = cfg["image_size"], cfg["channels"], cfg["ways"]
-    meta = functional(create_model("conv4", num_classes=k, input_shape=(s, s, c), rngs_or_key=3,
-                                   width=cfg["width"]))
-    tm = TorchMeta(conv4_to_torch(flat_params(meta.params), feat_hw(s)), cfg)
+    meta = meta_model(cfg)
+    tm = TorchMeta(conv4_to_torch(flat_params(meta.params), feat_hw(cfg["image_size"])), cfg)
     return meta, tm
+
+
+def meta_model(cfg, conv_impl=None):
+    s, c, k = cfg["image_size"], cfg["channels"], cfg["ways"]
+    return functional(create_model("conv4", num_classes=k, input_shape=(s, s, c), rngs_or_key=3,
+                                   width=cfg["width"], conv_impl=conv_impl))
+
+
+def meta_alternatives(cfg, make_loss, params, opt, data, res_default):
+    """The replay / KD row's JAX step with each :data:`META_ALTERNATIVES` variant: compiled,
+    checked against the default step (same weights and data), ready to time."""
+    out = {}
+    for alt, kw in (META_ALTERNATIVES.items() if cfg.get("alternatives") else ()):
+        kw = dict(kw)
+        apply_fn = meta_model(cfg, kw.pop("conv_impl", None)).apply_batchstats
+        _, step = jax_step(make_loss(apply_fn, **kw), cfg["outer_lr"])
+        run = lambda step=step: jax.block_until_ready(step(params, opt, data))  # noqa: E731
+        _, _, loss, g = run()
+        _, _, loss0, g0 = res_default
+        out[alt] = {
+            "run": run, "settings": META_ALTERNATIVES[alt],
+            "_flops": lambda step=step: step_flops(step, params, opt, data),
+            "check": {"loss_rel_diff_vs_default": abs(float(loss) - float(loss0))
+                      / max(abs(float(loss0)), 1e-30),
+                      "grad_rel_err_vs_default": tree_rel_err(flat_params(g),
+                                                              flat_params(g0))}}
+    return out
 
 
 def jax_step(loss_fn, outer_lr):
@@ -544,9 +580,9 @@ def setup_replay(cfg):
     sy = np.tile(np.repeat(np.arange(k), r["shots"]), (t, 1)).astype(np.int32)
     qy = np.tile(np.repeat(np.arange(k), r["query"]), (t, 1)).astype(np.int32)
     tasks = ReplayTasks(*(jnp.asarray(a) for a in (sx, sy, qx, qy)))
-    loss_fn = lambda p, d: replay_loss(meta.apply_batchstats, p, d, steps=r["steps"],  # noqa: E731
-                                       lr=cfg["inner_lr"])[0]
-    tx, step = jax_step(loss_fn, cfg["outer_lr"])
+    make_loss = lambda apply_fn, **kw: lambda p, d: replay_loss(  # noqa: E731
+        apply_fn, p, d, steps=r["steps"], lr=cfg["inner_lr"], **kw)[0]
+    tx, step = jax_step(make_loss(meta.apply_batchstats), cfg["outer_lr"])
     opt = tx.init(meta.params)
     ttasks = [(nchw(sx[i]), torch.from_numpy(sy[i]).long(), nchw(qx[i]),
                torch.from_numpy(qy[i]).long()) for i in range(t)]
@@ -556,7 +592,8 @@ def setup_replay(cfg):
     check = compare_meta(res_j, loss_t, grads_t, s)
     info = {"tasks": t, "ways": k, "shots": r["shots"], "query": r["query"],
             "inner_steps": r["steps"], "second_order": True, "per_call_divisor": 1,
-            "_flops": lambda: step_flops(step, meta.params, opt, tasks)}
+            "_flops": lambda: step_flops(step, meta.params, opt, tasks),
+            "_alternatives": meta_alternatives(cfg, make_loss, meta.params, opt, tasks, res_j)}
     return run_jax, lambda: tm.replay(ttasks), check, info
 
 
@@ -572,9 +609,9 @@ def setup_kd(cfg):
     qp = soft(rng.standard_normal((n, k))).astype(np.float32)
     task = KDTask(jnp.asarray(sx), jnp.asarray(sp), jnp.asarray(qx), jnp.asarray(qp),
                   jnp.tile(jnp.arange(k), n // k))
-    loss_fn = lambda p, d: kd_task_loss(meta.apply_batchstats, p, d, steps=kd["steps"],  # noqa: E731
-                                        lr=cfg["inner_lr"], kd_loss="kl")[0]
-    tx, step = jax_step(loss_fn, cfg["outer_lr"])
+    make_loss = lambda apply_fn, **kw: lambda p, d: kd_task_loss(  # noqa: E731
+        apply_fn, p, d, steps=kd["steps"], lr=cfg["inner_lr"], kd_loss="kl", **kw)[0]
+    tx, step = jax_step(make_loss(meta.apply_batchstats), cfg["outer_lr"])
     opt = tx.init(meta.params)
     ttask = (nchw(sx), tt(sp), nchw(qx), tt(qp))
     run_jax = lambda: jax.block_until_ready(step(meta.params, opt, task))  # noqa: E731
@@ -582,7 +619,8 @@ def setup_kd(cfg):
     loss_t, grads_t = tm.kd(ttask, want_grads=True)
     check = compare_meta(res_j, loss_t, grads_t, s)
     info = {"images": n, "inner_steps": kd["steps"], "kd_loss": "kl", "second_order": True,
-            "per_call_divisor": 1, "_flops": lambda: step_flops(step, meta.params, opt, task)}
+            "per_call_divisor": 1, "_flops": lambda: step_flops(step, meta.params, opt, task),
+            "_alternatives": meta_alternatives(cfg, make_loss, meta.params, opt, task, res_j)}
     return run_jax, lambda: tm.kd(ttask), check, info
 
 
@@ -662,13 +700,11 @@ def time_row(name, cfg, rounds, inv_iters, peak):
 
 def alternative_result(alt: dict, ms: list, div: int, jax_ms: float, torch_ms: float,
                        peak: dict) -> dict:
-    """One generator variant of an inversion row, timed in the same interleaved rounds."""
+    """One variant of a row's JAX side, timed in the same interleaved rounds."""
     m = statistics.median(ms)
-    return {"generator": alt["generator"], "jax_ms": round(m, 2),
+    return {"settings": alt["settings"], "jax_ms": round(m, 2),
             "jax_ms_rounds": [round(v, 2) for v in ms], "speedup": round(torch_ms / m, 3),
-            "vs_default_jax": round(jax_ms / m, 3),
-            "generator_output_max_abs_diff_vs_default":
-                alt["generator_output_max_abs_diff_vs_default"],
+            "vs_default_jax": round(jax_ms / m, 3), "check": alt["check"],
             "bound": flop_bound(alt["_flops"](), div, m, torch_ms, peak)}
 
 
@@ -686,7 +722,7 @@ def main(argv=None):
                    help="convolution back-end of the inversion rows' black-box API (default: "
                         f"{API_CONV_IMPL!r}, what dfml_jax.teachers.load_pool builds)")
     p.add_argument("--no-alternatives", dest="alternatives", action="store_false",
-                   help="do not time the inversion rows' generator variants (GEN_ALTERNATIVES)")
+                   help="do not time the JAX variants (GEN_ALTERNATIVES, META_ALTERNATIVES)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.rounds < 1:
