@@ -56,13 +56,13 @@ back-end); the generator and the meta-model use the library default (im2col).
 
 Each inversion row also times, in the same interleaved rounds, the JAX side with the generator
 variants of ``GEN_ALTERNATIVES`` (``alternatives`` in the row: the generator's upsample-conv pairs
-computed at the lower resolution, ``upsample="subpixel"``, and/or its convolutions on the
-``"lax"`` back-end): the same function with its arithmetic arranged differently, so results equal
+computed at the lower resolution, ``upsample="subpixel"``): the same function with its arithmetic arranged differently, so results equal
 the default's up to float rounding (``generator_output_max_abs_diff_vs_default``), but they are
 not what the library runs by default. The replay and KD rows likewise time
 ``META_ALTERNATIVES`` (the inner ``lax.scan`` fully unrolled, ``unroll=True`` of
-:func:`dfml_jax.meta.adapt`; the meta-model on the ``"lax"`` back-end; both), with their loss
-and gradient checked against the default step's. ``--no-alternatives`` skips them all.
+:func:`dfml_jax.meta.adapt`), with their loss and gradient checked against the default step's.
+``--alternatives all`` also times the variants with every generator / meta-model convolution
+on the ``"lax"`` back-end (slow here: minutes per row); ``--alternatives none`` skips them all.
 
 Command lines::
 
@@ -120,18 +120,26 @@ API_CONV_IMPL = inspect.signature(load_pool).parameters["conv_impl"].default
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # CIFAR-FS statistics
 # generator variants the inversion rows also time (--alternatives): the same function, other
 # arrangements of its arithmetic (results equal up to float rounding; not the library default)
-GEN_ALTERNATIVES = {
-    "generator_upsample=subpixel": dict(upsample="subpixel"),
+GEN_ALTERNATIVES = {"generator_upsample=subpixel": dict(upsample="subpixel")}
+# meta-model variants the replay and KD rows also time: the inner loop's lax.scan fully unrolled
+META_ALTERNATIVES = {"inner_unroll=full": dict(unroll=True)}
+# --alternatives all adds these: every convolution of the generator / meta-model on the "lax"
+# back-end. Slow on XLA:CPU (measured: the generator's lax convolutions inside the inversion's
+# iteration loop, 36-38 s per B=50 iteration against 0.7 s; the vmapped replay tasks, grouped
+# convolutions, ~10x), hence not timed unless asked
+GEN_ALTERNATIVES_LAX = {
     "generator_conv_impl=lax": dict(conv_impl="lax"),
     "generator_upsample=subpixel,conv_impl=lax": dict(upsample="subpixel", conv_impl="lax"),
 }
-# meta-model variants the replay and KD rows also time (--alternatives): the inner loop's
-# lax.scan fully unrolled, the Conv4 meta-model on the "lax" convolution back-end, both
-META_ALTERNATIVES = {
-    "inner_unroll=full": dict(unroll=True),
+META_ALTERNATIVES_LAX = {
     "meta_conv_impl=lax": dict(conv_impl="lax"),
     "inner_unroll=full,meta_conv_impl=lax": dict(unroll=True, conv_impl="lax"),
 }
+
+
+def chosen_alternatives(which: str, fast: dict, lax: dict) -> dict:
+    """The variants ``--alternatives`` asks for (``none`` / ``fast`` / ``all``)."""
+    return {} if which == "none" else dict(fast) | (dict(lax) if which == "all" else {})
 
 
 def log(*a):
@@ -499,7 +507,8 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
             "per_call_divisor": inv_iters,
             "_flops": lambda: step_flops(inv, jax.random.key(0), 0, gp, group.operand)}
     alternatives = {}
-    for alt, gen_kw in (GEN_ALTERNATIVES.items() if cfg.get("alternatives") else ()):
+    for alt, gen_kw in chosen_alternatives(cfg["alternatives"], GEN_ALTERNATIVES,
+                                    GEN_ALTERNATIVES_LAX).items():
         g_alt, inv_alt = jax_side(**gen_kw)
         x01_alt = g_alt.apply_batchstats(gp, jnp.asarray(z))
         alternatives[alt] = {
@@ -530,15 +539,16 @@ def meta_alternatives(cfg, make_loss, params, opt, data, res_default):
     """The replay / KD row's JAX step with each :data:`META_ALTERNATIVES` variant: compiled,
     checked against the default step (same weights and data), ready to time."""
     out = {}
-    for alt, kw in (META_ALTERNATIVES.items() if cfg.get("alternatives") else ()):
-        kw = dict(kw)
+    for alt, settings in chosen_alternatives(cfg["alternatives"], META_ALTERNATIVES,
+                                      META_ALTERNATIVES_LAX).items():
+        kw = dict(settings)
         apply_fn = meta_model(cfg, kw.pop("conv_impl", None)).apply_batchstats
         _, step = jax_step(make_loss(apply_fn, **kw), cfg["outer_lr"])
         run = lambda step=step: jax.block_until_ready(step(params, opt, data))  # noqa: E731
         _, _, loss, g = run()
         _, _, loss0, g0 = res_default
         out[alt] = {
-            "run": run, "settings": META_ALTERNATIVES[alt],
+            "run": run, "settings": settings,
             "_flops": lambda step=step: step_flops(step, params, opt, data),
             "check": {"loss_rel_diff_vs_default": abs(float(loss) - float(loss0))
                       / max(abs(float(loss0)), 1e-30),
@@ -721,8 +731,10 @@ def main(argv=None):
     p.add_argument("--api-conv-impl", choices=CONV_IMPLS, default=API_CONV_IMPL,
                    help="convolution back-end of the inversion rows' black-box API (default: "
                         f"{API_CONV_IMPL!r}, what dfml_jax.teachers.load_pool builds)")
-    p.add_argument("--no-alternatives", dest="alternatives", action="store_false",
-                   help="do not time the JAX variants (GEN_ALTERNATIVES, META_ALTERNATIVES)")
+    p.add_argument("--alternatives", choices=("none", "fast", "all"), default="fast",
+                   help="JAX variants timed beside each row's default: none; fast "
+                        "(GEN_ALTERNATIVES, META_ALTERNATIVES: the default); all (also the "
+                        "slow lax-back-end variants)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.rounds < 1:
