@@ -112,5 +112,7 @@ class DCGANGenerator(nnx.Module):
         return jnp.tanh(h) if self.head == "tanh_bn" else jax.nn.sigmoid(h)
 
     def _upsample_conv(self, conv: Conv2d, h: jax.Array) -> jax.Array:
-        """``conv(upsample_nearest2(h))`` computed as ``self.upsample`` says."""
-        return upsample2_conv3x3(h, conv.kernel[...], method=self.upsample, impl=conv.impl)
+        """``conv(upsample_nearest2(h))`` (a 3x3, stride-1, padding-1 conv) computed as
+        ``self.upsample`` says."""
+        bias = None if conv.bias is None else conv.bias[...]
+        return upsample2_conv3x3(h, conv.kernel[...], bias, method=self.upsample, impl=conv.impl)
