@@ -56,9 +56,10 @@ back-end); the generator and the meta-model use the library default (im2col).
 
 Each inversion row also times, in the same interleaved rounds, the JAX side with the generator
 variants of ``GEN_ALTERNATIVES`` (``alternatives`` in the row: the generator's upsample-conv pairs
-computed at the lower resolution, ``upsample="subpixel"``): the same function with its arithmetic arranged differently, so results equal
-the default's up to float rounding (``generator_output_max_abs_diff_vs_default``), but they are
-not what the library runs by default. The replay and KD rows likewise time
+computed at the lower resolution, ``upsample="subpixel"``): the same function with its
+arithmetic arranged differently, so results equal the default's up to float rounding
+(``generator_output_max_abs_diff_vs_default``), but they are not what the library runs by
+default. The replay and KD rows likewise time
 ``META_ALTERNATIVES`` (the inner ``lax.scan`` fully unrolled, ``unroll=True`` of
 :func:`dfml_jax.meta.adapt`), with their loss and gradient checked against the default step's.
 ``--alternatives all`` also times the variants with every generator / meta-model convolution
@@ -508,7 +509,7 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
             "_flops": lambda: step_flops(inv, jax.random.key(0), 0, gp, group.operand)}
     alternatives = {}
     for alt, gen_kw in chosen_alternatives(cfg["alternatives"], GEN_ALTERNATIVES,
-                                    GEN_ALTERNATIVES_LAX).items():
+                                           GEN_ALTERNATIVES_LAX).items():
         g_alt, inv_alt = jax_side(**gen_kw)
         x01_alt = g_alt.apply_batchstats(gp, jnp.asarray(z))
         alternatives[alt] = {
@@ -539,19 +540,18 @@ def meta_alternatives(cfg, make_loss, params, opt, data, res_default):
     """The replay / KD row's JAX step with each :data:`META_ALTERNATIVES` variant: compiled,
     checked against the default step (same weights and data), ready to time."""
     out = {}
+    _, _, loss0, g0 = res_default
     for alt, settings in chosen_alternatives(cfg["alternatives"], META_ALTERNATIVES,
-                                      META_ALTERNATIVES_LAX).items():
+                                             META_ALTERNATIVES_LAX).items():
         kw = dict(settings)
         apply_fn = meta_model(cfg, kw.pop("conv_impl", None)).apply_batchstats
         _, step = jax_step(make_loss(apply_fn, **kw), cfg["outer_lr"])
         run = lambda step=step: jax.block_until_ready(step(params, opt, data))  # noqa: E731
         _, _, loss, g = run()
-        _, _, loss0, g0 = res_default
         out[alt] = {
             "run": run, "settings": settings,
             "_flops": lambda step=step: step_flops(step, params, opt, data),
-            "check": {"loss_rel_diff_vs_default": abs(float(loss) - float(loss0))
-                      / max(abs(float(loss0)), 1e-30),
+            "check": {"loss_rel_diff_vs_default": rel_err(loss, loss0),
                       "grad_rel_err_vs_default": tree_rel_err(flat_params(g),
                                                               flat_params(g0))}}
     return out
