@@ -72,29 +72,36 @@ def test_inversion_rows_time_the_generator_alternatives(result):
     rounds; the subpixel form computes fewer FLOPs than the literal upsample-then-conv."""
     for r in result["rows"][:2]:
         alts = r["alternatives"]
-        assert set(alts) == {"generator_upsample=subpixel"}
+        assert set(alts) == {"generator_upsample=subpixel", "inversion_loop=host",
+                             "inversion_loop=host,generator_upsample=subpixel",
+                             "inversion_loop=host,generator_upsample=subpixel,conv_impl=lax"}
         for a in alts.values():
             assert a["check"]["generator_output_max_abs_diff_vs_default"] < 1e-5
+            assert a["check"]["inversion_images_max_abs_diff_vs_default"] < 1e-3
             assert len(a["jax_ms_rounds"]) == result["rounds"] and a["jax_ms"] > 0
             assert a["speedup"] == pytest.approx(r["torch_ms"] / a["jax_ms"], rel=1e-2)
             assert a["vs_default_jax"] == pytest.approx(r["jax_ms"] / a["jax_ms"], rel=1e-2)
         assert (alts["generator_upsample=subpixel"]["bound"]["gflop"] < r["bound"]["gflop"])
+        # the host loop runs the same iterations: the same FLOPs
+        assert (alts["inversion_loop=host"]["bound"]["gflop"]
+                == pytest.approx(r["bound"]["gflop"], rel=1e-6))
 
 
 
 def test_meta_rows_time_the_meta_alternatives(result):
-    """The unrolled inner loop computes the same loss and second-order gradient as the default
-    step, with the same FLOPs."""
+    """The unrolled inner loop, and the channel-major meta-model with it, compute the same loss
+    and second-order gradient as the default step, with the same FLOPs."""
+    assert result["environment"]["malloc"] == "glibc default"  # --malloc default
     for r in result["rows"][2:]:
         alts = r["alternatives"]
-        assert set(alts) == {"inner_unroll=full"}
+        assert set(alts) == {"inner_unroll=full", "meta_layout=CNHW,inner_unroll=full"}
         for a in alts.values():
             assert a["check"]["loss_rel_diff_vs_default"] < 1e-5
             assert a["check"]["grad_rel_err_vs_default"] < 1e-4
             assert a["speedup"] == pytest.approx(r["torch_ms"] / a["jax_ms"], rel=1e-2)
             assert len(a["jax_ms_rounds"]) == result["rounds"]
-        assert (alts["inner_unroll=full"]["bound"]["gflop"]
-                == pytest.approx(r["bound"]["gflop"], rel=1e-6))
+        for name in alts:
+            assert alts[name]["bound"]["gflop"] == pytest.approx(r["bound"]["gflop"], rel=1e-6)
 
 
 def test_meta_rows_agree_numerically(result):

@@ -160,3 +160,38 @@ def test_class_latents_make_each_class_one_drawing_with_variations(parts):
     assert 0 < within < across
     with pytest.raises(ValueError, match="class_jitter"):
         run(parts, dataclasses.replace(base, class_jitter=-1.0))
+
+
+@pytest.mark.parametrize("extra", [{}, {"class_jitter": 0.1}, {"select": "surrogate"}])
+def test_host_loop_is_the_same_inversion(parts, extra):
+    """``loop="host"`` (one compiled call per iteration) runs the scan's arithmetic: the same
+    queries, the same per-iteration metrics and the same selected batch, to float rounding."""
+    cfg = dataclasses.replace(CFG, iterations=6, **extra)
+    ws = jax.random.normal(jax.random.key(5), (SIZE * SIZE, K))
+    student = (lambda p, x: x.reshape(x.shape[0], -1) @ p, ws)
+    api_s, scan = run(parts, cfg, student=student)
+    api_h, host = run(parts, dataclasses.replace(cfg, loop="host"), student=student)
+    assert api_h.queries == api_s.queries == inversion_queries(cfg, K)
+    for a, b in zip(scan, host):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_host_loop_compiles_once_for_every_call(parts):
+    traces = []
+
+    def counted_gen_apply(p, z):
+        traces.append(1)
+        return parts[2](p, z)
+    api = BlackBoxAPI.from_jax(parts[0], (SIZE, SIZE, 1), K)
+    cfg = InversionConfig(iterations=3, per_class=2, num_directions=2, pad=1, loop="host")
+    inv = make_inverter(api, counted_gen_apply, nz=16, cfg=cfg, mean=(0.5,), std=(0.5,),
+                        image_size=SIZE)
+    for i in range(3):
+        res = jax.block_until_ready(inv(jax.random.key(i), 0, parts[1](jax.random.key(9)), None))
+        assert res.clean_ce.shape == (3,)
+    assert len(traces) == 2  # the start and the step, each traced once for 3 calls x 3 iterations
+    assert api.queries == 3 * inversion_queries(cfg, K)
+    with pytest.raises(ValueError, match="loop must be one of"):
+        make_inverter(api, parts[2], nz=16, cfg=dataclasses.replace(cfg, loop="python"),
+                      mean=(0.5,), std=(0.5,), image_size=SIZE)

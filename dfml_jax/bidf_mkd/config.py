@@ -68,6 +68,9 @@ class BiDfExperimentConfig:
     # meta-model
     meta_arch: str = "conv4"
     meta_width: int = 32
+    # activation layout of the conv4 meta-model: "NHWC" or "CNHW" (channel-major: the same
+    # function and parameters, faster second-order steps on XLA:CPU; dfml_jax.models.layers)
+    meta_layout: str = "NHWC"
     # initial meta-model of the meta-trained methods (bidf_mkd, white_box, maml_*): "random" (the
     # paper) or "scaled" (the random init with every kernel x kernel_scale(cfg), i.e. the
     # random_scaled baseline's weights: meta-training starts where that baseline stands)

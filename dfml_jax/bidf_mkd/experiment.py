@@ -173,12 +173,24 @@ def run_experiment(cfg: BiDfExperimentConfig, workdir: str, *, progress: bool = 
     return _finish(run, cfg, results, pool, wall_s=round(time.time() - t0, 1))
 
 
+def meta_model_options(cfg: BiDfExperimentConfig) -> Dict[str, Any]:
+    """``create_model`` options of the meta-model: its width, and its layout when not NHWC
+    (only ``conv4`` has one)."""
+    if cfg.meta_layout == "NHWC":
+        return {"width": cfg.meta_width}
+    if cfg.meta_arch != "conv4":
+        raise ValueError(f"meta_layout={cfg.meta_layout!r} needs meta_arch='conv4' (the only "
+                         f"architecture with a layout option), got {cfg.meta_arch!r}; set "
+                         "meta_layout=NHWC.")
+    return {"width": cfg.meta_width, "layout": cfg.meta_layout}
+
+
 def _models(cfg: BiDfExperimentConfig, shape):
     """The meta-model and the inversion's generator (functional views), both initialised from
     ``cfg.loop.seed``, for images of ``shape``."""
     lp = cfg.loop
     meta = functional(create_model(cfg.meta_arch, num_classes=lp.ways, input_shape=shape,
-                                   rngs_or_key=lp.seed, width=cfg.meta_width))
+                                   rngs_or_key=lp.seed, **meta_model_options(cfg)))
     gen_kw = {"latent": cfg.stroke_latent} if cfg.generator == "strokes" else {}
     gen = functional(create_model(cfg.generator, nz=lp.nz, ngf=lp.ngf, img_size=cfg.image_size,
                                   nc=shape[-1], rngs_or_key=lp.seed, **gen_kw))

@@ -51,7 +51,7 @@ from dfml_jax.training.augment import batch_shared_augment
 
 ZO_SPACES = ("image", "latent")
 
-__all__ = ["ZO_SPACES", "InversionConfig", "InversionResult", "make_inverter", "inversion_queries",
+__all__ = ["ZO_SPACES", "INVERSION_LOOPS", "InversionConfig", "InversionResult", "make_inverter", "inversion_queries",
            "per_sample_objective", "image_prior"]
 
 
@@ -88,6 +88,13 @@ class InversionConfig:
     # weights stay as initialised). For a stroke generator with latent="direct" (z = 32 stroke
     # parameters) the q directions then search d = 32 instead of H * W * C dimensions.
     zo_space: str = "image"
+    # how the iterations run: "scan" (one compiled lax.scan per call) or "host" (each iteration
+    # one compiled call from Python: the same arithmetic, compiled outside a loop, faster on
+    # XLA:CPU; experiments/bench/bench_torch_reference.py measures both)
+    loop: str = "scan"
+
+
+INVERSION_LOOPS = ("scan", "host")
 
 
 class InversionResult(NamedTuple):
@@ -193,6 +200,8 @@ def _validate_config(cfg: InversionConfig, image_size: int, mesh, shard: str) ->
     if cfg.zo_space == "latent" and mesh is not None and shard == "directions":
         raise ValueError("InversionConfig.zo_space='latent' shards the samples over the mesh: use "
                          "shard='samples' (or zo_space='image' to shard the directions)")
+    if cfg.loop not in INVERSION_LOOPS:
+        raise ValueError(f"InversionConfig.loop must be one of {INVERSION_LOOPS}, got {cfg.loop!r}")
     if cfg.select not in ("clean_ce", "surrogate"):
         raise ValueError(f"InversionConfig.select must be 'clean_ce' or 'surrogate', got {cfg.select!r}")
     if cfg.direction_resolution is not None:
@@ -464,44 +473,83 @@ def _latent_gradient(pt: _Parts, latent_zo: Callable) -> Callable:
     return latent_gradient
 
 
-def _make_run(pt: _Parts, gen_apply: Callable, nz: int, gradient: Callable,
-              constrain: Callable) -> Callable:
-    """The (unjitted) inversion: initial latents, then ``iterations`` Adam steps in a scan."""
+def _make_loop_parts(pt: _Parts, gen_apply: Callable, nz: int, gradient: Callable,
+                     constrain: Callable):
+    """The inversion's two pure pieces: ``start(key, gen_params) -> (carry, k_loop, eps)``
+    (initial latents, Adam state, no best image yet) and ``step(carry, i, k_loop, eps, index,
+    operand, student_params, teacher_params) -> (carry, (ce, acc, zero_frac))`` (iteration
+    ``i``)."""
     cfg, b, targets, k = pt.cfg, pt.b, pt.targets, pt.group.num_classes
     tx = optax.adam(cfg.lr, b1=0.5, b2=0.999)
 
-    def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
+    def latents(z, eps):
+        return z if eps is None else z[targets] + eps  # class latents + fixed per-image jitter
+
+    def start(key, gen_params):
         k_z, k_loop = jax.random.split(key)
         if cfg.class_jitter is None:
             params = {"w": gen_params, "z": constrain(jax.random.normal(k_z, (b, nz)))}
-            latents = lambda z: z  # noqa: E731
-        else:  # class latents + fixed per-image jitter
+            eps = None
+        else:
             k_c, k_e = jax.random.split(k_z)
             params = {"w": gen_params, "z": jax.random.normal(k_c, (k, nz))}
             eps = constrain(cfg.class_jitter * jax.random.normal(k_e, (b, nz)))
-            latents = lambda z: z[targets] + eps  # noqa: E731
-        opt = tx.init(params)
+        x0 = gen_apply(params["w"], latents(params["z"], eps))
+        return (params, tx.init(params), jnp.zeros_like(x0), jnp.float32(jnp.inf)), k_loop, eps
 
-        def step(carry, i):
-            params, opt, best_img, best_score = carry
-            k_aug, k_zo = jax.random.split(jax.random.fold_in(k_loop, i))
-            grads, x01, point, out0, g, zero_frac = gradient(
-                params, latents, k_aug, k_zo, index, operand, student_params, teacher_params)
-            ce = jnp.mean(per_sample_objective(out0, targets, pt.group.output))
-            acc = jnp.mean(jnp.argmax(out0, -1) == targets)
-            updates, opt = tx.update(grads, opt, params)
-            params = optax.apply_updates(params, updates)
-            score = ce if cfg.select == "clean_ce" else jnp.mean(
-                jnp.sum((point * g).reshape(b, -1), axis=1))
-            better = score < best_score
-            best_img = jnp.where(better, jax.lax.stop_gradient(x01), best_img)
-            best_score = jnp.where(better, score, best_score)
-            return (params, opt, best_img, best_score), (ce, acc, zero_frac)
+    def step(carry, i, k_loop, eps, index, operand, student_params, teacher_params):
+        params, opt, best_img, best_score = carry
+        k_aug, k_zo = jax.random.split(jax.random.fold_in(k_loop, i))
+        grads, x01, point, out0, g, zero_frac = gradient(
+            params, lambda z: latents(z, eps), k_aug, k_zo, index, operand, student_params,
+            teacher_params)
+        ce = jnp.mean(per_sample_objective(out0, targets, pt.group.output))
+        acc = jnp.mean(jnp.argmax(out0, -1) == targets)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+        score = ce if cfg.select == "clean_ce" else jnp.mean(
+            jnp.sum((point * g).reshape(b, -1), axis=1))
+        better = score < best_score
+        best_img = jnp.where(better, jax.lax.stop_gradient(x01), best_img)
+        best_score = jnp.where(better, score, best_score)
+        return (params, opt, best_img, best_score), (ce, acc, zero_frac)
 
-        x0 = gen_apply(params["w"], latents(params["z"]))
-        init = (params, opt, jnp.zeros_like(x0), jnp.float32(jnp.inf))
-        (_, _, best, _), (ce, acc, zf) = jax.lax.scan(step, init, jnp.arange(cfg.iterations))
-        return InversionResult(best, targets, ce, acc, zf)
+    return start, step
+
+
+def _make_run(pt: _Parts, gen_apply: Callable, nz: int, gradient: Callable,
+              constrain: Callable) -> Callable:
+    """The inversion as one jitted function: the iterations in a ``lax.scan`` (``loop="scan"``)."""
+    start, step = _make_loop_parts(pt, gen_apply, nz, gradient, constrain)
+
+    def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
+        init, k_loop, eps = start(key, gen_params)
+        body = lambda carry, i: step(carry, i, k_loop, eps, index, operand,  # noqa: E731
+                                     student_params, teacher_params)
+        (_, _, best, _), (ce, acc, zf) = jax.lax.scan(body, init, jnp.arange(pt.cfg.iterations))
+        return InversionResult(best, pt.targets, ce, acc, zf)
+
+    return jax.jit(run)
+
+
+def _make_host_run(pt: _Parts, gen_apply: Callable, nz: int, gradient: Callable,
+                   constrain: Callable) -> Callable:
+    """The inversion with each iteration one compiled call from Python (``loop="host"``): the
+    same arithmetic as :func:`_make_run`, compiled outside a loop, where XLA:CPU compiles the
+    generator's convolutions far better (``experiments/bench/bench_torch_reference.py``)."""
+    start, step = _make_loop_parts(pt, gen_apply, nz, gradient, constrain)
+    start, step = jax.jit(start), jax.jit(step, donate_argnums=(0,))
+
+    def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
+        carry, k_loop, eps = start(key, gen_params)
+        index = jnp.asarray(index, jnp.int32)
+        metrics = []
+        for i in range(pt.cfg.iterations):
+            carry, m = step(carry, jnp.int32(i), k_loop, eps, index, operand, student_params,
+                            teacher_params)
+            metrics.append(m)
+        ce, acc, zf = (jnp.stack(v) for v in zip(*metrics))
+        return InversionResult(carry[2], pt.targets, ce, acc, zf)
 
     return run
 
@@ -581,4 +629,5 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
             return x
         return constrain_batch(x, mesh, axis)
 
-    return _on_mesh(jax.jit(_make_run(pt, gen_apply, nz, gradient, constrain)), mesh, pt.b)
+    make = _make_run if cfg.loop == "scan" else _make_host_run
+    return _on_mesh(make(pt, gen_apply, nz, gradient, constrain), mesh, pt.b)

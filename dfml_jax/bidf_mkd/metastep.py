@@ -95,17 +95,18 @@ class MetaSteps(NamedTuple):
 @functools.lru_cache(maxsize=32)
 def cached_meta_steps(apply_fn: Callable, outer_lr: float, *, replay_steps: int, kd_steps: int,
                       inner_lr: float, kd_loss: str = "kl", first_order: bool = False,
-                      mesh=None) -> MetaSteps:
+                      mesh=None, unroll: int | bool = 1) -> MetaSteps:
     """:func:`make_meta_steps` with Adam(``outer_lr``), memoised so that runs in one process
     (baselines, resumed runs, tests) share the compiled steps of the same model function."""
     return make_meta_steps(apply_fn, optax.adam(outer_lr), replay_steps=replay_steps,
                            kd_steps=kd_steps, inner_lr=inner_lr, kd_loss=kd_loss,
-                           first_order=first_order, mesh=mesh)
+                           first_order=first_order, mesh=mesh, unroll=unroll)
 
 
 def make_meta_steps(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
                     replay_steps: int, kd_steps: int, inner_lr: float, kd_loss: str = "kl",
-                    first_order: bool = False, mesh=None, axis: str = "data") -> MetaSteps:
+                    first_order: bool = False, mesh=None, axis: str = "data",
+                    unroll: int | bool = 1) -> MetaSteps:
     """Builds the jitted meta-update steps.
 
     Args:
@@ -124,6 +125,8 @@ def make_meta_steps(apply_fn: Callable, optimizer: optax.GradientTransformation,
         with sharding constraints is enough. A task count that does not divide the device count
         is padded by the compiler (the KD step's ``meta_batch - 1`` replay tasks).
       axis: the mesh axis to shard over.
+      unroll: the inner loops' ``lax.scan`` unroll (``True``: straight-line code, the same
+        arithmetic; measured faster on XLA:CPU by ``experiments/bench/bench_torch_reference.py``).
 
     Returns:
       :class:`MetaSteps`; each step returns the summed loss and the per-task training accuracies
@@ -138,11 +141,11 @@ def make_meta_steps(apply_fn: Callable, optimizer: optax.GradientTransformation,
     def replay_total(params, tasks):
         tasks = shard_tasks(tasks)
         return replay_loss(apply_fn, params, tasks, steps=replay_steps, lr=inner_lr,
-                           first_order=first_order)
+                           first_order=first_order, unroll=unroll)
 
     def kd_total(params, kd: KDTask, tasks):
         one = lambda t: kd_task_loss(apply_fn, params, t, steps=kd_steps, lr=inner_lr,
-                                     kd_loss=kd_loss, first_order=first_order)
+                                     kd_loss=kd_loss, first_order=first_order, unroll=unroll)
         if kd.support_x.ndim == 5:  # several API visits at once: a stack of KD tasks, summed
             l_kd, a_kd = jax.vmap(one)(shard_tasks(kd))
             l_kd = l_kd.sum()

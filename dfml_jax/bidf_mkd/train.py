@@ -86,6 +86,9 @@ class BiDfMKDConfig:
     replay_inner_steps: int = 5
     kd_inner_steps: int = 10
     first_order: bool = False
+    # the inner loops' lax.scan unrolled into straight-line code (the same arithmetic up to
+    # float rounding; faster on XLA:CPU, see experiments/bench/bench_torch_reference.py)
+    inner_unroll: bool = False
     kd_loss: str = "kl"             # "paper": the official softmax quirk
     # inversion (``--set inversion.lr=...``); ``inversion.flip=None``: the paper's True here, the
     # experiment resolves it per dataset
@@ -272,7 +275,7 @@ class _BiDfMKD:
         self.steps = cached_meta_steps(
             meta_apply, cfg.outer_lr, replay_steps=cfg.replay_inner_steps,
             kd_steps=cfg.kd_inner_steps, inner_lr=cfg.inner_lr, kd_loss=cfg.kd_loss,
-            first_order=cfg.first_order, mesh=mesh)
+            first_order=cfg.first_order, mesh=mesh, unroll=cfg.inner_unroll)
         self.image_shape = tuple(val_tasks[0].shape[2:])
         self.real = real = cfg.replay_source == "real"
         self.memory_classes = np.unique(np.concatenate([np.asarray(c) for c in pool.classes])) \

@@ -48,22 +48,28 @@ class Conv4(nnx.Module):
       global_pool: adaptive max pool to 1x1 before the Linear (accepts any resolution >= 2**depth).
       track_running_stats: keep BN running statistics (teachers); ``False`` for the meta-model.
       conv_impl: convolution back-end (see :mod:`dfml_jax.models.layers`).
+      layout: activation layout inside the blocks: ``"NHWC"`` or ``"CNHW"`` (channel-major: the
+        input is transposed once, the features back before the Linear; the same parameters and
+        function, with matmuls that need no transposes, see :mod:`dfml_jax.models.layers`).
       rngs: ``nnx.Rngs``.
     """
 
     def __init__(self, num_classes: int, input_shape: Sequence[int], *, width: int = 32,
                  depth: int = 4, global_pool: bool = False, track_running_stats: bool = True,
-                 conv_impl: str | None = None, rngs: nnx.Rngs):
+                 conv_impl: str | None = None, layout: str = "NHWC", rngs: nnx.Rngs):
         h, w, c = input_shape
         if min(h, w) < 2 ** depth:
             raise ValueError(f"Conv4 with depth {depth} needs inputs of at least {2 ** depth}x"
                              f"{2 ** depth}, got {h}x{w}; lower depth or upsample the images.")
         convs, bns = [], []
         cin = c
+        self.layout = layout
         for _ in range(depth):
             convs.append(Conv2d(cin, width, 3, padding=1, use_bias=True,
-                                kernel_init=conv_normal_init(3, width), impl=conv_impl, rngs=rngs))
-            bns.append(BatchNorm(width, track_running_stats=track_running_stats, rngs=rngs))
+                                kernel_init=conv_normal_init(3, width), impl=conv_impl,
+                                layout=layout, rngs=rngs))
+            bns.append(BatchNorm(width, track_running_stats=track_running_stats,
+                                 channel_axis=0 if layout == "CNHW" else -1, rngs=rngs))
             cin = width
         self.convs = nnx.List(convs)
         self.bns = nnx.List(bns)
@@ -82,8 +88,13 @@ class Conv4(nnx.Module):
     def features(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Flattened (or globally max-pooled) features ``(N, feature_dim)``."""
         _check_input(x, self.input_shape, "Conv4", any_spatial=self.global_pool)
+        cm = self.layout == "CNHW"
+        if cm:
+            x = x.transpose(3, 0, 1, 2)
         for conv, bn in zip(self.convs, self.bns):
-            x = max_pool2(jax.nn.relu(bn(conv(x), train=train)))
+            x = max_pool2(jax.nn.relu(bn(conv(x), train=train)), self.layout)
+        if cm:
+            x = x.transpose(1, 2, 3, 0)
         if self.global_pool:
             return global_max_pool(x)
         return x.reshape(x.shape[0], -1)

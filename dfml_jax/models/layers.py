@@ -17,6 +17,13 @@ are vmapped and second-order; :func:`dfml_jax.teachers.load_pool` builds its bla
 ``"lax"``. Change it per model (``conv_impl=...``) or globally with
 :func:`set_default_conv_impl`.
 
+Activations are NHWC by default. :func:`conv2d`, :func:`batch_norm` and :func:`max_pool2` also
+take channel-major ``"CNHW"`` activations (``layout=`` / ``channel_axis=0``; kernels stay HWIO),
+with which im2col's matmuls need no transposes: the forward is ``(C_out, K) @ (K, N*H*W)`` and
+the kernel gradient contracts the minor axis of both operands, which XLA:CPU's matmul takes as
+it is, where in NHWC it materialises the transposes of the patches and of the output gradient
+(the row ``kd_task`` of ``experiments/bench/bench_torch_reference.py`` measures both).
+
 The other layers (BatchNorm, pooling, upsampling, Linear) are written as pure functions plus thin
 Flax NNX modules that hold the variables, so the NNX models and their functional views (see
 :mod:`dfml_jax.models`) execute exactly the same arithmetic.
@@ -27,6 +34,7 @@ with ``momentum=0.1``, ``eps=1e-5``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal, NamedTuple
 
@@ -35,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = [
-    "CONV_IMPLS", "get_default_conv_impl", "set_default_conv_impl", "conv2d", "conv2d_im2col",
+    "CONV_IMPLS", "LAYOUTS", "get_default_conv_impl", "set_default_conv_impl", "conv2d", "conv2d_im2col",
     "conv2d_lax", "batch_norm", "max_pool2", "global_max_pool", "global_avg_pool",
     "upsample_nearest2", "upsample2_conv3x3", "UPSAMPLE_CONV_IMPLS", "Init", "torch_uniform_init",
     "conv_normal_init", "normal_init", "zeros_init", "ones_init", "materialize", "leaky_relu",
@@ -45,6 +53,8 @@ __all__ = [
 ConvImpl = Literal["im2col", "lax"]
 CONV_IMPLS: tuple[str, ...] = ("im2col", "lax")
 _DEFAULT_CONV_IMPL: list[str] = ["im2col"]
+#: Activation layouts of :func:`conv2d` / :func:`max_pool2` (kernels are HWIO in both).
+LAYOUTS: tuple[str, ...] = ("NHWC", "CNHW")
 
 
 def get_default_conv_impl() -> str:
@@ -71,29 +81,50 @@ def _check_impl(impl: str) -> str:
     return impl
 
 
+def _check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}.")
+    return layout
+
+
 def _out_size(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
 
 
-def conv2d_im2col(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0) -> jax.Array:
+def conv2d_im2col(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
+                  layout: str = "NHWC") -> jax.Array:
     """Convolution as im2col: shifted slices concatenated on channels, then one matmul.
 
     Args:
-      x: ``(N, H, W, C_in)`` input.
+      x: ``(N, H, W, C_in)`` input (``(C_in, N, H, W)`` with ``layout="CNHW"``).
       kernel: ``(kh, kw, C_in, C_out)`` kernel (HWIO).
       stride: spatial stride (both axes).
       padding: symmetric zero padding (both axes).
+      layout: ``"NHWC"`` or ``"CNHW"`` (input and output).
 
     Returns:
-      ``(N, H_out, W_out, C_out)`` with ``H_out = (H + 2*padding - kh) // stride + 1``.
+      ``(N, H_out, W_out, C_out)`` (``(C_out, N, H_out, W_out)``) with
+      ``H_out = (H + 2*padding - kh) // stride + 1``.
     """
     kh, kw, cin, cout = kernel.shape
-    if x.shape[-1] != cin:
-        raise ValueError(f"conv2d: input has {x.shape[-1]} channels, kernel expects {cin}.")
+    cm = _check_layout(layout) == "CNHW"
+    hax = 2 if cm else 1
+    if x.shape[0 if cm else -1] != cin:
+        raise ValueError(f"conv2d: input has {x.shape[0 if cm else -1]} channels ({layout}), "
+                         f"kernel expects {cin}.")
     if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    h, w = x.shape[1], x.shape[2]
+        pads = [(0, 0)] * 4
+        pads[hax] = pads[hax + 1] = (padding, padding)
+        x = jnp.pad(x, pads)
+    h, w = x.shape[hax], x.shape[hax + 1]
     ho, wo = _out_size(h, kh, stride, 0), _out_size(w, kw, stride, 0)
+    if cm:
+        cols = [x[:, :, i : i + (ho - 1) * stride + 1 : stride,
+                  j : j + (wo - 1) * stride + 1 : stride] for i in range(kh) for j in range(kw)]
+        patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=0)
+        n = x.shape[1]
+        y = kernel.reshape(kh * kw * cin, cout).T @ patches.reshape(kh * kw * cin, n * ho * wo)
+        return y.reshape(cout, n, ho, wo)
     if kh == 1 and kw == 1:
         patches = x[:, : (ho - 1) * stride + 1 : stride, : (wo - 1) * stride + 1 : stride, :]
     else:
@@ -106,72 +137,101 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: 
     return patches @ kernel.reshape(kh * kw * cin, cout)
 
 
-def conv2d_lax(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0) -> jax.Array:
+def conv2d_lax(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
+               layout: str = "NHWC") -> jax.Array:
     """Same contract as :func:`conv2d_im2col`, computed with ``lax.conv_general_dilated``."""
+    layout = _check_layout(layout)
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        dimension_numbers=(layout, "HWIO", layout))
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, stride: int = 1,
-           padding: int = 0, impl: str | None = None) -> jax.Array:
-    """2-D convolution (NHWC/HWIO), the single implementation every model uses.
+           padding: int = 0, impl: str | None = None, layout: str = "NHWC") -> jax.Array:
+    """2-D convolution (HWIO kernels), the single implementation every model uses.
 
     Args:
-      x: ``(N, H, W, C_in)`` input.
+      x: ``(N, H, W, C_in)`` input, or ``(C_in, N, H, W)`` with ``layout="CNHW"``.
       kernel: ``(kh, kw, C_in, C_out)``.
       bias: optional ``(C_out,)``.
       stride: spatial stride.
       padding: symmetric zero padding.
       impl: ``"im2col"`` or ``"lax"``; ``None`` uses :func:`get_default_conv_impl`.
+      layout: one of :data:`LAYOUTS`, of the input and the output.
 
     Returns:
-      ``(N, H_out, W_out, C_out)``.
+      ``(N, H_out, W_out, C_out)`` (``(C_out, N, H_out, W_out)`` for ``"CNHW"``).
+
+    >>> x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3))
+    >>> k = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    >>> a = conv2d(x, k, padding=1)
+    >>> b = conv2d(x.transpose(3, 0, 1, 2), k, padding=1, layout="CNHW").transpose(1, 2, 3, 0)
+    >>> a.shape, bool(jnp.allclose(a, b, atol=1e-5))
+    ((2, 6, 5, 4), True)
     """
     impl = _check_impl(impl or get_default_conv_impl())
     fn = conv2d_im2col if impl == "im2col" else conv2d_lax
-    y = fn(x, kernel, stride=stride, padding=padding)
+    y = fn(x, kernel, stride=stride, padding=padding, layout=layout)
     if bias is not None:
-        y = y + bias
+        y = y + (bias if layout == "NHWC" else bias[:, None, None, None])
     return y
 
 
 def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
                mean: jax.Array | None, var: jax.Array | None, *, use_batch_stats: bool,
-               momentum: float = 0.1, eps: float = 1e-5
+               momentum: float = 0.1, eps: float = 1e-5, channel_axis: int = -1
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """PyTorch-style BatchNorm over all axes but the last.
+    """PyTorch-style BatchNorm over all axes but the channel axis.
 
     Args:
-      x: ``(..., C)`` input.
+      x: ``(..., C)`` input (``(C, ...)`` with ``channel_axis=0``).
       scale, bias: affine parameters ``(C,)`` or ``None`` (no affine transform).
       mean, var: running statistics ``(C,)`` or ``None`` (not tracked).
       use_batch_stats: normalise with the statistics of ``x`` (training / transductive mode);
         otherwise with the running statistics (which must then be given).
       momentum: running-statistics momentum (PyTorch convention).
       eps: variance epsilon.
+      channel_axis: ``-1`` (NHWC activations) or ``0`` (CNHW).
 
     Returns:
       ``(y, new_stats)`` where ``new_stats`` is ``(new_mean, new_var)`` when batch statistics were
       used and running statistics are tracked, else ``None``.
     """
-    axes = tuple(range(x.ndim - 1))
+    if channel_axis not in (-1, 0):
+        raise ValueError(f"batch_norm: channel_axis must be -1 or 0, got {channel_axis}.")
+    if channel_axis == 0:
+        axes = tuple(range(1, x.ndim))
+        col = lambda a: None if a is None else a.reshape((-1,) + (1,) * (x.ndim - 1))  # noqa: E731
+        y, new_stats = _batch_norm(x, axes, col(scale), col(bias), mean, var, use_batch_stats,
+                                   momentum, eps, keepdims=True)
+        return y, new_stats
+    return _batch_norm(x, tuple(range(x.ndim - 1)), scale, bias, mean, var, use_batch_stats,
+                       momentum, eps, keepdims=False)
+
+
+def _batch_norm(x, axes, scale, bias, mean, var, use_batch_stats, momentum, eps, keepdims):
+    """:func:`batch_norm` over ``axes``; ``keepdims``: statistics broadcast as kept axes
+    (channel-major input; the running statistics stay ``(C,)``)."""
     new_stats = None
     if use_batch_stats:
-        mu = jnp.mean(x, axis=axes)
-        v = jnp.mean(jnp.square(x - mu), axis=axes)
+        mu = jnp.mean(x, axis=axes, keepdims=keepdims)
+        v = jnp.mean(jnp.square(x - mu), axis=axes, keepdims=keepdims)
         if mean is not None and var is not None:
-            n = math.prod(x.shape[:-1])
+            n = math.prod(x.shape[a] for a in axes)
             unbiased = v * (n / max(n - 1, 1))
             new_stats = (
-                (1.0 - momentum) * mean + momentum * jax.lax.stop_gradient(mu),
-                (1.0 - momentum) * var + momentum * jax.lax.stop_gradient(unbiased),
+                (1.0 - momentum) * mean + momentum * jax.lax.stop_gradient(mu.reshape(mean.shape)),
+                (1.0 - momentum) * var + momentum * jax.lax.stop_gradient(
+                    unbiased.reshape(var.shape)),
             )
     else:
         if mean is None or var is None:
             raise ValueError("batch_norm: running statistics are not tracked by this layer; "
                              "use batch statistics (train=True / apply_batchstats).")
         mu, v = mean, var
+        if keepdims:
+            col = (-1,) + (1,) * (x.ndim - 1)
+            mu, v = mu.reshape(col), v.reshape(col)
     y = (x - mu) * jax.lax.rsqrt(v + eps)
     if scale is not None:
         y = y * scale
@@ -180,15 +240,19 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     return y, new_stats
 
 
-def _pool_windows(x):
-    """The four strided sub-grids of a 2x2 / stride-2 pool (floor mode)."""
+def _pool_windows(x, layout: str = "NHWC"):
+    """The four strided sub-grids of a 2x2 / stride-2 pool (floor mode) over the spatial axes
+    of ``layout``."""
+    if layout == "CNHW":
+        h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+        x = x[:, :, :h, :w]
+        return x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]
     h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
     x = x[:, :h, :w, :]
     return x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]
 
 
-@jax.custom_jvp
-def max_pool2(x: jax.Array) -> jax.Array:
+def max_pool2(x: jax.Array, layout: str = "NHWC") -> jax.Array:
     """2x2 max pool, stride 2, floor mode (odd trailing rows/columns are dropped, as in PyTorch).
 
     The elementwise maximum of the four strided sub-grids, with the derivative of ``jnp.max``
@@ -199,18 +263,27 @@ def max_pool2(x: jax.Array) -> jax.Array:
     float64 on one device, 32% in float32 on 8 emulated devices; measured by
     ``experiments/bench/bench_max_pool2.py``, guarded by ``tests/test_models.py``); values and
     gradients are bit-identical to it elsewhere, second derivatives at tied windows to rounding.
+
+    Args:
+      x: ``(N, H, W, C)`` (``(C, N, H, W)`` with ``layout="CNHW"``).
+      layout: one of :data:`LAYOUTS`.
     """
-    a, b, c, d = _pool_windows(x)
+    return _max_pool2(x, _check_layout(layout))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _max_pool2(x: jax.Array, layout: str) -> jax.Array:
+    a, b, c, d = _pool_windows(x, layout)
     return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
 
 
-@max_pool2.defjvp
-def _max_pool2_jvp(primals, tangents):
+@_max_pool2.defjvp
+def _max_pool2_jvp(layout, primals, tangents):
     (x,), (t,) = primals, tangents
-    out = max_pool2(x)     # not jnp.maximum again: its own derivative would split ties unevenly
-    hits = [(v == out).astype(x.dtype) for v in _pool_windows(x)]
+    out = _max_pool2(x, layout)  # not jnp.maximum again: its derivative would split ties unevenly
+    hits = [(v == out).astype(x.dtype) for v in _pool_windows(x, layout)]
     count = (hits[0] + hits[1]) + (hits[2] + hits[3])
-    ts = _pool_windows(t)
+    ts = _pool_windows(t, layout)
     return out, ((ts[0] * hits[0] + ts[1] * hits[1]) + (ts[2] * hits[2] + ts[3] * hits[3])) / count
 
 
@@ -407,12 +480,13 @@ class Conv2d(nnx.Module):
       use_bias: add a learnable bias.
       kernel_init, bias_init: :class:`Init` initialisers; defaults are PyTorch's uniform.
       impl: convolution back-end (``None``: process default at construction time).
+      layout: activation layout (:data:`LAYOUTS`).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, *, stride: int = 1,
                  padding: int = 1, use_bias: bool = True, kernel_init=None, bias_init=None,
-                 impl: str | None = None, rngs: nnx.Rngs):
+                 impl: str | None = None, layout: str = "NHWC", rngs: nnx.Rngs):
         fan_in = in_ch * kernel_size * kernel_size
         kernel_init = kernel_init or torch_uniform_init(fan_in)
         bias_init = bias_init or torch_uniform_init(fan_in)
@@ -421,11 +495,12 @@ class Conv2d(nnx.Module):
         self.stride = stride
         self.padding = padding
         self.impl = _check_impl(impl or get_default_conv_impl())
+        self.layout = _check_layout(layout)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         bias = None if self.bias is None else self.bias[...]
         return conv2d(x, self.kernel[...], bias, stride=self.stride, padding=self.padding,
-                      impl=self.impl)
+                      impl=self.impl, layout=self.layout)
 
 
 class BatchNorm(nnx.Module):
@@ -438,11 +513,13 @@ class BatchNorm(nnx.Module):
         layer always normalises with batch statistics (meta-model, generator).
       momentum, eps: PyTorch conventions.
       scale_init: initialiser of ``scale`` (default ones).
+      channel_axis: ``-1`` (NHWC activations) or ``0`` (CNHW).
       rngs: ``nnx.Rngs`` (used only by a random ``scale_init``).
     """
 
     def __init__(self, num_features: int, *, affine: bool = True, track_running_stats: bool = True,
-                 momentum: float = 0.1, eps: float = 1e-5, scale_init=None, rngs: nnx.Rngs):
+                 momentum: float = 0.1, eps: float = 1e-5, scale_init=None, channel_axis: int = -1,
+                 rngs: nnx.Rngs):
         scale_init = scale_init or ones_init
         if affine:
             self.scale = _param(scale_init, rngs, (num_features,))
@@ -458,12 +535,13 @@ class BatchNorm(nnx.Module):
             self.var = None
         self.momentum = momentum
         self.eps = eps
+        self.channel_axis = channel_axis
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Normalises ``x``.
 
         Args:
-          x: ``(..., C)``.
+          x: ``(..., C)`` (``(C, ...)`` with ``channel_axis=0``).
           train: ``True`` uses batch statistics and updates the running statistics (if tracked);
             ``False`` uses the running statistics, or batch statistics if none are tracked.
 
@@ -476,7 +554,8 @@ class BatchNorm(nnx.Module):
             x, None if self.scale is None else self.scale[...],
             None if self.bias is None else self.bias[...],
             self.mean[...] if tracked else None, self.var[...] if tracked else None,
-            use_batch_stats=use_batch, momentum=self.momentum, eps=self.eps)
+            use_batch_stats=use_batch, momentum=self.momentum, eps=self.eps,
+            channel_axis=self.channel_axis)
         if new is not None:
             self.mean[...] = new[0]
             self.var[...] = new[1]

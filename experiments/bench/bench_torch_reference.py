@@ -77,6 +77,7 @@ its tests never import it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -99,6 +100,7 @@ from dfml_jax.models import create_model, functional
 from dfml_jax.models.layers import CONV_IMPLS
 from dfml_jax.teachers import load_pool
 from dfml_jax.training.augment import batch_shared_augment
+from dfml_jax.training.host_malloc import reuse_freed_memory
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flops import step_flops  # noqa: E402  (experiments/bench/flops.py)
@@ -121,9 +123,18 @@ API_CONV_IMPL = inspect.signature(load_pool).parameters["conv_impl"].default
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # CIFAR-FS statistics
 # generator variants the inversion rows also time (--alternatives): the same function, other
 # arrangements of its arithmetic (results equal up to float rounding; not the library default)
-GEN_ALTERNATIVES = {"generator_upsample=subpixel": dict(upsample="subpixel")}
+GEN_ALTERNATIVES = {
+    "generator_upsample=subpixel": dict(upsample="subpixel"),
+    # each iteration one compiled call from the host (InversionConfig.loop="host"), where XLA:CPU
+    # compiles the generator's convolutions far better than inside the scan's loop body
+    "inversion_loop=host": dict(loop="host"),
+    "inversion_loop=host,generator_upsample=subpixel": dict(loop="host", upsample="subpixel"),
+    "inversion_loop=host,generator_upsample=subpixel,conv_impl=lax": dict(
+        loop="host", upsample="subpixel", conv_impl="lax"),
+}
 # meta-model variants the replay and KD rows also time: the inner loop's lax.scan fully unrolled
-META_ALTERNATIVES = {"inner_unroll=full": dict(unroll=True)}
+META_ALTERNATIVES = {"inner_unroll=full": dict(unroll=True),
+                     "meta_layout=CNHW,inner_unroll=full": dict(unroll=True, layout="CNHW")}
 # --alternatives all adds these: every convolution of the generator / meta-model on the "lax"
 # back-end. Slow on XLA:CPU (measured: the generator's lax convolutions inside the inversion's
 # iteration loop, 36-38 s per B=50 iteration against 0.7 s; the vmapped replay tasks, grouped
@@ -441,11 +452,12 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
     icfg = InversionConfig(iterations=inv_iters, per_class=b // k, num_directions=q,
                            chunk_size=chunk, smoothing=cfg["mu"], lr=cfg["glr"], pad=cfg["pad"])
 
-    def jax_side(**gen_kw):
-        """The JAX inversion with a generator built with ``gen_kw`` (its call counter apart)."""
+    def jax_side(loop="scan", **gen_kw):
+        """The JAX inversion (iterations run by ``loop``) with a generator built with ``gen_kw``."""
         g = functional(create_model("dcgan", nz=nz, ngf=cfg["ngf"], img_size=s, nc=c,
                                     rngs_or_key=0, **gen_kw))
-        return g, make_inverter(group, g.apply_batchstats, nz=nz, cfg=icfg, mean=MEAN[:c],
+        return g, make_inverter(group, g.apply_batchstats, nz=nz,
+                                cfg=dataclasses.replace(icfg, loop=loop), mean=MEAN[:c],
                                 std=STD[:c], image_size=s)
 
     gen, inv = jax_side()
@@ -508,6 +520,8 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
             "per_call_divisor": inv_iters,
             "_flops": lambda: step_flops(inv, jax.random.key(0), 0, gp, group.operand)}
     alternatives = {}
+    key_same = jax.random.key(10**6)
+    images_same = inv(key_same, 0, gp, group.operand).images
     for alt, gen_kw in chosen_alternatives(cfg["alternatives"], GEN_ALTERNATIVES,
                                            GEN_ALTERNATIVES_LAX).items():
         g_alt, inv_alt = jax_side(**gen_kw)
@@ -518,7 +532,10 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
                                                          group.operand),
             "settings": gen_kw,
             "check": {"generator_output_max_abs_diff_vs_default":
-                      float(jnp.abs(x01_alt - x01_j).max())}}
+                      float(jnp.abs(x01_alt - x01_j).max()),
+                      # the whole call, same key (same directions): its selected images
+                      "inversion_images_max_abs_diff_vs_default": float(jnp.abs(
+                          inv_alt(key_same, 0, gp, group.operand).images - images_same).max())}}
         alternatives[alt]["run"]()  # compile
     info["_alternatives"] = alternatives
     return run_jax, run_torch, check, info
@@ -530,10 +547,10 @@ def meta_setup(cfg):
     return meta, tm
 
 
-def meta_model(cfg, conv_impl=None):
+def meta_model(cfg, conv_impl=None, layout="NHWC"):
     s, c, k = cfg["image_size"], cfg["channels"], cfg["ways"]
     return functional(create_model("conv4", num_classes=k, input_shape=(s, s, c), rngs_or_key=3,
-                                   width=cfg["width"], conv_impl=conv_impl))
+                                   width=cfg["width"], conv_impl=conv_impl, layout=layout))
 
 
 def meta_alternatives(cfg, make_loss, params, opt, data, res_default):
@@ -544,7 +561,8 @@ def meta_alternatives(cfg, make_loss, params, opt, data, res_default):
     for alt, settings in chosen_alternatives(cfg["alternatives"], META_ALTERNATIVES,
                                              META_ALTERNATIVES_LAX).items():
         kw = dict(settings)
-        apply_fn = meta_model(cfg, kw.pop("conv_impl", None)).apply_batchstats
+        apply_fn = meta_model(cfg, kw.pop("conv_impl", None),
+                              kw.pop("layout", "NHWC")).apply_batchstats
         _, step = jax_step(make_loss(apply_fn, **kw), cfg["outer_lr"])
         run = lambda step=step: jax.block_until_ready(step(params, opt, data))  # noqa: E731
         _, _, loss, g = run()
@@ -735,6 +753,11 @@ def main(argv=None):
                    help="JAX variants timed beside each row's default: none; fast "
                         "(GEN_ALTERNATIVES, META_ALTERNATIVES: the default); all (also the "
                         "slow lax-back-end variants)")
+    p.add_argument("--malloc", choices=("reuse", "default"), default="default",
+                   help="default: glibc's own mmap threshold (what the official PyTorch code "
+                        "runs with); reuse: dfml_jax.training.host_malloc.reuse_freed_memory() "
+                        "(what dfml_jax's experiment runners do; it speeds up BOTH sides, which "
+                        "share the process)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -746,6 +769,8 @@ def main(argv=None):
     torch.set_num_threads(args.torch_threads or n)
     load_before = loadavg()
     env = environment()
+    env["malloc"] = ("reuse_freed_memory" if args.malloc == "reuse" and reuse_freed_memory()
+                     else "glibc default")
     log(f"env: {json.dumps(env)}; load before {load_before}")
     peak = gemm_peak(rounds=3 if args.smoke else 5, n=256 if args.smoke else 2048)
     env["gemm_peak"] = peak
