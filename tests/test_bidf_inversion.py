@@ -162,36 +162,23 @@ def test_class_latents_make_each_class_one_drawing_with_variations(parts):
         run(parts, dataclasses.replace(base, class_jitter=-1.0))
 
 
-@pytest.mark.parametrize("extra", [{}, {"class_jitter": 0.1}, {"select": "surrogate"}])
-def test_host_loop_is_the_same_inversion(parts, extra):
-    """``loop="host"`` (one compiled call per iteration) runs the scan's arithmetic: the same
-    queries, the same per-iteration metrics and the same selected batch, to float rounding."""
-    cfg = dataclasses.replace(CFG, iterations=6, **extra)
-    ws = jax.random.normal(jax.random.key(5), (SIZE * SIZE, K))
-    student = (lambda p, x: x.reshape(x.shape[0], -1) @ p, ws)
-    api_s, scan = run(parts, cfg, student=student)
-    api_h, host = run(parts, dataclasses.replace(cfg, loop="host"), student=student)
-    assert api_h.queries == api_s.queries == inversion_queries(cfg, K)
-    for a, b in zip(scan, host):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
-
-
-def test_host_loop_compiles_once_for_every_call(parts):
-    traces = []
-
-    def counted_gen_apply(p, z):
-        traces.append(1)
-        return parts[2](p, z)
-    api = BlackBoxAPI.from_jax(parts[0], (SIZE, SIZE, 1), K)
-    cfg = InversionConfig(iterations=3, per_class=2, num_directions=2, pad=1, loop="host")
-    inv = make_inverter(api, counted_gen_apply, nz=16, cfg=cfg, mean=(0.5,), std=(0.5,),
-                        image_size=SIZE)
-    for i in range(3):
-        res = jax.block_until_ready(inv(jax.random.key(i), 0, parts[1](jax.random.key(9)), None))
-        assert res.clean_ce.shape == (3,)
-    assert len(traces) == 2  # the start and the step, each traced once for 3 calls x 3 iterations
-    assert api.queries == 3 * inversion_queries(cfg, K)
-    with pytest.raises(ValueError, match="loop must be one of"):
-        make_inverter(api, parts[2], nz=16, cfg=dataclasses.replace(cfg, loop="python"),
-                      mean=(0.5,), std=(0.5,), image_size=SIZE)
+def test_return_final_gives_the_last_update_and_the_same_result(parts):
+    """``return_final=True`` returns the generator and latents after the last Adam step (which
+    no other output reads) beside the very same result."""
+    teacher, gen_init, gen_apply = parts
+    cfg = dataclasses.replace(CFG, iterations=4)
+    outs = []
+    for final in (False, True):
+        api = BlackBoxAPI.from_jax(teacher, (SIZE, SIZE, 1), K)
+        inv = make_inverter(api, gen_apply, nz=16, cfg=cfg, mean=(0.5,), std=(0.5,),
+                            image_size=SIZE, return_final=final)
+        outs.append(jax.block_until_ready(inv(jax.random.key(1), 0, gen_init(jax.random.key(2)),
+                                              None)))
+        assert api.queries == inversion_queries(cfg, K)
+    res, (res_f, state) = outs
+    for a, b in zip(res, res_f):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    w0 = gen_init(jax.random.key(2))
+    assert set(state) == {"w", "z"} and state["z"].shape == (20, 16)
+    moved = jax.tree.map(lambda u, v: float(jnp.abs(u - v).max()), state["w"], w0)
+    assert max(jax.tree.leaves(moved)) > 0  # the generator was updated

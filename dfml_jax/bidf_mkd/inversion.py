@@ -51,7 +51,7 @@ from dfml_jax.training.augment import batch_shared_augment
 
 ZO_SPACES = ("image", "latent")
 
-__all__ = ["ZO_SPACES", "INVERSION_LOOPS", "InversionConfig", "InversionResult", "make_inverter", "inversion_queries",
+__all__ = ["ZO_SPACES", "InversionConfig", "InversionResult", "make_inverter", "inversion_queries",
            "per_sample_objective", "image_prior"]
 
 
@@ -88,13 +88,6 @@ class InversionConfig:
     # weights stay as initialised). For a stroke generator with latent="direct" (z = 32 stroke
     # parameters) the q directions then search d = 32 instead of H * W * C dimensions.
     zo_space: str = "image"
-    # how the iterations run: "scan" (one compiled lax.scan per call) or "host" (each iteration
-    # one compiled call from Python: the same arithmetic, compiled outside a loop, faster on
-    # XLA:CPU; experiments/bench/bench_torch_reference.py measures both)
-    loop: str = "scan"
-
-
-INVERSION_LOOPS = ("scan", "host")
 
 
 class InversionResult(NamedTuple):
@@ -200,8 +193,6 @@ def _validate_config(cfg: InversionConfig, image_size: int, mesh, shard: str) ->
     if cfg.zo_space == "latent" and mesh is not None and shard == "directions":
         raise ValueError("InversionConfig.zo_space='latent' shards the samples over the mesh: use "
                          "shard='samples' (or zo_space='image' to shard the directions)")
-    if cfg.loop not in INVERSION_LOOPS:
-        raise ValueError(f"InversionConfig.loop must be one of {INVERSION_LOOPS}, got {cfg.loop!r}")
     if cfg.select not in ("clean_ce", "surrogate"):
         raise ValueError(f"InversionConfig.select must be 'clean_ce' or 'surrogate', got {cfg.select!r}")
     if cfg.direction_resolution is not None:
@@ -518,40 +509,20 @@ def _make_loop_parts(pt: _Parts, gen_apply: Callable, nz: int, gradient: Callabl
 
 
 def _make_run(pt: _Parts, gen_apply: Callable, nz: int, gradient: Callable,
-              constrain: Callable) -> Callable:
-    """The inversion as one jitted function: the iterations in a ``lax.scan`` (``loop="scan"``)."""
+              constrain: Callable, return_final: bool) -> Callable:
+    """The inversion as one jitted function, the iterations in a ``lax.scan``."""
     start, step = _make_loop_parts(pt, gen_apply, nz, gradient, constrain)
 
     def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
         init, k_loop, eps = start(key, gen_params)
         body = lambda carry, i: step(carry, i, k_loop, eps, index, operand,  # noqa: E731
                                      student_params, teacher_params)
-        (_, _, best, _), (ce, acc, zf) = jax.lax.scan(body, init, jnp.arange(pt.cfg.iterations))
-        return InversionResult(best, pt.targets, ce, acc, zf)
+        (final, _, best, _), (ce, acc, zf) = jax.lax.scan(body, init,
+                                                          jnp.arange(pt.cfg.iterations))
+        result = InversionResult(best, pt.targets, ce, acc, zf)
+        return (result, final) if return_final else result
 
     return jax.jit(run)
-
-
-def _make_host_run(pt: _Parts, gen_apply: Callable, nz: int, gradient: Callable,
-                   constrain: Callable) -> Callable:
-    """The inversion with each iteration one compiled call from Python (``loop="host"``): the
-    same arithmetic as :func:`_make_run`, compiled outside a loop, where XLA:CPU compiles the
-    generator's convolutions far better (``experiments/bench/bench_torch_reference.py``)."""
-    start, step = _make_loop_parts(pt, gen_apply, nz, gradient, constrain)
-    start, step = jax.jit(start), jax.jit(step, donate_argnums=(0,))
-
-    def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
-        carry, k_loop, eps = start(key, gen_params)
-        index = jnp.asarray(index, jnp.int32)
-        metrics = []
-        for i in range(pt.cfg.iterations):
-            carry, m = step(carry, jnp.int32(i), k_loop, eps, index, operand, student_params,
-                            teacher_params)
-            metrics.append(m)
-        ce, acc, zf = (jnp.stack(v) for v in zip(*metrics))
-        return InversionResult(carry[2], pt.targets, ce, acc, zf)
-
-    return run
 
 
 def _on_mesh(jitted: Callable, mesh, b: int) -> Callable:
@@ -577,7 +548,7 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
                   mean: Sequence[float], std: Sequence[float], image_size: int,
                   student_apply: Optional[Callable] = None,
                   teacher_fn: Optional[Callable] = None, mesh=None, axis: str = "data",
-                  shard: str = "samples"):
+                  shard: str = "samples", return_final: bool = False):
     """Builds the jitted inversion for a group of same-signature APIs.
 
     Args:
@@ -606,13 +577,17 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
         estimates are averaged (``pmean``); the clean answers are queried once. For small batches
         with many directions. ``q`` must divide by the device count (blockwise estimators also need
         ``chunk_size`` dividing ``q / n``).
+      return_final: also return the generator and latents after the last Adam step,
+        ``{"w": ..., "z": ...}`` (to warm-start another call, or to time every iteration's
+        update: without it no output reads the last update, and XLA skips it).
 
     Returns:
       ``invert(key, index, gen_params, operand, student_params=None, teacher_params=None)
       -> InversionResult``: ``index`` selects the API of the group (traced: one compile serves
       every member), ``gen_params`` is the freshly initialised generator (the spec re-initialises
       it every call), ``operand`` is ``group.operand``. With ``student_params`` the boundary term
-      is on. Compiled once per boundary on/off. ``invert.batch_size`` is ``B``.
+      is on. Compiled once per boundary on/off. ``invert.batch_size`` is ``B``. With
+      ``return_final``: ``(InversionResult, final)``.
     """
     group, q_local = _validate(group, cfg, image_size, mesh, axis, shard)
     zo_grad = _make_zo_grad(group, cfg)
@@ -629,5 +604,4 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
             return x
         return constrain_batch(x, mesh, axis)
 
-    make = _make_run if cfg.loop == "scan" else _make_host_run
-    return _on_mesh(make(pt, gen_apply, nz, gradient, constrain), mesh, pt.b)
+    return _on_mesh(_make_run(pt, gen_apply, nz, gradient, constrain, return_final), mesh, pt.b)

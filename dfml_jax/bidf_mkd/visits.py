@@ -10,7 +10,6 @@ groups, their compiled inverters, their (mesh-replicated) operands and sharded a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -103,9 +102,8 @@ class ApiVisits:
             self._operands[g] = replicate(self.groups[g].operand, self.mesh)
         return self._operands[g]
 
-    def _make_inverter(self, g: int, teacher_fn=None, inv_cfg=None):
-        return make_inverter(self.groups[g], self.gen_apply, nz=self.cfg.nz,
-                             cfg=inv_cfg or self.inv_cfg,
+    def _make_inverter(self, g: int, teacher_fn=None):
+        return make_inverter(self.groups[g], self.gen_apply, nz=self.cfg.nz, cfg=self.inv_cfg,
                              mean=self.mean, std=self.std, image_size=self.pool.image_size,
                              student_apply=self.meta_apply, teacher_fn=teacher_fn, mesh=self.mesh,
                              shard=self.cfg.inv_shard)
@@ -126,11 +124,7 @@ class ApiVisits:
         key = ("many", g, boundary)
         if key not in self._inverters:
             axes = (0, 0, 0, None) + ((0,) if boundary else ())
-            # vmapped over the APIs and jitted whole: the iterations stay one lax.scan (a host
-            # loop would be inlined call by call into one program)
-            scan_cfg = dataclasses.replace(self.inv_cfg, loop="scan")
-            self._inverters[key] = jax.jit(jax.vmap(self._make_inverter(g, inv_cfg=scan_cfg),
-                                                    in_axes=axes))
+            self._inverters[key] = jax.jit(jax.vmap(self._make_inverter(g), in_axes=axes))
         return self._inverters[key]
 
     def aug(self, x, k):

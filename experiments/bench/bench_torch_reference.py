@@ -13,7 +13,11 @@ Rows (sizes of the paper's CIFAR-FS configuration, ``shared/specs/bidf_mkd.md``)
   the cotangent ``g / B``, Adam (lr 1e-3, betas 0.5/0.999) on the generator weights and Z.
   JAX: :func:`dfml_jax.bidf_mkd.make_inverter` (``--inv-iters`` iterations per timed call, the
   time divided by them; the call also draws Z and runs one generator forward for its
-  best-image buffer, which is counted).
+  best-image buffer, which is counted). It is built with ``return_final=True`` so that every
+  timed iteration includes its pull-back and Adam update as PyTorch's does: a library call
+  returns only the selected images, which no update after the last iteration can change, and
+  XLA drops that last pull-back as dead code (before 2026-12-07, late, the rows timed
+  ``2 forward + 1 backward`` against PyTorch's 2 + 2).
 * ``replay_meta_iteration``: 4 replay tasks, 5-way 1-shot 15-query, 5 inner second-order SGD
   steps (lr 0.01) with CE, outer CE losses summed, one Adam step (lr 1e-3) of the Conv4
   meta-model (width 32, batch-statistics BN). JAX: :func:`dfml_jax.bidf_mkd.metastep.replay_loss`
@@ -77,7 +81,6 @@ its tests never import it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import json
 import os
@@ -123,15 +126,7 @@ API_CONV_IMPL = inspect.signature(load_pool).parameters["conv_impl"].default
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # CIFAR-FS statistics
 # generator variants the inversion rows also time (--alternatives): the same function, other
 # arrangements of its arithmetic (results equal up to float rounding; not the library default)
-GEN_ALTERNATIVES = {
-    "generator_upsample=subpixel": dict(upsample="subpixel"),
-    # each iteration one compiled call from the host (InversionConfig.loop="host"), where XLA:CPU
-    # compiles the generator's convolutions far better than inside the scan's loop body
-    "inversion_loop=host": dict(loop="host"),
-    "inversion_loop=host,generator_upsample=subpixel": dict(loop="host", upsample="subpixel"),
-    "inversion_loop=host,generator_upsample=subpixel,conv_impl=lax": dict(
-        loop="host", upsample="subpixel", conv_impl="lax"),
-}
+GEN_ALTERNATIVES = {"generator_upsample=subpixel": dict(upsample="subpixel")}
 # meta-model variants the replay and KD rows also time: the inner loop's lax.scan fully unrolled
 META_ALTERNATIVES = {"inner_unroll=full": dict(unroll=True),
                      "meta_layout=CNHW,inner_unroll=full": dict(unroll=True, layout="CNHW")}
@@ -452,13 +447,14 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
     icfg = InversionConfig(iterations=inv_iters, per_class=b // k, num_directions=q,
                            chunk_size=chunk, smoothing=cfg["mu"], lr=cfg["glr"], pad=cfg["pad"])
 
-    def jax_side(loop="scan", **gen_kw):
-        """The JAX inversion (iterations run by ``loop``) with a generator built with ``gen_kw``."""
+    def jax_side(**gen_kw):
+        """The JAX inversion with a generator built with ``gen_kw``. It returns the final
+        generator too (``return_final``), so every timed iteration includes its Adam update, as
+        PyTorch's does (otherwise no output reads the last one and XLA skips it)."""
         g = functional(create_model("dcgan", nz=nz, ngf=cfg["ngf"], img_size=s, nc=c,
                                     rngs_or_key=0, **gen_kw))
-        return g, make_inverter(group, g.apply_batchstats, nz=nz,
-                                cfg=dataclasses.replace(icfg, loop=loop), mean=MEAN[:c],
-                                std=STD[:c], image_size=s)
+        return g, make_inverter(group, g.apply_batchstats, nz=nz, cfg=icfg, mean=MEAN[:c],
+                                std=STD[:c], image_size=s, return_final=True)
 
     gen, inv = jax_side()
     gp = gen.init(jax.random.key(1))[0]
@@ -512,7 +508,7 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
         "generator_grad_shapes_equal": shapes(gw_jt) == shapes(gw_t),
         "z_grad_shape": [list(np.asarray(gz_j).shape), list(z_t.grad.shape)],
         "image_grad_shape": [list(xa_j.shape), list(tg.permute(0, 2, 3, 1).shape)],
-        "clean_ce_shape": [list(np.asarray(jres.clean_ce).shape), [inv_iters]],
+        "clean_ce_shape": [list(np.asarray(jres[0].clean_ce).shape), [inv_iters]],
         "zero_order_directions": "drawn independently by each side (not compared)",
     }
     info = {"batch": b, "q": q, "chunk_size": chunk, "numsplit": cfg["numsplit"],
@@ -521,7 +517,7 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
             "_flops": lambda: step_flops(inv, jax.random.key(0), 0, gp, group.operand)}
     alternatives = {}
     key_same = jax.random.key(10**6)
-    images_same = inv(key_same, 0, gp, group.operand).images
+    images_same = inv(key_same, 0, gp, group.operand)[0].images
     for alt, gen_kw in chosen_alternatives(cfg["alternatives"], GEN_ALTERNATIVES,
                                            GEN_ALTERNATIVES_LAX).items():
         g_alt, inv_alt = jax_side(**gen_kw)
@@ -535,7 +531,8 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
                       float(jnp.abs(x01_alt - x01_j).max()),
                       # the whole call, same key (same directions): its selected images
                       "inversion_images_max_abs_diff_vs_default": float(jnp.abs(
-                          inv_alt(key_same, 0, gp, group.operand).images - images_same).max())}}
+                          inv_alt(key_same, 0, gp, group.operand)[0].images
+                          - images_same).max())}}
         alternatives[alt]["run"]()  # compile
     info["_alternatives"] = alternatives
     return run_jax, run_torch, check, info

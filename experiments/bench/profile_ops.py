@@ -1,0 +1,149 @@
+"""Where a hot loop's time goes: one JAX step traced with ``jax.profiler``, time per kind of op.
+
+    python experiments/bench/profile_ops.py --row kd_task --unroll --out docs/profile_kd_nhwc.json
+    python experiments/bench/profile_ops.py --row kd_task --unroll --layout CNHW
+    python experiments/bench/profile_ops.py --row replay_meta_iteration --smoke   # tiny sizes
+
+The step is the one ``bench_torch_reference.py`` times (same sizes, model, loss and Adam
+update; ``--layout`` / ``--unroll`` select the meta-model variants). After compilation and a
+warm-up call, one call runs under ``jax.profiler.trace(create_perfetto_trace=True)``; every
+XLA:CPU op event of the trace is attributed to its HLO instruction (from the compiled module's
+text) and grouped by kind: the fusion's name prefix and the opcode of its root, e.g.
+``copy_bitcast_fusion:bitcast`` (a materialised transpose), ``ynn_fusion:dot`` (a matmul run by
+YNNPACK), ``ynn_fusion:reduce-window`` (a reduction XLA split into windows). The JSON lists each
+kind's summed milliseconds, count and largest instance (name and shape), the summed op time and
+the wall time of the traced call (ops of the two cores may overlap, so the sum can exceed it).
+Needs PyTorch only because it imports the benchmark module's setup.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_torch_reference as bench  # noqa: E402
+
+from dfml_jax.bidf_mkd import KDTask, ReplayTasks  # noqa: E402
+from dfml_jax.bidf_mkd.metastep import kd_task_loss, replay_loss  # noqa: E402
+from dfml_jax.models.layers import LAYOUTS  # noqa: E402
+
+ROWS = ("replay_meta_iteration", "kd_task")
+
+
+def meta_step(row: str, cfg: dict, layout: str, unroll: bool):
+    """``(step, args)``: the row's jitted value_and_grad + Adam step and its inputs."""
+    meta = bench.meta_model(cfg, layout=layout)
+    s, c, k = cfg["image_size"], cfg["channels"], cfg["ways"]
+    rng = np.random.default_rng(4)
+    if row == "kd_task":
+        kd, n = cfg["kd"], cfg["kd"]["images"]
+        soft = lambda a: np.exp(a) / np.exp(a).sum(-1, keepdims=True)  # noqa: E731
+        data = KDTask(*(jnp.asarray(a.astype(np.float32)) for a in (
+            rng.standard_normal((n, s, s, c)), soft(rng.standard_normal((n, k))),
+            rng.standard_normal((n, s, s, c)), soft(rng.standard_normal((n, k))))),
+            jnp.tile(jnp.arange(k), n // k))
+        loss = lambda p, d: kd_task_loss(meta.apply_batchstats, p, d, steps=kd["steps"],  # noqa
+                                         lr=cfg["inner_lr"], kd_loss="kl", unroll=unroll)[0]
+    else:
+        r = cfg["replay"]
+        t, ns, nq = r["tasks"], k * r["shots"], k * r["query"]
+        data = ReplayTasks(
+            jnp.asarray(rng.standard_normal((t, ns, s, s, c)), jnp.float32),
+            jnp.tile(jnp.repeat(jnp.arange(k), r["shots"]), (t, 1)),
+            jnp.asarray(rng.standard_normal((t, nq, s, s, c)), jnp.float32),
+            jnp.tile(jnp.repeat(jnp.arange(k), r["query"]), (t, 1)))
+        loss = lambda p, d: replay_loss(meta.apply_batchstats, p, d, steps=r["steps"],  # noqa
+                                        lr=cfg["inner_lr"], unroll=unroll)[0]
+    tx, step = bench.jax_step(loss, cfg["outer_lr"])
+    return step, (meta.params, tx.init(meta.params), data)
+
+
+def _instructions(hlo_text: str) -> dict:
+    """HLO instruction name -> (shape, kind): kind is the opcode, or for a fusion the opcode of
+    its computation's root."""
+    roots = {}
+    for m in re.finditer(r"^%(\S+) \(.*?\n(.*?)\n\}", hlo_text, re.M | re.S):
+        r = re.search(r"ROOT %\S+ = \S+ ([\w-]+)\(", m.group(2))
+        roots[m.group(1)] = r.group(1) if r else "?"
+    out = {}
+    for m in re.finditer(r"^\s+(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\((.*)$", hlo_text, re.M):
+        name, shape, op, rest = m.groups()
+        if op == "fusion":
+            called = re.search(r"calls=%([\w.-]+)", rest)
+            op = "fusion:" + roots.get(called.group(1), "?") if called else op
+        out[name] = (shape, op)
+    return out
+
+
+def op_profile(step, args) -> dict:
+    """Per-kind op times of one traced call of ``step(*args)`` (see the module docstring)."""
+    jax.block_until_ready(step(*args))
+    jax.block_until_ready(step(*args))
+    hlo = step.lower(*args).compile().as_text()
+    inst = _instructions(hlo)
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(*args))
+            wall = time.perf_counter() - t0
+        trace = json.load(gzip.open(glob.glob(os.path.join(d, "**", "*.trace.json.gz"),
+                                              recursive=True)[0]))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    total, count, biggest = collections.Counter(), collections.Counter(), {}
+    for e in events:
+        if e.get("ph") != "X" or e["name"] not in inst:
+            continue
+        shape, op = inst[e["name"]]
+        prefix = re.sub(r"\.\d+$", "", e["name"])
+        kind = prefix + op[len("fusion"):] if op.startswith("fusion:") else prefix
+        total[kind] += e["dur"]
+        count[kind] += 1
+        if e["dur"] > biggest.get(kind, (0,))[0]:
+            biggest[kind] = (e["dur"], e["name"], shape)
+    ops_ms = sum(total.values()) / 1e3
+    kinds = [{"kind": k, "ms": round(v / 1e3, 1), "share": round(v / 1e3 / ops_ms, 3),
+              "count": count[k], "largest": {"name": biggest[k][1], "shape": biggest[k][2],
+                                             "ms": round(biggest[k][0] / 1e3, 2)}}
+             for k, v in total.most_common()]
+    return {"wall_ms": round(wall * 1e3, 1), "ops_ms": round(ops_ms, 1), "kinds": kinds}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--row", choices=ROWS, default="kd_task")
+    p.add_argument("--layout", choices=LAYOUTS, default="NHWC", help="the meta-model's layout")
+    p.add_argument("--unroll", action="store_true", help="the inner lax.scan fully unrolled")
+    p.add_argument("--top", type=int, default=25, help="kinds kept in the JSON")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (a test, not a profile)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    cfg = dict(bench.SMOKE if args.smoke else bench.REAL)
+    step, step_args = meta_step(args.row, cfg, args.layout, args.unroll)
+    prof = op_profile(step, step_args)
+    res = {"bench": "profile_ops", "row": args.row, "layout": args.layout,
+           "unroll": bool(args.unroll), "smoke": bool(args.smoke),
+           "environment": bench.environment(), "load": bench.loadavg(),
+           **prof, "kinds": prof["kinds"][: args.top]}
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
