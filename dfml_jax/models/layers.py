@@ -43,8 +43,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = [
-    "CONV_IMPLS", "LAYOUTS", "get_default_conv_impl", "set_default_conv_impl", "conv2d", "conv2d_im2col",
-    "conv2d_lax", "batch_norm", "max_pool2", "global_max_pool", "global_avg_pool",
+    "CONV_IMPLS", "LAYOUTS", "get_default_conv_impl", "set_default_conv_impl", "conv2d",
+    "conv2d_im2col", "conv2d_lax", "batch_norm", "max_pool2", "global_max_pool", "global_avg_pool",
     "upsample_nearest2", "upsample2_conv3x3", "UPSAMPLE_CONV_IMPLS", "Init", "torch_uniform_init",
     "conv_normal_init", "normal_init", "zeros_init", "ones_init", "materialize", "leaky_relu",
     "count_params", "Conv2d", "BatchNorm", "Linear",
