@@ -110,21 +110,26 @@ def test_meta_rows_agree_numerically(result):
         assert r["second_order"] is True
 
 
-def test_profile_ops_attributes_the_trace_to_hlo_ops(tmp_path):
+@pytest.mark.parametrize("row_args", [["--row", "kd_task", "--unroll", "--layout", "CNHW"],
+                                      ["--row", "generator_b50", "--upsample", "subpixel"]])
+def test_profile_ops_attributes_the_trace_to_hlo_ops(tmp_path, row_args):
     """experiments/bench/profile_ops.py (tiny sizes): every kind it reports is an XLA op of the
     compiled step, the matmuls among them, with times that add up."""
     if importlib.util.find_spec("torch") is None:
         pytest.skip("torch is not installed (benchmark-only: pip install -r requirements-bench.txt)")
     out = tmp_path / "prof.json"
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "bench", "profile_ops.py"),
-           "--row", "kd_task", "--smoke", "--unroll", "--layout", "CNHW", "--top", "100",
-           "--out", str(out)]
+           *row_args, "--smoke", "--top", "100", "--out", str(out)]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     prof = json.loads(out.read_text())
-    assert prof["row"] == "kd_task" and prof["layout"] == "CNHW" and prof["unroll"] is True
+    assert prof["row"] == row_args[1]
+    if row_args[1] == "kd_task":
+        assert prof["layout"] == "CNHW" and prof["unroll"] is True
+    else:
+        assert prof["upsample"] == "subpixel"
     kinds = {k["kind"]: k for k in prof["kinds"]}
     assert any("dot" in k for k in kinds), sorted(kinds)
     assert sum(k["ms"] for k in prof["kinds"]) == pytest.approx(prof["ops_ms"], abs=0.1 * len(kinds))

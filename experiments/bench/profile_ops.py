@@ -2,10 +2,12 @@
 
     python experiments/bench/profile_ops.py --row kd_task --unroll --out docs/profile_kd_nhwc.json
     python experiments/bench/profile_ops.py --row kd_task --unroll --layout CNHW
+    python experiments/bench/profile_ops.py --row generator_b50 --upsample subpixel
     python experiments/bench/profile_ops.py --row replay_meta_iteration --smoke   # tiny sizes
 
-The step is the one ``bench_torch_reference.py`` times (same sizes, model, loss and Adam
-update; ``--layout`` / ``--unroll`` select the meta-model variants). After compilation and a
+The meta rows' step is the one ``bench_torch_reference.py`` times (same sizes, model, loss and
+Adam update; ``--layout`` / ``--unroll`` select the meta-model variants); the generator rows
+are the inversion rows' DCGAN generator, forward and pull-back (``--upsample``). After compilation and a
 warm-up call, one call runs under ``jax.profiler.trace(create_perfetto_trace=True)``; every
 XLA:CPU op event of the trace is attributed to its HLO instruction (from the compiled module's
 text) and grouped by kind: the fusion's name prefix and the opcode of its root, e.g.
@@ -37,9 +39,29 @@ import bench_torch_reference as bench  # noqa: E402
 
 from dfml_jax.bidf_mkd import KDTask, ReplayTasks  # noqa: E402
 from dfml_jax.bidf_mkd.metastep import kd_task_loss, replay_loss  # noqa: E402
-from dfml_jax.models.layers import LAYOUTS  # noqa: E402
+from dfml_jax.models import create_model, functional  # noqa: E402
+from dfml_jax.models.layers import LAYOUTS, UPSAMPLE_CONV_IMPLS  # noqa: E402
 
-ROWS = ("replay_meta_iteration", "kd_task")
+ROWS = ("replay_meta_iteration", "kd_task", "generator_b50", "generator_b150")
+
+
+def generator_step(row: str, cfg: dict, upsample: str):
+    """``(step, args)``: the inversion rows' DCGAN generator, forward and pull-back of a fixed
+    image cotangent (the part of an inversion iteration that is not the API's queries)."""
+    b = cfg["inversion"]["inversion_b50_q20" if row == "generator_b50" else "inversion_b150_q100"][0]
+    s, c, nz = cfg["image_size"], cfg["channels"], cfg["nz"]
+    g = functional(create_model("dcgan", nz=nz, ngf=cfg["ngf"], img_size=s, nc=c,
+                                rngs_or_key=0, upsample=upsample))
+    p = g.init(jax.random.key(1))[0]
+    z = jax.random.normal(jax.random.key(2), (b, nz))
+    ct = jax.random.normal(jax.random.key(3), (b, s, s, c))
+
+    @jax.jit
+    def step(p, z):
+        _, vjp = jax.vjp(g.apply_batchstats, p, z)
+        return vjp(ct)
+
+    return step, (p, z)
 
 
 def meta_step(row: str, cfg: dict, layout: str, unroll: bool):
@@ -126,15 +148,21 @@ def main(argv=None):
     p.add_argument("--row", choices=ROWS, default="kd_task")
     p.add_argument("--layout", choices=LAYOUTS, default="NHWC", help="the meta-model's layout")
     p.add_argument("--unroll", action="store_true", help="the inner lax.scan fully unrolled")
+    p.add_argument("--upsample", choices=UPSAMPLE_CONV_IMPLS, default="upsample_then_conv",
+                   help="the generator rows' upsample-conv form")
     p.add_argument("--top", type=int, default=25, help="kinds kept in the JSON")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (a test, not a profile)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     cfg = dict(bench.SMOKE if args.smoke else bench.REAL)
-    step, step_args = meta_step(args.row, cfg, args.layout, args.unroll)
+    if args.row.startswith("generator"):
+        step, step_args = generator_step(args.row, cfg, args.upsample)
+        settings = {"upsample": args.upsample}
+    else:
+        step, step_args = meta_step(args.row, cfg, args.layout, args.unroll)
+        settings = {"layout": args.layout, "unroll": bool(args.unroll)}
     prof = op_profile(step, step_args)
-    res = {"bench": "profile_ops", "row": args.row, "layout": args.layout,
-           "unroll": bool(args.unroll), "smoke": bool(args.smoke),
+    res = {"bench": "profile_ops", "row": args.row, **settings, "smoke": bool(args.smoke),
            "environment": bench.environment(), "load": bench.loadavg(),
            **prof, "kinds": prof["kinds"][: args.top]}
     text = json.dumps(res, indent=1)
