@@ -464,65 +464,48 @@ def _latent_gradient(pt: _Parts, latent_zo: Callable) -> Callable:
     return latent_gradient
 
 
-def _make_loop_parts(pt: _Parts, gen_apply: Callable, nz: int, gradient: Callable,
-                     constrain: Callable):
-    """The inversion's two pure pieces: ``start(key, gen_params) -> (carry, k_loop, eps)``
-    (initial latents, Adam state, no best image yet) and ``step(carry, i, k_loop, eps, index,
-    operand, student_params, teacher_params) -> (carry, (ce, acc, zero_frac))`` (iteration
-    ``i``)."""
+def _make_run(pt: _Parts, gen_apply: Callable, nz: int, gradient: Callable,
+              constrain: Callable, return_final: bool = False) -> Callable:
+    """The (unjitted) inversion: initial latents, then ``iterations`` Adam steps in a scan."""
     cfg, b, targets, k = pt.cfg, pt.b, pt.targets, pt.group.num_classes
     tx = optax.adam(cfg.lr, b1=0.5, b2=0.999)
 
-    def latents(z, eps):
-        return z if eps is None else z[targets] + eps  # class latents + fixed per-image jitter
-
-    def start(key, gen_params):
+    def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
         k_z, k_loop = jax.random.split(key)
         if cfg.class_jitter is None:
             params = {"w": gen_params, "z": constrain(jax.random.normal(k_z, (b, nz)))}
-            eps = None
-        else:
+            latents = lambda z: z  # noqa: E731
+        else:  # class latents + fixed per-image jitter
             k_c, k_e = jax.random.split(k_z)
             params = {"w": gen_params, "z": jax.random.normal(k_c, (k, nz))}
             eps = constrain(cfg.class_jitter * jax.random.normal(k_e, (b, nz)))
-        x0 = gen_apply(params["w"], latents(params["z"], eps))
-        return (params, tx.init(params), jnp.zeros_like(x0), jnp.float32(jnp.inf)), k_loop, eps
+            latents = lambda z: z[targets] + eps  # noqa: E731
+        opt = tx.init(params)
 
-    def step(carry, i, k_loop, eps, index, operand, student_params, teacher_params):
-        params, opt, best_img, best_score = carry
-        k_aug, k_zo = jax.random.split(jax.random.fold_in(k_loop, i))
-        grads, x01, point, out0, g, zero_frac = gradient(
-            params, lambda z: latents(z, eps), k_aug, k_zo, index, operand, student_params,
-            teacher_params)
-        ce = jnp.mean(per_sample_objective(out0, targets, pt.group.output))
-        acc = jnp.mean(jnp.argmax(out0, -1) == targets)
-        updates, opt = tx.update(grads, opt, params)
-        params = optax.apply_updates(params, updates)
-        score = ce if cfg.select == "clean_ce" else jnp.mean(
-            jnp.sum((point * g).reshape(b, -1), axis=1))
-        better = score < best_score
-        best_img = jnp.where(better, jax.lax.stop_gradient(x01), best_img)
-        best_score = jnp.where(better, score, best_score)
-        return (params, opt, best_img, best_score), (ce, acc, zero_frac)
+        def step(carry, i):
+            params, opt, best_img, best_score = carry
+            k_aug, k_zo = jax.random.split(jax.random.fold_in(k_loop, i))
+            grads, x01, point, out0, g, zero_frac = gradient(
+                params, latents, k_aug, k_zo, index, operand, student_params, teacher_params)
+            ce = jnp.mean(per_sample_objective(out0, targets, pt.group.output))
+            acc = jnp.mean(jnp.argmax(out0, -1) == targets)
+            updates, opt = tx.update(grads, opt, params)
+            params = optax.apply_updates(params, updates)
+            score = ce if cfg.select == "clean_ce" else jnp.mean(
+                jnp.sum((point * g).reshape(b, -1), axis=1))
+            better = score < best_score
+            best_img = jnp.where(better, jax.lax.stop_gradient(x01), best_img)
+            best_score = jnp.where(better, score, best_score)
+            return (params, opt, best_img, best_score), (ce, acc, zero_frac)
 
-    return start, step
-
-
-def _make_run(pt: _Parts, gen_apply: Callable, nz: int, gradient: Callable,
-              constrain: Callable, return_final: bool) -> Callable:
-    """The inversion as one jitted function, the iterations in a ``lax.scan``."""
-    start, step = _make_loop_parts(pt, gen_apply, nz, gradient, constrain)
-
-    def run(key, index, gen_params, operand, student_params=None, teacher_params=None):
-        init, k_loop, eps = start(key, gen_params)
-        body = lambda carry, i: step(carry, i, k_loop, eps, index, operand,  # noqa: E731
-                                     student_params, teacher_params)
-        (final, _, best, _), (ce, acc, zf) = jax.lax.scan(body, init,
-                                                          jnp.arange(pt.cfg.iterations))
-        result = InversionResult(best, pt.targets, ce, acc, zf)
+        x0 = gen_apply(params["w"], latents(params["z"]))
+        init = (params, opt, jnp.zeros_like(x0), jnp.float32(jnp.inf))
+        (final, _, best, _), (ce, acc, zf) = jax.lax.scan(step, init,
+                                                          jnp.arange(cfg.iterations))
+        result = InversionResult(best, targets, ce, acc, zf)
         return (result, final) if return_final else result
 
-    return jax.jit(run)
+    return run
 
 
 def _on_mesh(jitted: Callable, mesh, b: int) -> Callable:
@@ -604,4 +587,5 @@ def make_inverter(group: APIGroup, gen_apply: Callable, *, nz: int, cfg: Inversi
             return x
         return constrain_batch(x, mesh, axis)
 
-    return _on_mesh(_make_run(pt, gen_apply, nz, gradient, constrain, return_final), mesh, pt.b)
+    run = _make_run(pt, gen_apply, nz, gradient, constrain, return_final)
+    return _on_mesh(jax.jit(run), mesh, pt.b)

@@ -108,33 +108,32 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: 
     """
     kh, kw, cin, cout = kernel.shape
     cm = _check_layout(layout) == "CNHW"
-    hax = 2 if cm else 1
-    if x.shape[0 if cm else -1] != cin:
-        raise ValueError(f"conv2d: input has {x.shape[0 if cm else -1]} channels ({layout}), "
-                         f"kernel expects {cin}.")
+    hax, cax = (2, 0) if cm else (1, -1)
+    if x.shape[cax] != cin:
+        raise ValueError(f"conv2d: input has {x.shape[cax]} channels ({layout}), kernel expects "
+                         f"{cin}.")
     if padding:
         pads = [(0, 0)] * 4
         pads[hax] = pads[hax + 1] = (padding, padding)
         x = jnp.pad(x, pads)
     h, w = x.shape[hax], x.shape[hax + 1]
     ho, wo = _out_size(h, kh, stride, 0), _out_size(w, kw, stride, 0)
+    cols = [_spatial_slice(x, hax, slice(i, i + (ho - 1) * stride + 1, stride),
+                           slice(j, j + (wo - 1) * stride + 1, stride))
+            for i in range(kh) for j in range(kw)]
+    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=cax)
+    k2 = kernel.reshape(kh * kw * cin, cout)
     if cm:
-        cols = [x[:, :, i : i + (ho - 1) * stride + 1 : stride,
-                  j : j + (wo - 1) * stride + 1 : stride] for i in range(kh) for j in range(kw)]
-        patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=0)
         n = x.shape[1]
-        y = kernel.reshape(kh * kw * cin, cout).T @ patches.reshape(kh * kw * cin, n * ho * wo)
-        return y.reshape(cout, n, ho, wo)
-    if kh == 1 and kw == 1:
-        patches = x[:, : (ho - 1) * stride + 1 : stride, : (wo - 1) * stride + 1 : stride, :]
-    else:
-        cols = [
-            x[:, i : i + (ho - 1) * stride + 1 : stride, j : j + (wo - 1) * stride + 1 : stride, :]
-            for i in range(kh)
-            for j in range(kw)
-        ]
-        patches = jnp.concatenate(cols, axis=-1)
-    return patches @ kernel.reshape(kh * kw * cin, cout)
+        return (k2.T @ patches.reshape(kh * kw * cin, n * ho * wo)).reshape(cout, n, ho, wo)
+    return patches @ k2
+
+
+def _spatial_slice(x: jax.Array, hax: int, rows: slice, cols: slice) -> jax.Array:
+    """``x`` sliced on its two spatial axes ``hax``, ``hax + 1`` (the others whole)."""
+    idx = [slice(None)] * x.ndim
+    idx[hax], idx[hax + 1] = rows, cols
+    return x[tuple(idx)]
 
 
 def conv2d_lax(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
@@ -199,23 +198,16 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     """
     if channel_axis not in (-1, 0):
         raise ValueError(f"batch_norm: channel_axis must be -1 or 0, got {channel_axis}.")
-    if channel_axis == 0:
-        axes = tuple(range(1, x.ndim))
-        col = lambda a: None if a is None else a.reshape((-1,) + (1,) * (x.ndim - 1))  # noqa: E731
-        y, new_stats = _batch_norm(x, axes, col(scale), col(bias), mean, var, use_batch_stats,
-                                   momentum, eps, keepdims=True)
-        return y, new_stats
-    return _batch_norm(x, tuple(range(x.ndim - 1)), scale, bias, mean, var, use_batch_stats,
-                       momentum, eps, keepdims=False)
+    cm = channel_axis == 0
+    axes = tuple(range(1, x.ndim)) if cm else tuple(range(x.ndim - 1))
 
+    def per_channel(a):  # a (C,) vector broadcast against x
+        return a.reshape((-1,) + (1,) * (x.ndim - 1)) if cm and a is not None else a
 
-def _batch_norm(x, axes, scale, bias, mean, var, use_batch_stats, momentum, eps, keepdims):
-    """:func:`batch_norm` over ``axes``; ``keepdims``: statistics broadcast as kept axes
-    (channel-major input; the running statistics stay ``(C,)``)."""
     new_stats = None
     if use_batch_stats:
-        mu = jnp.mean(x, axis=axes, keepdims=keepdims)
-        v = jnp.mean(jnp.square(x - mu), axis=axes, keepdims=keepdims)
+        mu = jnp.mean(x, axis=axes, keepdims=cm)
+        v = jnp.mean(jnp.square(x - mu), axis=axes, keepdims=cm)
         if mean is not None and var is not None:
             n = math.prod(x.shape[a] for a in axes)
             unbiased = v * (n / max(n - 1, 1))
@@ -228,28 +220,22 @@ def _batch_norm(x, axes, scale, bias, mean, var, use_batch_stats, momentum, eps,
         if mean is None or var is None:
             raise ValueError("batch_norm: running statistics are not tracked by this layer; "
                              "use batch statistics (train=True / apply_batchstats).")
-        mu, v = mean, var
-        if keepdims:
-            col = (-1,) + (1,) * (x.ndim - 1)
-            mu, v = mu.reshape(col), v.reshape(col)
+        mu, v = per_channel(mean), per_channel(var)
     y = (x - mu) * jax.lax.rsqrt(v + eps)
     if scale is not None:
-        y = y * scale
+        y = y * per_channel(scale)
     if bias is not None:
-        y = y + bias
+        y = y + per_channel(bias)
     return y, new_stats
 
 
 def _pool_windows(x, layout: str = "NHWC"):
     """The four strided sub-grids of a 2x2 / stride-2 pool (floor mode) over the spatial axes
     of ``layout``."""
-    if layout == "CNHW":
-        h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
-        x = x[:, :, :h, :w]
-        return x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]
-    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
-    x = x[:, :h, :w, :]
-    return x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]
+    hax = 2 if layout == "CNHW" else 1
+    h, w = x.shape[hax] // 2 * 2, x.shape[hax + 1] // 2 * 2
+    return tuple(_spatial_slice(x, hax, slice(a, h, 2), slice(b, w, 2))
+                 for a, b in ((0, 0), (1, 0), (0, 1), (1, 1)))
 
 
 def max_pool2(x: jax.Array, layout: str = "NHWC") -> jax.Array:

@@ -65,7 +65,8 @@ arithmetic arranged differently, so results equal the default's up to float roun
 (``generator_output_max_abs_diff_vs_default``), but they are not what the library runs by
 default. The replay and KD rows likewise time
 ``META_ALTERNATIVES`` (the inner ``lax.scan`` fully unrolled, ``unroll=True`` of
-:func:`dfml_jax.meta.adapt`), with their loss and gradient checked against the default step's.
+:func:`dfml_jax.meta.adapt`; with it the channel-major meta-model, ``Conv4(layout="CNHW")``),
+with their loss and gradient checked against the default step's.
 ``--alternatives all`` also times the variants with every generator / meta-model convolution
 on the ``"lax"`` back-end (slow here: minutes per row); ``--alternatives none`` skips them all.
 
@@ -127,7 +128,8 @@ MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # CIFAR-FS stati
 # generator variants the inversion rows also time (--alternatives): the same function, other
 # arrangements of its arithmetic (results equal up to float rounding; not the library default)
 GEN_ALTERNATIVES = {"generator_upsample=subpixel": dict(upsample="subpixel")}
-# meta-model variants the replay and KD rows also time: the inner loop's lax.scan fully unrolled
+# meta-model variants the replay and KD rows also time: the inner loop's lax.scan fully unrolled,
+# and with it the channel-major Conv4 (layout="CNHW")
 META_ALTERNATIVES = {"inner_unroll=full": dict(unroll=True),
                      "meta_layout=CNHW,inner_unroll=full": dict(unroll=True, layout="CNHW")}
 # --alternatives all adds these: every convolution of the generator / meta-model on the "lax"
@@ -516,10 +518,10 @@ def setup_inversion(name: str, cfg: dict, inv_iters: int):
             "per_call_divisor": inv_iters,
             "_flops": lambda: step_flops(inv, jax.random.key(0), 0, gp, group.operand)}
     alternatives = {}
+    chosen = chosen_alternatives(cfg["alternatives"], GEN_ALTERNATIVES, GEN_ALTERNATIVES_LAX)
     key_same = jax.random.key(10**6)
-    images_same = inv(key_same, 0, gp, group.operand)[0].images
-    for alt, gen_kw in chosen_alternatives(cfg["alternatives"], GEN_ALTERNATIVES,
-                                           GEN_ALTERNATIVES_LAX).items():
+    images_same = inv(key_same, 0, gp, group.operand)[0].images if chosen else None
+    for alt, gen_kw in chosen.items():
         g_alt, inv_alt = jax_side(**gen_kw)
         x01_alt = g_alt.apply_batchstats(gp, jnp.asarray(z))
         alternatives[alt] = {
@@ -595,9 +597,10 @@ def compare_meta(res_j, loss_t, grads_t, s):
             "num_param_tensors": len(grads_t), "weights": "JAX init ported to PyTorch"}
 
 
-def setup_replay(cfg):
+def replay_row(cfg):
+    """The replay row's data, ``(sx, sy, qx, qy)`` as NumPy and as :class:`ReplayTasks`, and its
+    loss builder ``make_loss(apply_fn, **variant) -> loss(params, tasks)``."""
     s, c, k, r = cfg["image_size"], cfg["channels"], cfg["ways"], cfg["replay"]
-    meta, tm = meta_setup(cfg)
     rng = np.random.default_rng(4)
     t, ns, nq = r["tasks"], k * r["shots"], k * r["query"]
     sx = rng.standard_normal((t, ns, s, s, c)).astype(np.float32)
@@ -607,6 +610,32 @@ def setup_replay(cfg):
     tasks = ReplayTasks(*(jnp.asarray(a) for a in (sx, sy, qx, qy)))
     make_loss = lambda apply_fn, **kw: lambda p, d: replay_loss(  # noqa: E731
         apply_fn, p, d, steps=r["steps"], lr=cfg["inner_lr"], **kw)[0]
+    return (sx, sy, qx, qy), tasks, make_loss
+
+
+def kd_row(cfg):
+    """The KD row's data, ``(sx, sp, qx, qp)`` as NumPy and as a :class:`KDTask`, and its loss
+    builder ``make_loss(apply_fn, **variant) -> loss(params, task)``."""
+    s, c, k, kd = cfg["image_size"], cfg["channels"], cfg["ways"], cfg["kd"]
+    rng = np.random.default_rng(5)
+    n = kd["images"]
+    soft = lambda a: np.exp(a) / np.exp(a).sum(-1, keepdims=True)  # noqa: E731
+    sx = rng.standard_normal((n, s, s, c)).astype(np.float32)
+    qx = rng.standard_normal((n, s, s, c)).astype(np.float32)
+    sp = soft(rng.standard_normal((n, k))).astype(np.float32)
+    qp = soft(rng.standard_normal((n, k))).astype(np.float32)
+    task = KDTask(jnp.asarray(sx), jnp.asarray(sp), jnp.asarray(qx), jnp.asarray(qp),
+                  jnp.tile(jnp.arange(k), n // k))
+    make_loss = lambda apply_fn, **kw: lambda p, d: kd_task_loss(  # noqa: E731
+        apply_fn, p, d, steps=kd["steps"], lr=cfg["inner_lr"], kd_loss="kl", **kw)[0]
+    return (sx, sp, qx, qp), task, make_loss
+
+
+def setup_replay(cfg):
+    s, k, r = cfg["image_size"], cfg["ways"], cfg["replay"]
+    t = r["tasks"]
+    meta, tm = meta_setup(cfg)
+    (sx, sy, qx, qy), tasks, make_loss = replay_row(cfg)
     tx, step = jax_step(make_loss(meta.apply_batchstats), cfg["outer_lr"])
     opt = tx.init(meta.params)
     ttasks = [(nchw(sx[i]), torch.from_numpy(sy[i]).long(), nchw(qx[i]),
@@ -623,19 +652,10 @@ def setup_replay(cfg):
 
 
 def setup_kd(cfg):
-    s, c, k, kd = cfg["image_size"], cfg["channels"], cfg["ways"], cfg["kd"]
-    meta, tm = meta_setup(cfg)
-    rng = np.random.default_rng(5)
+    s, kd = cfg["image_size"], cfg["kd"]
     n = kd["images"]
-    soft = lambda a: np.exp(a) / np.exp(a).sum(-1, keepdims=True)  # noqa: E731
-    sx = rng.standard_normal((n, s, s, c)).astype(np.float32)
-    qx = rng.standard_normal((n, s, s, c)).astype(np.float32)
-    sp = soft(rng.standard_normal((n, k))).astype(np.float32)
-    qp = soft(rng.standard_normal((n, k))).astype(np.float32)
-    task = KDTask(jnp.asarray(sx), jnp.asarray(sp), jnp.asarray(qx), jnp.asarray(qp),
-                  jnp.tile(jnp.arange(k), n // k))
-    make_loss = lambda apply_fn, **kw: lambda p, d: kd_task_loss(  # noqa: E731
-        apply_fn, p, d, steps=kd["steps"], lr=cfg["inner_lr"], kd_loss="kl", **kw)[0]
+    meta, tm = meta_setup(cfg)
+    (sx, sp, qx, qp), task, make_loss = kd_row(cfg)
     tx, step = jax_step(make_loss(meta.apply_batchstats), cfg["outer_lr"])
     opt = tx.init(meta.params)
     ttask = (nchw(sx), tt(sp), nchw(qx), tt(qp))

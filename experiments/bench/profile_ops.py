@@ -31,14 +31,10 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_torch_reference as bench  # noqa: E402
 
-from dfml_jax.bidf_mkd import KDTask, ReplayTasks  # noqa: E402
-from dfml_jax.bidf_mkd.metastep import kd_task_loss, replay_loss  # noqa: E402
 from dfml_jax.models import create_model, functional  # noqa: E402
 from dfml_jax.models.layers import LAYOUTS, UPSAMPLE_CONV_IMPLS  # noqa: E402
 
@@ -65,30 +61,11 @@ def generator_step(row: str, cfg: dict, upsample: str):
 
 
 def meta_step(row: str, cfg: dict, layout: str, unroll: bool):
-    """``(step, args)``: the row's jitted value_and_grad + Adam step and its inputs."""
+    """``(step, args)``: the row's jitted value_and_grad + Adam step on the benchmark's own data
+    (:func:`bench_torch_reference.kd_row` / ``replay_row``)."""
     meta = bench.meta_model(cfg, layout=layout)
-    s, c, k = cfg["image_size"], cfg["channels"], cfg["ways"]
-    rng = np.random.default_rng(4)
-    if row == "kd_task":
-        kd, n = cfg["kd"], cfg["kd"]["images"]
-        soft = lambda a: np.exp(a) / np.exp(a).sum(-1, keepdims=True)  # noqa: E731
-        data = KDTask(*(jnp.asarray(a.astype(np.float32)) for a in (
-            rng.standard_normal((n, s, s, c)), soft(rng.standard_normal((n, k))),
-            rng.standard_normal((n, s, s, c)), soft(rng.standard_normal((n, k))))),
-            jnp.tile(jnp.arange(k), n // k))
-        loss = lambda p, d: kd_task_loss(meta.apply_batchstats, p, d, steps=kd["steps"],  # noqa
-                                         lr=cfg["inner_lr"], kd_loss="kl", unroll=unroll)[0]
-    else:
-        r = cfg["replay"]
-        t, ns, nq = r["tasks"], k * r["shots"], k * r["query"]
-        data = ReplayTasks(
-            jnp.asarray(rng.standard_normal((t, ns, s, s, c)), jnp.float32),
-            jnp.tile(jnp.repeat(jnp.arange(k), r["shots"]), (t, 1)),
-            jnp.asarray(rng.standard_normal((t, nq, s, s, c)), jnp.float32),
-            jnp.tile(jnp.repeat(jnp.arange(k), r["query"]), (t, 1)))
-        loss = lambda p, d: replay_loss(meta.apply_batchstats, p, d, steps=r["steps"],  # noqa
-                                        lr=cfg["inner_lr"], unroll=unroll)[0]
-    tx, step = bench.jax_step(loss, cfg["outer_lr"])
+    _, data, make_loss = (bench.kd_row if row == "kd_task" else bench.replay_row)(cfg)
+    tx, step = bench.jax_step(make_loss(meta.apply_batchstats, unroll=unroll), cfg["outer_lr"])
     return step, (meta.params, tx.init(meta.params), data)
 
 
