@@ -56,6 +56,7 @@ __all__ = [
     "memoize_builder",
     "uncommitted",
     "accuracy_point",
+    "GENERATORS",
     "make_generator",
     "config_dict",
 ]
@@ -155,9 +156,18 @@ def config_dict(cfg) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- generator
+#: The generators of :func:`make_generator` (``cfg.generator``; configs without the field: DCGAN).
+GENERATORS = ("dcgan", "strokes")
+
+
 def make_generator(cfg, image_shape: Sequence[int], *, key: Any = 0, head: Optional[str] = None,
                    conv_impl: Optional[str] = None):
-    """The DCGAN generator for ``image_shape`` (square, side a multiple of 4) and its functional view.
+    """The generator for ``image_shape`` and its functional view.
+
+    ``cfg.generator`` (default ``"dcgan"``): the DCGAN (square images, side a multiple of 4) or
+    ``"strokes"`` (:class:`~dfml_jax.models.strokes.StrokeGenerator` with ``cfg.num_strokes``
+    strokes and a learnable linear map from the ``cfg.nz`` latent to the stroke parameters;
+    square images of any side >= 4; ``head`` and ``conv_impl`` do not apply).
 
     Its initialisation is redone from a key whenever it is used (``functional.init``), so the
     module is shared between calls with the same settings (and an int ``key``).
@@ -176,6 +186,23 @@ def make_generator(cfg, image_shape: Sequence[int], *, key: Any = 0, head: Optio
     """
     conv_impl = conv_impl or get_default_conv_impl()
     h, w, c = image_shape
+    kind = getattr(cfg, "generator", "dcgan")
+    if kind not in GENERATORS:
+        raise ValueError(f"generator must be one of {GENERATORS}, got {kind!r}")
+    if kind == "strokes":
+        if h != w:
+            raise ValueError(f"the strokes generator draws square images; the API expects "
+                             f"{tuple(image_shape)}")
+
+        def build_strokes():
+            gen = create_model("strokes", nz=cfg.nz, img_size=h, nc=c,
+                               num_strokes=cfg.num_strokes, rngs_or_key=key)
+            return gen, functional(gen)
+
+        if isinstance(key, int):
+            return memoize_builder("generator", (), ("strokes", cfg.nz, cfg.num_strokes, h, c, key),
+                                   build_strokes)
+        return build_strokes()
     if h != w or h % 4:
         raise ValueError(f"the DCGAN generator makes square images with a side that is a multiple of "
                          f"4; the API expects {tuple(image_shape)}")

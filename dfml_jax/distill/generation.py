@@ -7,6 +7,7 @@ information term. None of them can reach the teacher.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -15,23 +16,26 @@ import optax
 
 from dfml_jax.distill.balance import (balanced_selection, low_contrast, near_duplicates,
                                       pool_balancing_targets)
-from dfml_jax.distill.common import memoize_builder
+from dfml_jax.distill.common import GENERATORS, memoize_builder
 from dfml_jax.losses import cross_entropy
+from dfml_jax.models import create_model, functional
+from dfml_jax.models.strokes import PARAMS_PER_STROKE
 from dfml_jax.training.augment import augment_images
 
-__all__ = ["INFO_LOSSES", "GEN_HEADS", "TARGETS", "NOISES", "SELECTS", "SELECT_SCORES",
+__all__ = ["INFO_LOSSES", "GEN_HEADS", "GENERATORS", "TARGETS", "NOISES", "SELECTS", "SELECT_SCORES",
            "info_loss", "noise_images", "pair_targets", "uncertain_noise_images",
            "make_generation_phase"]
 
 INFO_LOSSES = ("per_sample", "class_balance", "none")
 # The IDEALConfig fields the generation phase depends on (its compiled form is shared otherwise).
-_GENERATION_FIELDS = ("batch_size", "g_steps", "lr_g", "betas_g", "nz", "ngf", "gen_head",
+_GENERATION_FIELDS = ("batch_size", "g_steps", "lr_g", "betas_g", "generator", "num_strokes",
+                      "nz", "ngf", "gen_head",
                       "gen_bias", "select", "select_score", "select_min_dist",
                       "select_min_contrast", "info_loss", "info_weight", "targets",
                       "gen_augment", "aug_pad", "pair_share", "pair_weight")
 GEN_HEADS = ("sigmoid", "bn_sigmoid")
 TARGETS = ("balanced", "random", "pool_balancing")
-NOISES = ("uniform", "gauss")
+NOISES = ("uniform", "gauss", "strokes")
 SELECTS = ("best", "balanced")
 SELECT_SCORES = ("confidence", "entropy")
 
@@ -53,6 +57,8 @@ def info_loss(probs: jax.Array, kind: str) -> jax.Array:
 
 
 def _gen_images(gen_fm, cfg, params, z):
+    if getattr(cfg, "generator", "dcgan") == "strokes":
+        return gen_fm.apply_batchstats(params, z)
     if cfg.gen_head == "bn_sigmoid" or cfg.gen_bias:
         return jax.nn.sigmoid(gen_fm.apply_batchstats(params, z, pre_activation=True)
                               + cfg.gen_bias)
@@ -70,9 +76,31 @@ def noise_images(cfg, key: jax.Array, n: int,
     True
     """
     shape = (n,) + tuple(image_shape)
+    if cfg.noise == "strokes":
+        return _random_drawings(n, tuple(image_shape), cfg.num_strokes)(key)
     if cfg.noise == "gauss":
         return jnp.clip(cfg.noise_mean + cfg.noise_std * jax.random.normal(key, shape), 0.0, 1.0)
     return jax.random.uniform(key, shape, jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _random_drawings(n: int, image_shape: tuple, num_strokes: int) -> Callable:
+    """Jitted ``key -> n`` drawings of ``num_strokes`` random pen strokes (stroke parameters
+    ``u ~ N(0, I)``, decoded as in :mod:`dfml_jax.models.strokes`)."""
+    h, w, c = image_shape
+    if h != w:
+        raise ValueError(f"noise='strokes' draws square images; the API expects {image_shape}")
+    nz = PARAMS_PER_STROKE * num_strokes
+    gen = functional(create_model("strokes", nz=nz, img_size=h, nc=c, num_strokes=num_strokes,
+                                  latent="direct", rngs_or_key=0))
+
+    @jax.jit
+    def draw(key):
+        kinit, kz = jax.random.split(key)
+        params, _ = gen.init(kinit)       # latent="direct": u = z + b with b = 0
+        return gen.apply_batchstats(params, jax.random.normal(kz, (n, nz), jnp.float32))
+
+    return draw
 
 
 def uncertain_noise_images(cfg, key: jax.Array, n: int, image_shape: Sequence[int],

@@ -45,9 +45,9 @@ from dfml_jax.distill.common import (AUGMENTATIONS, POOL_LOSSES, Evaluator, Pool
                                      init_student, make_generator, make_pool_pass, torch_sgd,
                                      uncommitted)
 from dfml_jax.distill.consolidate import make_consolidation
-from dfml_jax.distill.generation import (GEN_HEADS, INFO_LOSSES, NOISES, SELECT_SCORES, SELECTS,
-                                         TARGETS, make_generation_phase, noise_images,
-                                         uncertain_noise_images)
+from dfml_jax.distill.generation import (GEN_HEADS, GENERATORS, INFO_LOSSES, NOISES,
+                                         SELECT_SCORES, SELECTS, TARGETS, make_generation_phase,
+                                         noise_images, uncertain_noise_images)
 from dfml_jax.losses import teacher_probs
 from dfml_jax.training.run_loop import EvalAt, Method, RunOutcome, run
 
@@ -84,6 +84,16 @@ class IDEALConfig:
     lr_g: float = 1e-3
     #: Generator Adam betas ((0.5, 0.999)).
     betas_g: tuple = (0.5, 0.999)
+    #: The generator (a departure when not ``"dcgan"``; :data:`~dfml_jax.distill.common.GENERATORS`):
+    #: ``"dcgan"`` (the paper's) or ``"strokes"``: the parametric pen-stroke renderer of
+    #: :mod:`dfml_jax.models.strokes` (latent ``nz`` -> ``num_strokes`` quadratic Bezier strokes
+    #: through a learnable linear map, white on black), an image prior for line-drawing domains
+    #: such as digits: every image it makes, before and after the generator's Adam steps, is a
+    #: drawing (``docs/ideal_diagnosis.md`` section 12). ``gen_head``, ``gen_bias`` and ``ngf``
+    #: shape the DCGAN only.
+    generator: str = "dcgan"
+    #: Strokes per image of the ``"strokes"`` generator and of ``noise="strokes"``.
+    num_strokes: int = 3
     #: Generator latent size (256).
     nz: int = 256
     #: Generator width (64).
@@ -139,10 +149,12 @@ class IDEALConfig:
     gen_augment: str = "crop_flip"
     #: ``"generator"`` (IDEAL) or ``"noise"`` (NaiveKD: noise images).
     synth: str = "generator"
-    #: NaiveKD's noise: ``"uniform"`` (U[0, 1], the spec's baseline) or ``"gauss"``
+    #: NaiveKD's noise: ``"uniform"`` (U[0, 1], the spec's baseline), ``"gauss"``
     #: (``clip(noise_mean + noise_std * N(0, 1), 0, 1)``: a standard normal in the teacher's
     #: normalised input space, the field's NaiveKD (``torch.randn`` fed to a normalising
-    #: teacher); the defaults are MNIST's normalisation constants).
+    #: teacher); the defaults are MNIST's normalisation constants) or ``"strokes"`` (random
+    #: drawings of ``num_strokes`` pen strokes: the stroke prior without IDEAL's generator
+    #: training, an ablation of ``generator="strokes"``).
     noise: str = "uniform"
     #: Mean of ``"gauss"`` noise (0.1307).
     noise_mean: float = 0.1307
@@ -240,6 +252,15 @@ class IDEALConfig:
             raise ValueError(f"info_loss must be one of {INFO_LOSSES}, got {self.info_loss!r}")
         if self.gen_head not in GEN_HEADS:
             raise ValueError(f"gen_head must be one of {GEN_HEADS}, got {self.gen_head!r}")
+        if self.generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {self.generator!r}")
+        if self.generator == "strokes" and (self.gen_head != "sigmoid" or self.gen_bias):
+            raise ValueError(
+                f"gen_head={self.gen_head!r} and gen_bias={self.gen_bias} shape the DCGAN's output; "
+                "the strokes generator draws in [0, 1] itself: set ideal.gen_head=sigmoid and "
+                "ideal.gen_bias=0 (or generator=dcgan)")
+        if self.num_strokes < 1:
+            raise ValueError(f"num_strokes must be >= 1, got {self.num_strokes}")
         if self.synth not in ("generator", "noise"):
             raise ValueError(f"synth must be 'generator' or 'noise', got {self.synth!r}")
         if self.select not in SELECTS:
