@@ -11,7 +11,8 @@ Probes (``--probe``):
 * ``pools``: pools of N images of one kind, labelled by the teacher (each image queried once):
   ``uniform`` (NaiveKD's U[0,1] noise), ``gauss`` (N(0,1) in the normalised space of MNIST,
   i.e. 0.1307 + 0.3081 z, clipped to [0,1]), ``lowfreq`` (7x7 uniform noise upsampled),
-  ``sparse`` (U^6: mostly dark), ``real`` (training digits, each once, repeated),
+  ``sparse`` (U^6: mostly dark), ``strokesS`` (random drawings of S pen strokes, NaiveKD's
+  ``noise="strokes"``), ``real`` (training digits, each once, repeated),
   ``real_aug`` (random training digits, random shift of up to 3 pixels), ``real_mix``
   (convex mixtures of two training digits), ``ideal`` (the pool an IDEAL run bought, read from
   ``--ideal-pool DIR``). Prints the teacher's label histogram and the student's best
@@ -30,6 +31,8 @@ Probes (``--probe``):
 Commands (from the repository root, ``PYTHONPATH=.``)::
 
     python experiments/diagnose_ideal.py --probe pools --kinds uniform gauss real_aug --n 25000
+    python experiments/diagnose_ideal.py --probe pools --kinds strokes2 strokes3 real_aug gauss \
+        --n 25000 --steps 2000
     python experiments/diagnose_ideal.py --probe proxy --n 5000 --gen-bias -2
     python experiments/diagnose_ideal.py --probe loop --budget 25000 --seed 0 \
         --variants '{"bias-2": {"gen_bias": -2.0, "targets": "pool_balancing"}}'
@@ -55,7 +58,7 @@ from configs.distill_configs import get_config  # noqa: E402
 from dfml_jax.distill.common import (Evaluator, augment_images, make_generator,  # noqa: E402
                                      torch_sgd, train_supervised)
 from dfml_jax.distill.experiment import build, get_teacher, load_data  # noqa: E402
-from dfml_jax.distill.generation import make_generation_phase  # noqa: E402
+from dfml_jax.distill.generation import make_generation_phase, noise_images  # noqa: E402
 from dfml_jax.distill.ideal import IDEALConfig  # noqa: E402
 from dfml_jax.experiment import RunDir  # noqa: E402
 from dfml_jax.models import set_default_conv_impl  # noqa: E402
@@ -77,6 +80,10 @@ def make_pool(kind, n, data, key):
         return jax.image.resize(small, (n,) + shape, "bilinear")
     if kind == "sparse":            # mostly black, a few bright pixels (digit-like statistics)
         return jax.random.uniform(k1, (n,) + shape) ** 6
+    if kind.startswith("strokes"):  # "strokesS": random drawings of S pen strokes (S: 3)
+        icfg = IDEALConfig(noise="strokes", num_strokes=int(kind[len("strokes"):] or 3))
+        return jnp.concatenate([noise_images(icfg, jax.random.fold_in(k1, i), min(2500, n - i),
+                                             shape) for i in range(0, n, 2500)])
     if kind == "real":
         idx = jnp.arange(n) % x_fit.shape[0]
         return x_fit[idx]
