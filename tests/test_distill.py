@@ -1,4 +1,5 @@
-"""IDEAL / DFME / NaiveKD: query accounting, label cache, budgets, resume, and the smoke run.
+"""IDEAL / DFME / NaiveKD: query accounting, label cache, budgets, resume, the stroke prior, and
+the smoke run.
 
 Tiny sizes (8x8 digits, MLP students, a random linear teacher) so the module runs in about a
 minute on a loaded 2-core CPU; compiled steps are shared between runs that reuse the same model
@@ -18,7 +19,7 @@ import pytest
 from dfml_jax.api import BlackBoxAPI
 from dfml_jax.distill import (DFMEConfig, Evaluator, IDEALConfig, cost_per_iteration, info_loss,
                               make_dfme_iteration, make_generation_phase, make_generator,
-                              random_crop_flip, run_dfme, run_naive_kd, run_pool_distillation,
+                              noise_images, random_crop_flip, run_dfme, run_naive_kd, run_pool_distillation,
                               select_within_budget, split_validation, torch_sgd)
 from dfml_jax.distill.common import PoolStore, dequantize, init_student
 from dfml_jax.distill.dfme import init_dfme_state
@@ -637,7 +638,7 @@ def test_ideal_noise_share_buys_noise_images_once_within_the_round(student, teac
 
 
 def test_uncertain_noise_images_keep_the_highest_entropy_candidates():
-    from dfml_jax.distill.generation import noise_images, uncertain_noise_images
+    from dfml_jax.distill.generation import uncertain_noise_images
 
     cfg = IDEALConfig(noise="uniform")
     # a "student" sure of bright images and unsure of dark ones: the kept ones are the darkest
@@ -697,3 +698,80 @@ def test_ideal_select_after_buys_the_best_batch_until_the_pool_is_that_large(stu
         IDEALConfig(select="balanced", select_after=-1).validate(10)
     with pytest.raises(ValueError, match="only act with select='balanced'"):
         IDEALConfig(select_after=100, select_min_contrast=0.1).validate(10)
+
+
+# ----------------------------------------------------------------------------- the stroke prior
+# IDEAL's generator="strokes" and NaiveKD's noise="strokes": images that are drawings, the same
+# query accounting, clear config errors.
+STROKES_CFG = IDEALConfig(batch_size=20, g_steps=6, nz=8, aug_pad=1, lr_s=0.05, lr_g=0.05,
+                          generator="strokes", num_strokes=2, gen_augment="none",
+                          distill_augment="none", checkpoint_every=1, eval_every=1)
+
+
+def _ink_fraction(x):
+    """Share of pixels with any ink (drawings: a minority; noise: nearly all)."""
+    return float(np.mean(np.asarray(x) > 0.05))
+
+
+def test_stroke_generator_draws_and_learns_towards_the_targets(student):
+    st = init_student(student, torch_sgd(0.01), jax.random.key(0))
+    gen = make_generator(STROKES_CFG, SHAPE)
+    phase = make_generation_phase(student, gen[1], STROKES_CFG, K, SHAPE)
+    x, best, losses = phase(st.params, st.bn, jax.random.key(1))
+    x2, _, _ = phase(st.params, st.bn, jax.random.key(1))
+    assert x.shape == (STROKES_CFG.batch_size,) + SHAPE
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    np.testing.assert_array_equal(x, x2)
+    assert _ink_fraction(x) < 0.8                       # strokes on a black background
+    assert float(losses[-1]) < float(losses[0])         # the generator's Adam steps act
+    assert float(best) == pytest.approx(float(np.min(np.asarray(losses))))
+
+
+def test_stroke_generator_config_errors():
+    with pytest.raises(ValueError, match="gen_bias"):
+        dataclasses.replace(STROKES_CFG, gen_bias=-2.0).validate(K)
+    with pytest.raises(ValueError, match="gen_head"):
+        dataclasses.replace(STROKES_CFG, gen_head="bn_sigmoid").validate(K)
+    with pytest.raises(ValueError, match="generator must be one of"):
+        dataclasses.replace(STROKES_CFG, generator="vae").validate(K)
+    with pytest.raises(ValueError, match="num_strokes"):
+        dataclasses.replace(STROKES_CFG, num_strokes=0).validate(K)
+    with pytest.raises(ValueError, match="square"):
+        make_generator(STROKES_CFG, (8, 12, 1))
+
+
+def test_random_drawings_are_drawings_and_reproducible():
+    cfg = dataclasses.replace(STROKES_CFG, synth="noise", noise="strokes")
+    a = noise_images(cfg, jax.random.key(0), 200, (16, 16, 1))
+    b = noise_images(cfg, jax.random.key(0), 200, (16, 16, 1))
+    c = noise_images(cfg, jax.random.key(1), 200, (16, 16, 1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (200, 16, 16, 1) and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert 0.02 < _ink_fraction(a) < 0.6                # mostly background
+    assert float(np.mean(np.asarray(a).max(axis=(1, 2, 3)) > 0.5)) > 0.9   # with bright ink
+    gauss = noise_images(dataclasses.replace(cfg, noise="gauss"), jax.random.key(0), 200,
+                         (16, 16, 1))
+    assert _ink_fraction(gauss) > 0.6                   # noise is everywhere
+
+
+def test_naive_kd_stroke_noise_is_counted_once_per_image(student, teacher_w):
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=100)
+    res = run_naive_kd(api, student, dataclasses.replace(STROKES_CFG, noise="strokes"), seed=0)
+    assert res.queries == api.queries == len(rec.rows) == 100 == sum(res.class_histogram)
+    assert len({r.tobytes() for r in rec.rows}) == 100
+    assert _ink_fraction(rec.rows) < 0.8
+
+
+def test_ideal_with_strokes_buys_each_image_once_with_the_floor_and_balancing(student,
+                                                                              teacher_w):
+    rec = Recorder(teacher_w)
+    api = BlackBoxAPI.from_host(rec, SHAPE, K, output="label", budget=90)
+    cfg = dataclasses.replace(STROKES_CFG, targets="pool_balancing", class_floor=0.05)
+    res = run_pool_distillation(api, student, cfg, seed=0)
+    assert res.rounds == 4 and res.queries == api.queries == 80 == len(rec.rows)
+    assert [len(b) for b in rec.batches] == [20] * 4
+    assert len({r.tobytes() for r in rec.rows}) == 80
+    assert sum(res.class_histogram) == 80
+    assert _ink_fraction(rec.rows) < 0.8
