@@ -19,8 +19,9 @@ import pytest
 from dfml_jax.api import BlackBoxAPI
 from dfml_jax.distill import (DFMEConfig, Evaluator, IDEALConfig, cost_per_iteration, info_loss,
                               make_dfme_iteration, make_generation_phase, make_generator,
-                              noise_images, random_crop_flip, run_dfme, run_naive_kd, run_pool_distillation,
-                              select_within_budget, split_validation, torch_sgd)
+                              noise_images, random_crop_flip, run_dfme, run_naive_kd,
+                              run_pool_distillation, select_within_budget, split_validation,
+                              torch_sgd)
 from dfml_jax.distill.common import PoolStore, dequantize, init_student
 from dfml_jax.distill.dfme import init_dfme_state
 from dfml_jax.models import create_model, functional

@@ -193,29 +193,23 @@ def make_generator(cfg, image_shape: Sequence[int], *, key: Any = 0, head: Optio
         if h != w:
             raise ValueError(f"the strokes generator draws square images; the API expects "
                              f"{tuple(image_shape)}")
-
-        def build_strokes():
-            gen = create_model("strokes", nz=cfg.nz, img_size=h, nc=c,
-                               num_strokes=cfg.num_strokes, rngs_or_key=key)
-            return gen, functional(gen)
-
-        if isinstance(key, int):
-            return memoize_builder("generator", (), ("strokes", cfg.nz, cfg.num_strokes, h, c, key),
-                                   build_strokes)
-        return build_strokes()
-    if h != w or h % 4:
-        raise ValueError(f"the DCGAN generator makes square images with a side that is a multiple of "
-                         f"4; the API expects {tuple(image_shape)}")
-    head = head or ("tanh_bn" if getattr(cfg, "gen_head", "sigmoid") == "bn_sigmoid" else "sigmoid")
+        kwargs = dict(num_strokes=cfg.num_strokes)
+        settings = ("strokes", cfg.nz, cfg.num_strokes, h, c, key)
+    else:
+        if h != w or h % 4:
+            raise ValueError(f"the DCGAN generator makes square images with a side that is a "
+                             f"multiple of 4; the API expects {tuple(image_shape)}")
+        head = head or ("tanh_bn" if getattr(cfg, "gen_head", "sigmoid") == "bn_sigmoid"
+                        else "sigmoid")
+        kwargs = dict(ngf=cfg.ngf, head=head, conv_impl=conv_impl)
+        settings = (cfg.nz, cfg.ngf, h, c, head, key, conv_impl)
 
     def build():
-        gen = create_model("dcgan", nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c, head=head,
-                           conv_impl=conv_impl, rngs_or_key=key)
+        gen = create_model(kind, nz=cfg.nz, img_size=h, nc=c, rngs_or_key=key, **kwargs)
         return gen, functional(gen)
 
     if isinstance(key, int):
-        return memoize_builder("generator", (), (cfg.nz, cfg.ngf, h, c, head, key, conv_impl),
-                               build)
+        return memoize_builder("generator", (), settings, build)
     return build()
 
 

@@ -7,7 +7,6 @@ information term. None of them can reach the teacher.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Sequence
 
 import jax
@@ -22,17 +21,16 @@ from dfml_jax.models import create_model, functional
 from dfml_jax.models.strokes import PARAMS_PER_STROKE
 from dfml_jax.training.augment import augment_images
 
-__all__ = ["INFO_LOSSES", "GEN_HEADS", "GENERATORS", "TARGETS", "NOISES", "SELECTS", "SELECT_SCORES",
-           "info_loss", "noise_images", "pair_targets", "uncertain_noise_images",
+__all__ = ["INFO_LOSSES", "GEN_HEADS", "GENERATORS", "TARGETS", "NOISES", "SELECTS",
+           "SELECT_SCORES", "info_loss", "noise_images", "pair_targets", "uncertain_noise_images",
            "make_generation_phase"]
 
 INFO_LOSSES = ("per_sample", "class_balance", "none")
 # The IDEALConfig fields the generation phase depends on (its compiled form is shared otherwise).
 _GENERATION_FIELDS = ("batch_size", "g_steps", "lr_g", "betas_g", "generator", "num_strokes",
-                      "nz", "ngf", "gen_head",
-                      "gen_bias", "select", "select_score", "select_min_dist",
-                      "select_min_contrast", "info_loss", "info_weight", "targets",
-                      "gen_augment", "aug_pad", "pair_share", "pair_weight")
+                      "nz", "ngf", "gen_head", "gen_bias", "select", "select_score",
+                      "select_min_dist", "select_min_contrast", "info_loss", "info_weight",
+                      "targets", "gen_augment", "aug_pad", "pair_share", "pair_weight")
 GEN_HEADS = ("sigmoid", "bn_sigmoid")
 TARGETS = ("balanced", "random", "pool_balancing")
 NOISES = ("uniform", "gauss", "strokes")
@@ -57,7 +55,7 @@ def info_loss(probs: jax.Array, kind: str) -> jax.Array:
 
 
 def _gen_images(gen_fm, cfg, params, z):
-    if getattr(cfg, "generator", "dcgan") == "strokes":
+    if cfg.generator == "strokes":
         return gen_fm.apply_batchstats(params, z)
     if cfg.gen_head == "bn_sigmoid" or cfg.gen_bias:
         return jax.nn.sigmoid(gen_fm.apply_batchstats(params, z, pre_activation=True)
@@ -83,24 +81,27 @@ def noise_images(cfg, key: jax.Array, n: int,
     return jax.random.uniform(key, shape, jnp.float32)
 
 
-@functools.lru_cache(maxsize=None)
 def _random_drawings(n: int, image_shape: tuple, num_strokes: int) -> Callable:
     """Jitted ``key -> n`` drawings of ``num_strokes`` random pen strokes (stroke parameters
-    ``u ~ N(0, I)``, decoded as in :mod:`dfml_jax.models.strokes`)."""
+    ``u ~ N(0, I)``, decoded as in :mod:`dfml_jax.models.strokes`), built once per setting."""
     h, w, c = image_shape
     if h != w:
         raise ValueError(f"noise='strokes' draws square images; the API expects {image_shape}")
-    nz = PARAMS_PER_STROKE * num_strokes
-    gen = functional(create_model("strokes", nz=nz, img_size=h, nc=c, num_strokes=num_strokes,
-                                  latent="direct", rngs_or_key=0))
 
-    @jax.jit
-    def draw(key):
-        kinit, kz = jax.random.split(key)
-        params, _ = gen.init(kinit)       # latent="direct": u = z + b with b = 0
-        return gen.apply_batchstats(params, jax.random.normal(kz, (n, nz), jnp.float32))
+    def build():
+        nz = PARAMS_PER_STROKE * num_strokes
+        gen = functional(create_model("strokes", nz=nz, img_size=h, nc=c,
+                                      num_strokes=num_strokes, latent="direct", rngs_or_key=0))
 
-    return draw
+        @jax.jit
+        def draw(key):
+            kinit, kz = jax.random.split(key)
+            params, _ = gen.init(kinit)       # latent="direct": u = z + b with b = 0
+            return gen.apply_batchstats(params, jax.random.normal(kz, (n, nz), jnp.float32))
+
+        return draw
+
+    return memoize_builder("random_drawings", (), (n, image_shape, num_strokes), build)
 
 
 def uncertain_noise_images(cfg, key: jax.Array, n: int, image_shape: Sequence[int],

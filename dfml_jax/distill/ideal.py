@@ -84,8 +84,8 @@ class IDEALConfig:
     lr_g: float = 1e-3
     #: Generator Adam betas ((0.5, 0.999)).
     betas_g: tuple = (0.5, 0.999)
-    #: The generator (a departure when not ``"dcgan"``; :data:`~dfml_jax.distill.common.GENERATORS`):
-    #: ``"dcgan"`` (the paper's) or ``"strokes"``: the parametric pen-stroke renderer of
+    #: The generator (a departure when not ``"dcgan"``; one of
+    #: :data:`~dfml_jax.distill.common.GENERATORS`): ``"dcgan"`` (the paper's) or ``"strokes"``: the parametric pen-stroke renderer of
     #: :mod:`dfml_jax.models.strokes` (latent ``nz`` -> ``num_strokes`` quadratic Bezier strokes
     #: through a learnable linear map, white on black), an image prior for line-drawing domains
     #: such as digits: every image it makes, before and after the generator's Adam steps, is a
@@ -256,8 +256,8 @@ class IDEALConfig:
             raise ValueError(f"generator must be one of {GENERATORS}, got {self.generator!r}")
         if self.generator == "strokes" and (self.gen_head != "sigmoid" or self.gen_bias):
             raise ValueError(
-                f"gen_head={self.gen_head!r} and gen_bias={self.gen_bias} shape the DCGAN's output; "
-                "the strokes generator draws in [0, 1] itself: set ideal.gen_head=sigmoid and "
+                f"gen_head={self.gen_head!r} and gen_bias={self.gen_bias} shape the DCGAN's "
+                "output; the strokes generator draws in [0, 1] itself: set ideal.gen_head=sigmoid and "
                 "ideal.gen_bias=0 (or generator=dcgan)")
         if self.num_strokes < 1:
             raise ValueError(f"num_strokes must be >= 1, got {self.num_strokes}")

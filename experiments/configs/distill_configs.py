@@ -188,10 +188,11 @@ def get_config(name: str) -> DistillExperimentConfig:
       (the code: 0.01); both chosen on validation;
     * what the run pays for covers the teacher's classes (departures, chosen on validation,
       ``docs/ideal_diagnosis.md``): generator targets aimed at the classes the pool lacks
-      (``ideal.targets="pool_balancing"``) and a class floor of 8% on the TEACHER's answers (``ideal.class_floor=0.08``); NaiveKD draws the field's noise
-      (``ideal.noise="gauss"``). At each budget a copy of the student trains 20 more passes on
-      the pool bought so far, no query (``ideal.consolidate_passes=20``, NaiveKD too: the
-      released code's training after ``stop_gen``). ``code_recipe`` is the released code's
+      (``ideal.targets="pool_balancing"``) and a class floor of 8% on the TEACHER's answers
+      (``ideal.class_floor=0.08``); NaiveKD draws the field's noise (``ideal.noise="gauss"``).
+      At each budget a copy of the student trains 20 more passes on the pool bought so far, no
+      query (``ideal.consolidate_passes=20``, NaiveKD too: the released code's training after
+      ``stop_gen``). ``code_recipe`` is the released code's
       recipe at the same sizes;
     * every method is reported at 1K, 2.5K, 5K, 10K and 25K queries (IDEAL and NaiveKD: one run,
       selected within each budget; DFME: one run per budget). 100K costs several times more here
