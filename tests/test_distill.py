@@ -196,8 +196,10 @@ def test_ideal_label_cache_queries_each_sample_once_and_budget_stops(student, te
     assert not rec2.batches and again.queries == 80 and again.curve == res.curve
 
 
-def test_ideal_resume_equals_uninterrupted(student, teacher_w, tmp_path):
-    cfg = dataclasses.replace(IDEAL_CFG, checkpoint_every=2)
+@pytest.mark.parametrize("generator", ["dcgan", "strokes"])
+def test_ideal_resume_equals_uninterrupted(student, teacher_w, tmp_path, generator):
+    cfg = dataclasses.replace(IDEAL_CFG, checkpoint_every=2, generator=generator,
+                              gen_head="sigmoid", num_strokes=2)
     api_a = BlackBoxAPI.from_host(Recorder(teacher_w), SHAPE, K, output="label", budget=100)
     full = run_pool_distillation(api_a, student, cfg, seed=1, workdir=str(tmp_path / "a"))
     # "Kill" after 3 rounds: round 2 is bought and logged but not checkpointed (every 2 rounds).
